@@ -1,0 +1,44 @@
+# The two commands of the README:
+#   make demo   runs the product end to end on its built-in demo data
+#   make test   runs the whole test suite with lint and type checks (what .ci/run calls)
+# Both create .venv and install what they need on first use.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip
+CONSTRAINTS := requirements/constraints.txt
+STAMP := $(VENV)/.installed
+INSTALL_INPUTS := pyproject.toml setup.py protos/generate.py $(wildcard protos/anomaly/v1/*.proto) $(CONSTRAINTS)
+
+.PHONY: demo test lint typecheck pytest proto bench clean
+
+$(STAMP): $(INSTALL_INPUTS)
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11 or newer is needed, found " + sys.version)'
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet -c $(CONSTRAINTS) -e '.[train,dev]'
+	@touch $@
+
+# End to end: demo data -> training (cached in .demo/) -> gRPC service -> client -> summary.
+demo: $(STAMP)
+	$(BIN)/python -m training demo --workdir .demo
+
+test: lint typecheck pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+pytest: $(STAMP)
+	$(BIN)/python -m pytest
+
+# Regenerate service/_proto after editing protos/ (the install does this too).
+proto: $(STAMP)
+	$(BIN)/python protos/generate.py
+
+clean:
+	rm -rf $(VENV) .demo build service/_proto .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,1 @@
+"""Serving side: preprocessing, bundle reader, ONNX Runtime scorer, gRPC service, client."""

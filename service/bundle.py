@@ -1,0 +1,228 @@
+"""The bundle: the one artifact between training and serving, read and written only here.
+
+A bundle is a directory (or a ``.tar.gz`` / ``.tar`` archive of one) holding ``encoder.onnx``,
+``decoder.onnx``, ``golden.npz`` and ``manifest.json``. The manifest describes the model
+completely: input spec, latent size, calibration, decision rule, golden tolerances and training
+facts. Its ``model_id`` is a content hash of the two ONNX files, checked on every load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tarfile
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from service.preprocessing import InputSpec
+from service.scoring import Calibration
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+ENCODER = "encoder.onnx"
+DECODER = "decoder.onnx"
+GOLDEN = "golden.npz"
+ENCODER_INPUT = "image"
+ENCODER_OUTPUTS = ("mu", "logvar")
+DECODER_INPUT = "z"
+DECODER_OUTPUT = "recon"
+GOLDEN_ARRAYS = ("inputs", "mu", "logvar", "recon")
+
+
+class BundleError(RuntimeError):
+    """A bundle that is missing, corrupt, inconsistent or fails its self-test."""
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Largest allowed difference between expected and observed outputs: ``atol + rtol*|exp|``."""
+
+    atol: float
+    rtol: float
+
+    def to_dict(self) -> dict[str, float]:
+        """JSON-ready form."""
+        return {"atol": self.atol, "rtol": self.rtol}
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Contents of ``manifest.json``."""
+
+    model_id: str
+    model_version: str
+    created_at: str
+    input: InputSpec
+    latent_dim: int
+    calibration: Calibration
+    golden_tolerance: Tolerance
+    training: Mapping[str, Any] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {
+            "format_version": self.format_version,
+            "model_id": self.model_id,
+            "model_version": self.model_version,
+            "created_at": self.created_at,
+            "files": {"encoder": ENCODER, "decoder": DECODER, "golden": GOLDEN},
+            "graph": {
+                "encoder": {"inputs": [ENCODER_INPUT], "outputs": list(ENCODER_OUTPUTS)},
+                "decoder": {"inputs": [DECODER_INPUT], "outputs": [DECODER_OUTPUT]},
+            },
+            "input": self.input.to_dict(),
+            "latent_dim": self.latent_dim,
+            "calibration": self.calibration.to_dict(),
+            "golden_tolerance": self.golden_tolerance.to_dict(),
+            "training": dict(self.training),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Manifest:
+        """Parse a manifest; raises :class:`BundleError` naming what is wrong."""
+        version = data.get("format_version")
+        if version != FORMAT_VERSION:
+            raise BundleError(
+                f"manifest format_version is {version!r}; this software reads {FORMAT_VERSION}"
+            )
+        try:
+            tolerance = data["golden_tolerance"]
+            return cls(
+                model_id=str(data["model_id"]),
+                model_version=str(data["model_version"]),
+                created_at=str(data["created_at"]),
+                input=InputSpec.from_dict(data["input"]),
+                latent_dim=int(data["latent_dim"]),
+                calibration=Calibration.from_dict(data["calibration"]),
+                golden_tolerance=Tolerance(float(tolerance["atol"]), float(tolerance["rtol"])),
+                training=dict(data.get("training", {})),
+                format_version=int(version),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BundleError(f"manifest is malformed: {type(exc).__name__}: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class Golden:
+    """Reference inputs with the outputs the model must reproduce when loaded."""
+
+    inputs: npt.NDArray[np.float32]
+    mu: npt.NDArray[np.float32]
+    logvar: npt.NDArray[np.float32]
+    recon: npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A bundle on disk whose files exist and whose hash matches its manifest."""
+
+    path: Path
+    manifest: Manifest
+    golden: Golden
+
+    @property
+    def encoder_path(self) -> Path:
+        """Path of ``encoder.onnx``."""
+        return self.path / ENCODER
+
+    @property
+    def decoder_path(self) -> Path:
+        """Path of ``decoder.onnx``."""
+        return self.path / DECODER
+
+
+def compute_model_id(encoder_path: Path, decoder_path: Path) -> str:
+    """Content hash identifying a model: 16 hex digits of SHA-256 over both ONNX files."""
+    digest = hashlib.sha256()
+    for path in (encoder_path, decoder_path):
+        digest.update(hashlib.sha256(Path(path).read_bytes()).digest())
+    return digest.hexdigest()[:16]
+
+
+def write_golden(path: Path, golden: Golden) -> None:
+    """Write golden vectors to ``path`` (an .npz file)."""
+    np.savez(
+        path,
+        inputs=golden.inputs,
+        mu=golden.mu,
+        logvar=golden.logvar,
+        recon=golden.recon,
+    )
+
+
+def write_manifest(bundle_dir: Path, manifest: Manifest) -> None:
+    """Write ``manifest.json`` into a bundle directory."""
+    text = json.dumps(manifest.to_dict(), indent=2, sort_keys=False)
+    (Path(bundle_dir) / MANIFEST).write_text(text + "\n", encoding="utf-8")
+
+
+def _read_golden(path: Path) -> Golden:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            missing = [name for name in GOLDEN_ARRAYS if name not in data]
+            if missing:
+                raise BundleError(f"{path} lacks arrays {missing}")
+            arrays = {name: np.asarray(data[name], dtype=np.float32) for name in GOLDEN_ARRAYS}
+    except BundleError:
+        raise
+    except Exception as exc:
+        raise BundleError(f"cannot read golden vectors {path}: {exc}") from exc
+    return Golden(**arrays)
+
+
+def _unpack_archive(archive: Path) -> Path:
+    target = Path(tempfile.mkdtemp(prefix="bundle-"))
+    try:
+        with tarfile.open(archive) as tar:
+            tar.extractall(target, filter="data")
+    except (tarfile.TarError, OSError) as exc:
+        raise BundleError(f"cannot unpack bundle archive {archive}: {exc}") from exc
+    if (target / MANIFEST).is_file():
+        return target
+    children = [p for p in target.iterdir() if p.is_dir()]
+    if len(children) == 1 and (children[0] / MANIFEST).is_file():
+        return children[0]
+    raise BundleError(f"bundle archive {archive} holds no {MANIFEST} at its top level")
+
+
+def load_bundle(path: Path) -> Bundle:
+    """Open a bundle directory or archive and check its files and content hash.
+
+    The golden self-test needs ONNX Runtime and is run by :mod:`service.scorer`.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise BundleError(f"bundle {path} does not exist")
+    if path.is_file():
+        path = _unpack_archive(path)
+    for name in (MANIFEST, ENCODER, DECODER, GOLDEN):
+        if not (path / name).is_file():
+            raise BundleError(f"bundle {path} lacks {name}")
+    try:
+        raw = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"cannot read {path / MANIFEST}: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise BundleError(f"{path / MANIFEST} is not a JSON object")
+    manifest = Manifest.from_dict(raw)
+    actual = compute_model_id(path / ENCODER, path / DECODER)
+    if actual != manifest.model_id:
+        raise BundleError(
+            f"bundle {path}: ONNX files hash to {actual} but the manifest says "
+            f"{manifest.model_id}; the files were changed or corrupted after export"
+        )
+    golden = _read_golden(path / GOLDEN)
+    expected_shape = (golden.inputs.shape[0], *manifest.input.shape)
+    if golden.inputs.shape != expected_shape:
+        raise BundleError(
+            f"golden inputs have shape {golden.inputs.shape}; the manifest's input spec "
+            f"expects {expected_shape}"
+        )
+    return Bundle(path=path, manifest=manifest, golden=golden)

@@ -1,0 +1,207 @@
+"""Image decoding and preprocessing: the one implementation used by training and serving.
+
+Every image, whether a file on disk during training or bytes on the wire during serving, goes
+through :func:`decode_image` (or :func:`image_from_raw`) and then :func:`preprocess`, driven by the
+:class:`InputSpec` stored in the bundle's manifest. The pixel scale is fixed by the spec (8-bit
+samples divided by 255), never guessed from the data.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+from PIL import Image
+
+ColorMode = Literal["L", "RGB"]
+ResizeMethod = Literal["bilinear", "bicubic", "nearest", "lanczos", "box"]
+
+ACCEPTED_FORMATS = ("PNG", "JPEG", "BMP", "TIFF")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+DEFAULT_MAX_PIXELS = 50_000_000
+RAW_CHANNELS = (1, 3, 4)
+
+_RESAMPLING: dict[str, Image.Resampling] = {
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "nearest": Image.Resampling.NEAREST,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+}
+
+
+class ImageError(ValueError):
+    """An image that cannot be decoded or does not meet the limits; the message says why."""
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """How raw images become model input: size, colour mode, resampling and pixel scale."""
+
+    height: int
+    width: int
+    color_mode: ColorMode = "RGB"
+    resize: ResizeMethod = "bilinear"
+    # Model input = 8-bit sample value * scale: pixels in [0, 1].
+    scale: float = 1.0 / 255.0
+
+    def __post_init__(self) -> None:
+        if self.height < 1 or self.width < 1:
+            raise ValueError(f"InputSpec size must be positive, got {self.height}x{self.width}")
+        if self.color_mode not in ("L", "RGB"):
+            raise ValueError(f"InputSpec color_mode is {self.color_mode!r}; expected 'L' or 'RGB'")
+        if self.resize not in _RESAMPLING:
+            raise ValueError(
+                f"InputSpec resize is {self.resize!r}; expected one of {sorted(_RESAMPLING)}"
+            )
+
+    @property
+    def channels(self) -> int:
+        """Number of model input channels."""
+        return 1 if self.color_mode == "L" else 3
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """Per-image model input shape (C, H, W)."""
+        return (self.channels, self.height, self.width)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form, as stored in the manifest."""
+        return {**asdict(self), "channels": self.channels}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> InputSpec:
+        """Inverse of :meth:`to_dict`; unknown keys are an error."""
+        fields = dict(data)
+        channels = fields.pop("channels", None)
+        unknown = set(fields) - {"height", "width", "color_mode", "resize", "scale"}
+        if unknown:
+            raise ValueError(f"unknown input spec fields: {sorted(unknown)}")
+        spec = cls(**fields)
+        if channels is not None and channels != spec.channels:
+            raise ValueError(
+                f"input spec says channels={channels} but color_mode={spec.color_mode!r} "
+                f"has {spec.channels}"
+            )
+        return spec
+
+
+def _check_size(width: int, height: int, max_pixels: int, image_id: str) -> None:
+    if width < 1 or height < 1:
+        raise ImageError(f"image {image_id!r} has size {width}x{height}; both must be at least 1")
+    if width * height > max_pixels:
+        raise ImageError(
+            f"image {image_id!r} is {width}x{height} = {width * height} pixels, over the limit of "
+            f"{max_pixels} pixels"
+        )
+
+
+def decode_image(
+    data: bytes, *, image_id: str = "", max_pixels: int = DEFAULT_MAX_PIXELS
+) -> Image.Image:
+    """Decode PNG/JPEG/BMP/TIFF bytes, checking the pixel limit before decoding the pixels."""
+    if not data:
+        raise ImageError(f"image {image_id!r} has no bytes; expected an encoded PNG/JPEG/BMP/TIFF")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+            _check_size(image.width, image.height, max_pixels, image_id)
+            image.load()
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(f"image {image_id!r} is too large to decode safely: {exc}") from exc
+    except Exception as exc:  # PIL raises many types for corrupt data
+        raise ImageError(
+            f"image {image_id!r} could not be decoded as PNG, JPEG, BMP or TIFF "
+            f"({len(data)} bytes): {exc}"
+        ) from exc
+    return image
+
+
+def image_from_raw(
+    pixels: bytes,
+    height: int,
+    width: int,
+    channels: int,
+    *,
+    image_id: str = "",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> Image.Image:
+    """Wrap raw row-major HWC uint8 pixels as an image, validating their shape."""
+    _check_size(width, height, max_pixels, image_id)
+    if channels not in RAW_CHANNELS:
+        raise ImageError(
+            f"image {image_id!r} has {channels} channels; expected 1 (grey), 3 (RGB) or 4 (RGBA)"
+        )
+    expected = height * width * channels
+    if len(pixels) != expected:
+        raise ImageError(
+            f"image {image_id!r} has {len(pixels)} bytes of raw pixels; expected "
+            f"{height}x{width}x{channels} = {expected}"
+        )
+    array = np.frombuffer(pixels, dtype=np.uint8).reshape(height, width, channels)
+    if channels == 1:
+        return Image.fromarray(array[:, :, 0], mode="L")
+    return Image.fromarray(array, mode="RGB" if channels == 3 else "RGBA")
+
+
+def _to_8bit_mode(image: Image.Image, color_mode: ColorMode) -> Image.Image:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        # 16-bit greyscale: keep the top 8 bits, an exact and documented scale (65535 -> 255).
+        array = np.asarray(image, dtype=np.uint16) >> 8
+        image = Image.fromarray(array.astype(np.uint8), mode="L")
+    elif image.mode in ("I", "F"):
+        raise ImageError(
+            f"image mode {image.mode!r} (32-bit samples) is not supported; send 8- or 16-bit images"
+        )
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        image = image.convert("RGBA" if color_mode == "RGB" else "LA")
+    return image if image.mode == color_mode else image.convert(color_mode)
+
+
+def preprocess(image: Image.Image, spec: InputSpec) -> npt.NDArray[np.float32]:
+    """Convert colour, resize and scale one image to the model input ``(C, H, W)`` float32."""
+    image = _to_8bit_mode(image, spec.color_mode)
+    if image.size != (spec.width, spec.height):
+        image = image.resize((spec.width, spec.height), _RESAMPLING[spec.resize])
+    array = np.asarray(image, dtype=np.float32)  # (H, W) or (H, W, C)
+    array = array[None, :, :] if array.ndim == 2 else array.transpose(2, 0, 1)
+    array *= np.float32(spec.scale)
+    return np.ascontiguousarray(array)
+
+
+def preprocess_bytes(
+    data: bytes, spec: InputSpec, *, image_id: str = "", max_pixels: int = DEFAULT_MAX_PIXELS
+) -> npt.NDArray[np.float32]:
+    """Decode encoded bytes and preprocess them in one step."""
+    return preprocess(decode_image(data, image_id=image_id, max_pixels=max_pixels), spec)
+
+
+def load_image_file(path: Path, spec: InputSpec) -> npt.NDArray[np.float32]:
+    """Read and preprocess one image file; the error names the path."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ImageError(f"cannot read image file {path}: {exc}") from exc
+    return preprocess_bytes(data, spec, image_id=str(path))
+
+
+def list_image_files(folder: Path, *, recursive: bool = False) -> list[Path]:
+    """Image files (by suffix) in a folder, sorted; optionally descending into subfolders."""
+    pattern = "**/*" if recursive else "*"
+    return sorted(
+        p for p in Path(folder).glob(pattern) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+    )
+
+
+def stack(images: Sequence[npt.NDArray[np.float32]]) -> npt.NDArray[np.float32]:
+    """Stack preprocessed images into one contiguous ``(N, C, H, W)`` batch."""
+    return np.ascontiguousarray(np.stack(images, axis=0))

@@ -1,0 +1,290 @@
+"""Scoring maths and its calibration: the one implementation used by training and serving.
+
+Raw scores per image (all grow with how anomalous the image looks):
+- ``recon_error``: mean squared error between the input and ``decoder(mu)``;
+- ``kl``: KL(q(z|x) || N(0, I)) = 1/2 * sum(mu^2 + exp(logvar) - logvar - 1);
+- ``local_error``: the highest mean of the anomaly map over any ``window x window`` square.
+
+Calibration, fitted on held-out normal images, turns each raw score into a p-value (the share of
+held-out normal scores at least as high, conformal style: ``(1 + #{cal >= s}) / (n + 1)``), defines
+the combined score (a weighted sum of log scores standardised on the held-out set), and sets the
+decision threshold on the combined score for a target false-alarm rate.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from statistics import NormalDist
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+FloatArray = npt.NDArray[np.float32]
+F64Array = npt.NDArray[np.float64]
+
+SCORE_NAMES: tuple[str, ...] = ("recon_error", "kl", "local_error")
+_LOG_FLOOR = 1e-12
+ThresholdMethod = Literal["empirical", "normal_tail"]
+
+
+def anomaly_map(x: FloatArray, recon: FloatArray) -> FloatArray:
+    """Per-pixel squared error averaged over channels: ``(N, C, H, W) -> (N, H, W)``."""
+    diff = x - recon
+    return np.asarray(np.mean(diff * diff, axis=1, dtype=np.float32), dtype=np.float32)
+
+
+def recon_error_from_map(amap: FloatArray) -> F64Array:
+    """Mean squared error per image from its anomaly map (equal to the mean over C, H, W)."""
+    return np.asarray(amap.reshape(amap.shape[0], -1).mean(axis=1, dtype=np.float64))
+
+
+def kl_divergence(mu: FloatArray, logvar: FloatArray) -> F64Array:
+    """KL divergence of N(mu, exp(logvar)) from N(0, I) per image, in nats: ``(N, D) -> (N,)``."""
+    mu64 = mu.astype(np.float64)
+    lv64 = logvar.astype(np.float64)
+    return np.asarray(0.5 * np.sum(mu64 * mu64 + np.exp(lv64) - lv64 - 1.0, axis=1))
+
+
+def local_error(amap: FloatArray, window: int) -> F64Array:
+    """Highest mean of ``amap`` over any square of side ``window``: ``(N, H, W) -> (N,)``."""
+    n, h, w = amap.shape
+    k = max(1, min(window, h, w))
+    integral = np.zeros((n, h + 1, w + 1), dtype=np.float64)
+    np.cumsum(np.cumsum(amap, axis=1, dtype=np.float64), axis=2, out=integral[:, 1:, 1:])
+    sums = integral[:, k:, k:] - integral[:, :-k, k:] - integral[:, k:, :-k] + integral[:, :-k, :-k]
+    return np.asarray(sums.reshape(n, -1).max(axis=1) / float(k * k), dtype=np.float64)
+
+
+def raw_scores(
+    x: FloatArray, mu: FloatArray, logvar: FloatArray, recon: FloatArray, window: int
+) -> tuple[dict[str, F64Array], FloatArray]:
+    """All raw scores of a batch and its anomaly maps."""
+    amap = anomaly_map(x, recon)
+    scores = {
+        "recon_error": recon_error_from_map(amap),
+        "kl": kl_divergence(mu, logvar),
+        "local_error": local_error(amap, window),
+    }
+    return scores, amap
+
+
+def empirical_p_values(reference_sorted: F64Array, scores: F64Array) -> F64Array:
+    """Conformal p-values: ``(1 + #{reference >= s}) / (n + 1)`` for each score ``s``."""
+    n = reference_sorted.shape[0]
+    at_least = n - np.searchsorted(reference_sorted, scores, side="left")
+    return np.asarray((1.0 + at_least) / (n + 1.0), dtype=np.float64)
+
+
+@dataclass(frozen=True)
+class ScoreCalibration:
+    """Held-out normal values of one score, sorted, and the moments of their logarithm."""
+
+    values: tuple[float, ...]
+    log_mean: float
+    log_std: float
+
+    @classmethod
+    def fit(cls, values: F64Array) -> ScoreCalibration:
+        """Calibrate from the scores of held-out normal images."""
+        if values.size < 2 or not np.all(np.isfinite(values)):
+            raise ValueError(f"calibration needs at least 2 finite scores, got {values.tolist()!r}")
+        logs = np.log(np.maximum(values, _LOG_FLOOR))
+        return cls(
+            values=tuple(float(v) for v in np.sort(values)),
+            log_mean=float(logs.mean()),
+            log_std=float(max(logs.std(ddof=1), 1e-6)),
+        )
+
+    def standardise(self, scores: F64Array) -> F64Array:
+        """``(log(s) - mean) / std`` of the held-out log scores."""
+        return (np.log(np.maximum(scores, _LOG_FLOOR)) - self.log_mean) / self.log_std
+
+    def p_values(self, scores: F64Array) -> F64Array:
+        """Conformal p-values against the held-out values."""
+        return empirical_p_values(np.asarray(self.values, dtype=np.float64), scores)
+
+
+@dataclass(frozen=True)
+class DecisionRule:
+    """``is_anomaly = combined >= threshold``, with the rate and method that set the threshold."""
+
+    threshold: float
+    target_false_alarm_rate: float
+    method: ThresholdMethod
+
+
+def threshold_for_rate(combined_sorted: F64Array, rate: float) -> DecisionRule:
+    """Threshold on the combined score giving false-alarm rate ``rate`` on normal images.
+
+    Conformal when the held-out set is large enough: the ``ceil((n + 1)(1 - rate))``-th smallest
+    held-out value, which bounds the false-alarm rate by ``rate``. With fewer than
+    ``1 / rate - 1`` held-out images that order statistic does not exist, and the threshold comes
+    from a Gaussian fit of the held-out combined scores instead (method ``normal_tail``).
+    """
+    if not 0.0 < rate < 1.0 or not math.isfinite(rate):
+        raise ValueError(f"target false-alarm rate is {rate}; expected a number in (0, 1)")
+    n = combined_sorted.shape[0]
+    k = math.ceil((n + 1) * (1.0 - rate))
+    if k <= n:
+        return DecisionRule(float(combined_sorted[k - 1]), rate, "empirical")
+    mean = float(combined_sorted.mean())
+    std = float(max(combined_sorted.std(ddof=1), 1e-6))
+    return DecisionRule(mean + std * NormalDist().inv_cdf(1.0 - rate), rate, "normal_tail")
+
+
+@dataclass(frozen=True)
+class ScoreBatch:
+    """Scores of a batch of images: raw scores, p-values, combined score and verdicts."""
+
+    raw: dict[str, F64Array]
+    p_values: dict[str, F64Array]
+    combined: F64Array
+    combined_p_value: F64Array
+    threshold: float
+    is_anomaly: npt.NDArray[np.bool_]
+    anomaly_map: FloatArray | None = None
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Everything that turns raw scores into p-values, a combined score and a verdict."""
+
+    scores: Mapping[str, ScoreCalibration]
+    weights: Mapping[str, float]
+    combined: ScoreCalibration
+    rule: DecisionRule
+    local_window: int
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def fit(
+        cls,
+        raw: Mapping[str, F64Array],
+        weights: Mapping[str, float],
+        *,
+        target_false_alarm_rate: float,
+        local_window: int,
+        extra: Mapping[str, Any] | None = None,
+    ) -> Calibration:
+        """Calibrate every score and the combined score on held-out normal images."""
+        missing = set(SCORE_NAMES) - set(raw)
+        if missing:
+            raise ValueError(f"calibration needs scores {sorted(missing)}")
+        unknown = set(weights) - set(SCORE_NAMES)
+        if unknown or not any(w != 0 for w in weights.values()):
+            raise ValueError(
+                f"weights {dict(weights)} must name scores among {SCORE_NAMES}, one non-zero"
+            )
+        per_score = {name: ScoreCalibration.fit(np.asarray(raw[name])) for name in SCORE_NAMES}
+        combined_values = _combine(per_score, weights, raw)
+        sorted_combined = np.sort(combined_values)
+        # Combined scores can be negative, so the calibration keeps their raw moments for the
+        # normal-tail threshold; its log moments are unused.
+        combined = ScoreCalibration(
+            values=tuple(float(v) for v in sorted_combined), log_mean=0.0, log_std=1.0
+        )
+        rule = threshold_for_rate(sorted_combined, target_false_alarm_rate)
+        return cls(per_score, dict(weights), combined, rule, local_window, dict(extra or {}))
+
+    def combine(self, raw: Mapping[str, F64Array]) -> F64Array:
+        """Combined score: the weighted sum of standardised log scores."""
+        return _combine(self.scores, self.weights, raw)
+
+    def rule_for(
+        self, *, threshold: float | None = None, target_false_alarm_rate: float | None = None
+    ) -> DecisionRule:
+        """The default rule, or one overridden by a threshold or a target false-alarm rate."""
+        if threshold is not None and target_false_alarm_rate is not None:
+            raise ValueError("give a threshold or a target false-alarm rate, not both")
+        if threshold is not None:
+            if not math.isfinite(threshold):
+                raise ValueError(f"threshold is {threshold}; expected a finite number")
+            return DecisionRule(float(threshold), float("nan"), self.rule.method)
+        if target_false_alarm_rate is not None:
+            return threshold_for_rate(
+                np.asarray(self.combined.values, dtype=np.float64), target_false_alarm_rate
+            )
+        return self.rule
+
+    def score(
+        self,
+        raw: Mapping[str, F64Array],
+        rule: DecisionRule | None = None,
+        amap: FloatArray | None = None,
+    ) -> ScoreBatch:
+        """Turn raw scores into p-values, combined score and verdicts."""
+        rule = rule or self.rule
+        combined = self.combine(raw)
+        return ScoreBatch(
+            raw={name: np.asarray(raw[name], dtype=np.float64) for name in SCORE_NAMES},
+            p_values={name: self.scores[name].p_values(raw[name]) for name in SCORE_NAMES},
+            combined=combined,
+            combined_p_value=self.combined.p_values(combined),
+            threshold=rule.threshold,
+            is_anomaly=combined >= rule.threshold,
+            anomaly_map=amap,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form, as stored in the manifest."""
+        return {
+            "scores": {
+                name: {"values": list(c.values), "log_mean": c.log_mean, "log_std": c.log_std}
+                for name, c in self.scores.items()
+            },
+            "weights": dict(self.weights),
+            "combined_values": list(self.combined.values),
+            "rule": {
+                "threshold": self.rule.threshold,
+                "target_false_alarm_rate": self.rule.target_false_alarm_rate,
+                "method": self.rule.method,
+            },
+            "local_window": self.local_window,
+            "extra": dict(self.extra),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Calibration:
+        """Inverse of :meth:`to_dict`."""
+        scores = {
+            name: ScoreCalibration(
+                values=tuple(float(v) for v in entry["values"]),
+                log_mean=float(entry["log_mean"]),
+                log_std=float(entry["log_std"]),
+            )
+            for name, entry in data["scores"].items()
+        }
+        missing = set(SCORE_NAMES) - set(scores)
+        if missing:
+            raise ValueError(f"calibration lacks scores {sorted(missing)}")
+        rule = data["rule"]
+        if rule["method"] not in ("empirical", "normal_tail"):
+            raise ValueError(f"unknown threshold method {rule['method']!r}")
+        return cls(
+            scores=scores,
+            weights={k: float(v) for k, v in data["weights"].items()},
+            combined=ScoreCalibration(
+                values=tuple(float(v) for v in data["combined_values"]), log_mean=0.0, log_std=1.0
+            ),
+            rule=DecisionRule(
+                float(rule["threshold"]), float(rule["target_false_alarm_rate"]), rule["method"]
+            ),
+            local_window=int(data["local_window"]),
+            extra=dict(data.get("extra", {})),
+        )
+
+
+def _combine(
+    calibrations: Mapping[str, ScoreCalibration],
+    weights: Mapping[str, float],
+    raw: Mapping[str, F64Array],
+) -> F64Array:
+    first = np.asarray(raw[SCORE_NAMES[0]])
+    total = np.zeros(first.shape, dtype=np.float64)
+    for name, weight in weights.items():
+        if weight:
+            total += weight * calibrations[name].standardise(np.asarray(raw[name]))
+    return total

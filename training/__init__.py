@@ -1,0 +1,1 @@
+"""Training side: demo data, the VAE, training, calibration, export and evaluation."""
