@@ -117,7 +117,10 @@ def decode_image(
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageError(f"image {image_id!r} is too large to decode safely: {exc}") from exc
+        raise ImageError(
+            f"image {image_id!r} is over the limit of {max_pixels} pixels and too large to "
+            f"decode safely: {exc}"
+        ) from exc
     except Exception as exc:  # PIL raises many types for corrupt data
         raise ImageError(
             f"image {image_id!r} could not be decoded as PNG, JPEG, BMP or TIFF "
