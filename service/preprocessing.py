@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 ColorMode = Literal["L", "RGB"]
 ResizeMethod = Literal["bilinear", "bicubic", "nearest", "lanczos", "box"]
@@ -121,6 +121,11 @@ def decode_image(
             f"image {image_id!r} is over the limit of {max_pixels} pixels and too large to "
             f"decode safely: {exc}"
         ) from exc
+    except UnidentifiedImageError as exc:  # its message names a memory address: leave it out
+        raise ImageError(
+            f"image {image_id!r} could not be decoded as PNG, JPEG, BMP or TIFF "
+            f"({len(data)} bytes): not a file of these formats"
+        ) from exc
     except Exception as exc:  # PIL raises many types for corrupt data
         raise ImageError(
             f"image {image_id!r} could not be decoded as PNG, JPEG, BMP or TIFF "
@@ -172,13 +177,25 @@ def _to_8bit_mode(image: Image.Image, color_mode: ColorMode) -> Image.Image:
 
 def preprocess(image: Image.Image, spec: InputSpec) -> npt.NDArray[np.float32]:
     """Convert colour, resize and scale one image to the model input ``(C, H, W)`` float32."""
+    out = np.empty(spec.shape, dtype=np.float32)
+    preprocess_into(image, spec, out)
+    return out
+
+
+def preprocess_into(image: Image.Image, spec: InputSpec, out: npt.NDArray[np.float32]) -> None:
+    """Like :func:`preprocess`, writing into ``out`` (``(C, H, W)`` float32, e.g. a batch row).
+
+    The 8-bit samples are scaled straight into ``out`` in one pass, so filling a preallocated
+    batch costs no intermediate float copies; the values are those of :func:`preprocess`.
+    """
+    if out.shape != spec.shape or out.dtype != np.float32:
+        raise ValueError(f"output has shape {out.shape} {out.dtype}; expected {spec.shape} float32")
     image = _to_8bit_mode(image, spec.color_mode)
     if image.size != (spec.width, spec.height):
         image = image.resize((spec.width, spec.height), _RESAMPLING[spec.resize])
-    array = np.asarray(image, dtype=np.float32)  # (H, W) or (H, W, C)
-    array = array[None, :, :] if array.ndim == 2 else array.transpose(2, 0, 1)
-    array *= np.float32(spec.scale)
-    return np.ascontiguousarray(array)
+    pixels = np.asarray(image)  # (H, W) or (H, W, C) uint8
+    chw = pixels[None, :, :] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+    np.multiply(chw, np.float32(spec.scale), out=out, dtype=np.float32)
 
 
 def preprocess_bytes(

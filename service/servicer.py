@@ -1,0 +1,313 @@
+"""The AnomalyDetector servicer: validate, preprocess off the loop, hand to the batcher, reply.
+
+Follows the error model of ``protos/anomaly/v1/anomaly.proto``: request-level problems abort the
+call; an image that cannot be scored gets an ImageError in its result and its neighbours are
+scored as usual.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+import grpc
+import numpy as np
+
+from service._proto import anomaly_pb2 as pb
+from service._proto import anomaly_pb2_grpc as pb_grpc
+from service.batcher import (
+    BatcherClosedError,
+    DeadlineExpiredError,
+    FloatArray,
+    MicroBatcher,
+    QueueFullError,
+)
+from service.metrics import ServiceMetrics
+from service.models import LoadedModel, ModelSlot, ScoredImages
+from service.wire import (
+    DEADLINE_EXCEEDED,
+    INVALID_ARGUMENT,
+    RESOURCE_EXHAUSTED,
+    Limits,
+    check_batch,
+    decode_into,
+    empty_rows,
+    error_result,
+    model_info,
+    score_params,
+    scored_results,
+)
+
+log = logging.getLogger(__name__)
+
+Batcher = MicroBatcher[LoadedModel, ScoredImages]
+SHUTTING_DOWN = "the server is shutting down; send this work to another replica"
+
+
+async def abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
+    """End the call with ``code`` (``context.abort`` raises; this tells the type checker)."""
+    await context.abort(code, message)
+    raise AssertionError("context.abort returned")
+
+
+def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+    remaining = context.time_remaining()
+    return None if remaining is None else asyncio.get_running_loop().time() + remaining
+
+
+@dataclass(frozen=True)
+class _StreamEnd:
+    drained: bool
+
+
+class ActiveCalls:
+    """Counts the scoring calls being served, so that shutdown can wait until they are answered."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def begin(self) -> None:
+        """A call starts."""
+        self.count += 1
+        self._idle.clear()
+
+    def end(self) -> None:
+        """A call has been answered (or ended otherwise)."""
+        self.count -= 1
+        if self.count == 0:
+            self._idle.set()
+
+    async def wait_idle(self, timeout: float) -> int:
+        """Wait up to ``timeout`` seconds for every call to end; the number still running."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._idle.wait()
+        return self.count
+
+
+class AnomalyDetectorServicer(pb_grpc.AnomalyDetectorServicer):
+    """Serves ScoreBatch, ScoreStream and GetModelInfo on the model in ``models``."""
+
+    def __init__(
+        self,
+        models: ModelSlot,
+        batcher: Batcher,
+        decode_pool: Executor,
+        metrics: ServiceMetrics,
+        *,
+        limits: Limits,
+        decode_workers: int,
+        stream_window: int,
+    ) -> None:
+        self._models = models
+        self._batcher = batcher
+        self._pool = decode_pool
+        self._metrics = metrics
+        self._limits = limits
+        self._workers = decode_workers
+        self._window = stream_window
+        self._draining = False
+        self._readers: set[asyncio.Task[Any]] = set()
+        self.active = ActiveCalls()
+        self._stream_latency = metrics.request_duration.labels("ScoreStream")
+
+    def drain(self) -> None:
+        """Refuse new calls; streams stop reading, answer what they read, end UNAVAILABLE."""
+        self._draining = True
+        for reader in list(self._readers):
+            reader.cancel()
+
+    def _count_error(self, code: grpc.StatusCode) -> None:
+        self._metrics.image_errors.labels(code.name).inc()
+
+    async def _decode(
+        self, images: Sequence[pb.Image], model: LoadedModel
+    ) -> tuple[FloatArray, dict[int, str]]:
+        """Preprocess images into one batch on the decode pool, in up to ``workers`` chunks."""
+        loop = asyncio.get_running_loop()
+        rows = empty_rows(len(images), model.spec)
+        chunks = min(self._workers, len(images))
+        bounds = np.linspace(0, len(images), chunks + 1).astype(int).tolist()
+        pixels = self._limits.max_image_pixels
+        found = await asyncio.gather(
+            *(
+                loop.run_in_executor(
+                    self._pool, decode_into, images[a:b], model.spec, rows[a:b], pixels
+                )
+                for a, b in itertools.pairwise(bounds)
+            )
+        )
+        errors = {
+            a + index: message
+            for a, part in zip(bounds[:-1], found, strict=True)
+            for index, message in part.items()
+        }
+        if errors:  # their room in the queue is released with the admission
+            keep = np.ones(len(images), dtype=bool)
+            keep[list(errors)] = False
+            rows = rows[keep]
+        return rows, errors
+
+    async def ScoreBatch(  # noqa: N802 (gRPC method name)
+        self, request: pb.ScoreBatchRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ScoreBatchResponse:
+        """Score the request's images as one job; results in request order."""
+        if self._draining:
+            await abort(context, grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+        self.active.begin()
+        try:
+            return await self._score_batch(request, context)
+        finally:
+            self.active.end()
+
+    async def _score_batch(
+        self, request: pb.ScoreBatchRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ScoreBatchResponse:
+        images = request.images
+        try:
+            check_batch(images, self._limits.max_images_per_request)
+            params = score_params(request.options)
+        except ValueError as exc:
+            await abort(context, INVALID_ARGUMENT, str(exc))
+        model = self._models.current
+        try:
+            admission = self._batcher.admit(len(images))
+        except QueueFullError as exc:
+            await abort(context, RESOURCE_EXHAUSTED, str(exc))
+        with admission:
+            rows, errors = await self._decode(images, model)
+            parts: list[ScoredImages] = []
+            if rows.shape[0]:
+                try:
+                    parts = await admission.score(model, rows, params, deadline=_deadline(context))
+                except DeadlineExpiredError as exc:
+                    await abort(context, DEADLINE_EXCEEDED, f"not scored: {exc}")
+                except BatcherClosedError:
+                    await abort(context, grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+                except Exception as exc:  # logged by the batcher
+                    await abort(context, grpc.StatusCode.INTERNAL, f"scoring failed: {exc}")
+        scored = iter(
+            scored_results((im.id for i, im in enumerate(images) if i not in errors), parts)
+        )
+        results = []
+        for index, image in enumerate(images):
+            if index in errors:
+                self._count_error(INVALID_ARGUMENT)
+                results.append(error_result(image.id, INVALID_ARGUMENT, errors[index]))
+            else:
+                results.append(next(scored))
+        return pb.ScoreBatchResponse(results=results)
+
+    async def _score_message(
+        self, message: pb.ScoreStreamRequest, deadline: float | None
+    ) -> pb.ImageResult:
+        """Score one stream message; image-level failures become its ImageError."""
+        image = message.image
+        try:
+            params = score_params(message.options)
+        except ValueError as exc:
+            return self._image_error(image.id, INVALID_ARGUMENT, f"image {image.id!r}: {exc}")
+        model = self._models.current
+        try:
+            admission = self._batcher.admit(1)
+        except QueueFullError as exc:
+            return self._image_error(image.id, RESOURCE_EXHAUSTED, f"image {image.id!r}: {exc}")
+        with admission:
+            rows, errors = await self._decode([image], model)
+            if errors:
+                return self._image_error(image.id, INVALID_ARGUMENT, errors[0])
+            try:
+                parts = await admission.score(model, rows, params, deadline=deadline)
+            except DeadlineExpiredError as exc:
+                return self._image_error(
+                    image.id, DEADLINE_EXCEEDED, f"image {image.id!r} was not scored: {exc}"
+                )
+        return scored_results([image.id], parts)[0]
+
+    def _image_error(self, image_id: str, code: grpc.StatusCode, message: str) -> pb.ImageResult:
+        self._count_error(code)
+        return error_result(image_id, code, message)
+
+    async def ScoreStream(  # noqa: N802 (gRPC method name)
+        self,
+        request_iterator: AsyncIterator[pb.ScoreStreamRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[pb.ScoreStreamResponse]:
+        """Score each message as it arrives, up to ``stream_window`` in flight; reply in order."""
+        if self._draining:
+            await abort(context, grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+        loop = asyncio.get_running_loop()
+        deadline = _deadline(context)
+        window = asyncio.Semaphore(self._window)
+        pending: asyncio.Queue[tuple[asyncio.Task[pb.ImageResult], float] | _StreamEnd] = (
+            asyncio.Queue()
+        )
+
+        async def read() -> None:
+            # A message is either not read at all or queued for an answer: drain() cancels
+            # this task only at an await, and none lies between reading and queueing.
+            drained = False
+            try:
+                while True:
+                    await window.acquire()
+                    try:
+                        message = await anext(request_iterator)
+                    except StopAsyncIteration:
+                        break
+                    task = loop.create_task(self._score_message(message, deadline))
+                    pending.put_nowait((task, time.perf_counter()))
+            except asyncio.CancelledError:
+                if not self._draining:
+                    raise
+                drained = True
+            finally:
+                pending.put_nowait(_StreamEnd(drained))
+
+        reader = loop.create_task(read(), name="stream-reader")
+        self._readers.add(reader)
+        answered = 0
+        self.active.begin()
+        try:
+            while not isinstance(item := await pending.get(), _StreamEnd):
+                task, received = item
+                try:
+                    result = await task
+                except BatcherClosedError:
+                    await abort(context, grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+                except Exception as exc:  # logged by the batcher
+                    await abort(context, grpc.StatusCode.INTERNAL, f"scoring failed: {exc}")
+                yield pb.ScoreStreamResponse(result=result)
+                self._stream_latency.observe(time.perf_counter() - received)
+                window.release()
+                answered += 1
+            await reader
+            if item.drained:
+                await abort(
+                    context,
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"{SHUTTING_DOWN}: the first {answered} images of this stream were answered, "
+                    "resend the rest",
+                )
+        finally:
+            self.active.end()
+            self._readers.discard(reader)
+            reader.cancel()
+            while not pending.empty():
+                leftover = pending.get_nowait()
+                if not isinstance(leftover, _StreamEnd):
+                    leftover[0].cancel()
+
+    async def GetModelInfo(  # noqa: N802 (gRPC method name)
+        self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInfo:
+        """Describe the model in service and this server's limits."""
+        return model_info(self._models.current, self._limits)

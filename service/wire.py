@@ -1,0 +1,203 @@
+"""Between the wire and numpy: request checks, image decoding into batch rows, result messages."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import grpc
+import numpy as np
+from PIL import Image
+
+from service._proto import anomaly_pb2 as pb
+from service.batcher import FloatArray, ScoreParams
+from service.models import LoadedModel, ScoredImages
+from service.preprocessing import (
+    ImageError,
+    InputSpec,
+    decode_image,
+    image_from_raw,
+    preprocess_into,
+)
+
+INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT
+RESOURCE_EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
+DEADLINE_EXCEEDED = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Request limits the server enforces (reported in ModelInfo)."""
+
+    max_images_per_request: int
+    max_image_pixels: int
+    max_message_bytes: int
+
+
+def score_params(options: pb.ScoreOptions) -> ScoreParams:
+    """The scoring parameters of a request's options; ValueError says what is out of range."""
+    decision = options.WhichOneof("decision")
+    threshold = rate = None
+    if decision == "threshold":
+        threshold = options.threshold
+        if not math.isfinite(threshold):
+            raise ValueError(f"options.threshold is {threshold}; expected a finite number")
+    elif decision == "target_false_alarm_rate":
+        rate = options.target_false_alarm_rate
+        if not 0.0 < rate < 1.0:
+            raise ValueError(
+                f"options.target_false_alarm_rate is {rate}; expected a number strictly "
+                "between 0 and 1"
+            )
+    return ScoreParams(threshold, rate, options.return_anomaly_map)
+
+
+def check_batch(images: Sequence[pb.Image], max_images: int) -> None:
+    """Request-level checks of a ScoreBatch: ValueError for no images, too many, duplicate ids."""
+    if not images:
+        raise ValueError(f"the request has no images; expected 1 to {max_images}")
+    if len(images) > max_images:
+        raise ValueError(
+            f"the request has {len(images)} images; this server takes at most {max_images} "
+            "per ScoreBatch (split it, or use ScoreStream)"
+        )
+    seen: set[str] = set()
+    for image in images:
+        if image.id in seen:
+            raise ValueError(
+                f"image id {image.id!r} appears more than once; ids must be unique within a "
+                "ScoreBatch"
+            )
+        seen.add(image.id)
+
+
+def to_pil(image: pb.Image, max_pixels: int) -> Image.Image:
+    """The PIL image of a wire image; ImageError names the image id and what was expected."""
+    kind = image.WhichOneof("data")
+    if kind == "encoded":
+        return decode_image(image.encoded, image_id=image.id, max_pixels=max_pixels)
+    if kind == "raw":
+        raw = image.raw
+        return image_from_raw(
+            raw.pixels,
+            raw.height,
+            raw.width,
+            raw.channels,
+            image_id=image.id,
+            max_pixels=max_pixels,
+        )
+    raise ImageError(
+        f"image {image.id!r} has no data; expected encoded bytes (PNG, JPEG, BMP, TIFF) or raw "
+        "pixels"
+    )
+
+
+def decode_into(
+    images: Sequence[pb.Image], spec: InputSpec, out: FloatArray, max_pixels: int
+) -> dict[int, str]:
+    """Preprocess ``images`` into the rows of ``out``; return {index: error} of those that fail.
+
+    Runs in a worker thread (PIL releases the GIL while decoding and resizing).
+    """
+    errors: dict[int, str] = {}
+    for index, image in enumerate(images):
+        try:
+            preprocess_into(to_pil(image, max_pixels), spec, out[index])
+        except ImageError as exc:
+            errors[index] = str(exc)
+    return errors
+
+
+def error_result(image_id: str, code: grpc.StatusCode, message: str) -> pb.ImageResult:
+    """The result of an image that could not be scored."""
+    return pb.ImageResult(id=image_id, error=pb.ImageError(code=code.value[0], message=message))
+
+
+def scored_results(ids: Iterable[str], parts: Iterable[ScoredImages]) -> list[pb.ImageResult]:
+    """Result messages of scored images, in order: ``ids`` pairs with the images of ``parts``."""
+    results: list[pb.ImageResult] = []
+    id_iter = iter(ids)
+    for part in parts:
+        s = part.scores
+        maps = s.anomaly_map
+        rows = zip(
+            s.raw["recon_error"].tolist(),
+            s.raw["kl"].tolist(),
+            s.raw["local_error"].tolist(),
+            s.combined.tolist(),
+            s.p_values["recon_error"].tolist(),
+            s.p_values["kl"].tolist(),
+            s.p_values["local_error"].tolist(),
+            s.combined_p_value.tolist(),
+            s.is_anomaly.tolist(),
+            strict=True,
+        )
+        for index, (recon, kl, local, combined, p_recon, p_kl, p_local, p_comb, flag) in enumerate(
+            rows
+        ):
+            scores = pb.Scores(
+                recon_error=recon,
+                kl=kl,
+                local_error=local,
+                combined=combined,
+                recon_error_p_value=p_recon,
+                kl_p_value=p_kl,
+                local_error_p_value=p_local,
+                combined_p_value=p_comb,
+                is_anomaly=flag,
+                threshold=s.threshold,
+            )
+            if maps is not None:
+                amap = maps[index]
+                scores.anomaly_map.height, scores.anomaly_map.width = amap.shape
+                scores.anomaly_map.values = amap.astype("<f4", copy=False).tobytes()
+            results.append(pb.ImageResult(id=next(id_iter), scores=scores, model_id=part.model_id))
+    return results
+
+
+def rfc3339(moment: datetime) -> str:
+    """``2024-05-01T12:00:00Z`` for an aware UTC datetime."""
+    return moment.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def model_info(model: LoadedModel, limits: Limits) -> pb.ModelInfo:
+    """The ModelInfo message of a loaded model."""
+    manifest = model.scorer.manifest
+    calibration = manifest.calibration
+    rule = calibration.rule
+    spec = manifest.input
+    return pb.ModelInfo(
+        model_id=model.model_id,
+        model_version=model.model_version,
+        bundle_format_version=manifest.format_version,
+        execution_provider=model.provider,
+        input=pb.InputSpec(
+            height=spec.height,
+            width=spec.width,
+            channels=spec.channels,
+            color_mode=spec.color_mode,
+            resize=spec.resize,
+        ),
+        latent_dim=manifest.latent_dim,
+        default_rule=pb.DecisionRule(
+            threshold=rule.threshold,
+            target_false_alarm_rate=rule.target_false_alarm_rate,
+            method=rule.method,
+        ),
+        calibration_size=len(calibration.combined.values),
+        trained_at=manifest.created_at,
+        loaded_at=rfc3339(model.loaded_at),
+        limits=pb.ServingLimits(
+            max_images_per_request=limits.max_images_per_request,
+            max_image_pixels=limits.max_image_pixels,
+            max_message_bytes=limits.max_message_bytes,
+        ),
+        local_window=calibration.local_window,
+    )
+
+
+def empty_rows(count: int, spec: InputSpec) -> FloatArray:
+    """An uninitialised ``(count, C, H, W)`` float32 batch to decode into."""
+    return np.empty((count, *spec.shape), dtype=np.float32)

@@ -1,0 +1,251 @@
+"""The micro-batcher (service/batcher.py) with a fake scoring function: no model needed."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry
+
+from service.batcher import (
+    BatcherClosedError,
+    DeadlineExpiredError,
+    FloatArray,
+    MicroBatcher,
+    Portion,
+    QueueFullError,
+    ScoreParams,
+)
+from service.metrics import ServiceMetrics
+
+Part = tuple[str, list[int]]  # (model, the value of each image)
+
+
+@dataclass
+class FakeModel:
+    """Records the batches it scores; can be held at a gate to keep the device busy."""
+
+    name: str
+    batches: list[list[int]] = field(default_factory=list)
+    gate: threading.Event = field(default_factory=threading.Event)
+    fail: bool = False
+
+    def __post_init__(self) -> None:
+        self.gate.set()
+
+
+def run_batch(model: FakeModel, x: FloatArray, portions: Sequence[Portion]) -> list[Part]:
+    model.gate.wait(10)
+    if model.fail:
+        raise RuntimeError("the device fell over")
+    firsts = [int(v) for v in x[:, 0, 0, 0].tolist()]
+    model.batches.append(firsts)
+    parts, start = [], 0
+    for portion in portions:
+        parts.append((model.name, firsts[start : start + portion.count]))
+        start += portion.count
+    return parts
+
+
+def images(*values: float) -> FloatArray:
+    """A batch (k, 1, 2, 2) whose images are filled with the given values."""
+    return np.array(values, dtype=np.float32).reshape(-1, 1, 1, 1) * np.ones(
+        (1, 1, 2, 2), np.float32
+    )
+
+
+def run(
+    test: Callable[[MicroBatcher[FakeModel, Part], ServiceMetrics], Awaitable[None]],
+    *,
+    max_delay: float = 0.05,
+    coalesce: bool = True,
+) -> ServiceMetrics:
+    """Run ``test`` against a started batcher (batches of 4, a queue of 8)."""
+    metrics = ServiceMetrics(CollectorRegistry())
+
+    async def main() -> None:
+        batcher: MicroBatcher[FakeModel, Part] = MicroBatcher(
+            run_batch,
+            metrics,
+            max_batch_size=4,
+            max_delay=max_delay,
+            max_queue=8,
+            coalesce=coalesce,
+        )
+        batcher.start()
+        try:
+            await test(batcher, metrics)
+        finally:
+            await batcher.close()
+
+    asyncio.run(main())
+    return metrics
+
+
+async def submit(
+    batcher: MicroBatcher[FakeModel, Part],
+    model: FakeModel,
+    x: FloatArray,
+    deadline: float | None = None,
+) -> list[Part]:
+    with batcher.admit(x.shape[0]) as admission:
+        return await admission.score(model, x, ScoreParams(), deadline=deadline)
+
+
+def value(metrics: ServiceMetrics, name: str) -> float | None:
+    return metrics.registry.get_sample_value(name)
+
+
+def test_concurrent_calls_share_batches_and_get_their_own_results() -> None:
+    model = FakeModel("m")
+
+    async def test(batcher: MicroBatcher[FakeModel, Part], metrics: ServiceMetrics) -> None:
+        results = list(
+            await asyncio.gather(
+                submit(batcher, model, images(1, 2)),
+                submit(batcher, model, images(3)),
+                submit(batcher, model, images(4)),
+            )
+        )
+        assert results == [[("m", [1, 2])], [("m", [3])], [("m", [4])]]
+        assert model.batches == [[1, 2, 3, 4]]  # one batch, in arrival order
+        assert value(metrics, "anomaly_batch_size_images_count") == 1
+        assert value(metrics, "anomaly_batch_size_images_sum") == 4
+        assert value(metrics, "anomaly_queue_depth_images") == 0
+
+    run(test, max_delay=5.0)  # a full batch does not wait for the delay
+
+
+def test_a_call_larger_than_a_batch_is_split_and_reassembled_in_order() -> None:
+    model = FakeModel("m")
+
+    async def test(batcher: MicroBatcher[FakeModel, Part], metrics: ServiceMetrics) -> None:
+        parts = await submit(batcher, model, images(1, 2, 3, 4, 5, 6, 7))
+        assert parts == [("m", [1, 2, 3, 4]), ("m", [5, 6, 7])]
+        assert model.batches == [[1, 2, 3, 4], [5, 6, 7]]
+
+    run(test)
+
+
+def test_the_queue_admits_whole_calls_or_refuses_them() -> None:
+    model = FakeModel("m")
+    model.gate.clear()  # the device is busy: nothing leaves the queue
+
+    async def test(batcher: MicroBatcher[FakeModel, Part], metrics: ServiceMetrics) -> None:
+        first = asyncio.create_task(submit(batcher, model, images(1, 2, 3, 4)))
+        await asyncio.sleep(0.1)  # taken into the (blocked) batch: the queue is empty again
+        queued = asyncio.create_task(submit(batcher, model, images(5, 6, 7, 8, 9, 10)))
+        await asyncio.sleep(0)
+        assert batcher.depth == 6
+        with pytest.raises(QueueFullError, match="6 of 8 images waiting, no room for 3 more"):
+            batcher.admit(3)
+        assert value(metrics, "anomaly_queue_depth_images") == 6
+        admission = batcher.admit(2)  # exactly fits
+        admission.release()
+        assert batcher.depth == 6
+        model.gate.set()
+        assert await first == [("m", [1, 2, 3, 4])]
+        assert await queued == [("m", [5, 6, 7, 8]), ("m", [9, 10])]
+        assert value(metrics, "anomaly_queue_capacity_images") == 8
+
+    run(test)
+
+
+def test_cancelled_and_expired_calls_are_not_computed() -> None:
+    model = FakeModel("m")
+    model.gate.clear()
+
+    async def test(batcher: MicroBatcher[FakeModel, Part], metrics: ServiceMetrics) -> None:
+        loop = asyncio.get_running_loop()
+        busy = asyncio.create_task(submit(batcher, model, images(1, 2, 3, 4)))
+        await asyncio.sleep(0.1)
+        cancelled = asyncio.create_task(submit(batcher, model, images(5)))
+        expired = asyncio.create_task(submit(batcher, model, images(6), deadline=loop.time()))
+        kept = asyncio.create_task(submit(batcher, model, images(7)))
+        await asyncio.sleep(0)
+        cancelled.cancel()
+        model.gate.set()
+        await busy
+        assert await kept == [("m", [7])]
+        with pytest.raises(DeadlineExpiredError, match="deadline passed"):
+            await expired
+        assert cancelled.cancelled()
+        assert model.batches == [[1, 2, 3, 4], [7]]
+        assert batcher.depth == 0
+
+    run(test)
+
+
+def test_a_batch_never_mixes_models() -> None:
+    old, new = FakeModel("old"), FakeModel("new")
+
+    async def test(batcher: MicroBatcher[FakeModel, Part], metrics: ServiceMetrics) -> None:
+        results = list(
+            await asyncio.gather(
+                submit(batcher, old, images(1)),
+                submit(batcher, new, images(2)),
+                submit(batcher, new, images(3)),
+            )
+        )
+        assert results == [[("old", [1])], [("new", [2])], [("new", [3])]]
+        assert old.batches == [[1]] and new.batches == [[2, 3]]
+
+    run(test)
+
+
+def test_without_batching_each_call_runs_alone() -> None:
+    model = FakeModel("m")
+
+    async def test(batcher: MicroBatcher[FakeModel, Part], metrics: ServiceMetrics) -> None:
+        assert batcher.max_delay == 0.0
+        await asyncio.gather(*(submit(batcher, model, images(v, v)) for v in (1, 2, 3)))
+        assert sorted(model.batches) == [[1, 1], [2, 2], [3, 3]]
+
+    run(test, coalesce=False, max_delay=5.0)
+
+
+def test_an_inference_error_fails_only_its_batch() -> None:
+    bad, good = FakeModel("bad", fail=True), FakeModel("good")
+
+    async def test(batcher: MicroBatcher[FakeModel, Part], metrics: ServiceMetrics) -> None:
+        with pytest.raises(RuntimeError, match="fell over"):
+            await submit(batcher, bad, images(1))
+        assert await submit(batcher, good, images(2)) == [("good", [2])]
+
+    run(test)
+
+
+def test_closing_fails_waiting_calls_and_refuses_new_ones() -> None:
+    model = FakeModel("m")
+
+    async def main() -> None:
+        metrics = ServiceMetrics(CollectorRegistry())
+        batcher: MicroBatcher[FakeModel, Part] = MicroBatcher(
+            run_batch, metrics, max_batch_size=4, max_delay=10.0, max_queue=8
+        )
+        batcher.start()
+        waiting = asyncio.create_task(submit(batcher, model, images(1)))
+        await asyncio.sleep(0.05)
+        await batcher.close()
+        with pytest.raises(BatcherClosedError):
+            await waiting
+        with pytest.raises(BatcherClosedError):
+            batcher.admit(1)
+        assert model.batches == []
+
+    asyncio.run(main())
+
+
+def test_submitting_more_than_admitted_is_a_programming_error() -> None:
+    model = FakeModel("m")
+
+    async def test(batcher: MicroBatcher[FakeModel, Part], metrics: ServiceMetrics) -> None:
+        with batcher.admit(1) as admission, pytest.raises(ValueError, match="2 images submitted"):
+            await admission.score(model, images(1, 2), ScoreParams())
+        assert batcher.depth == 0
+
+    run(test)

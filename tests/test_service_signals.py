@@ -1,0 +1,207 @@
+"""``python -m service`` as a real subprocess: start-up refusals, SIGHUP reload, SIGTERM drain."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from service._proto import anomaly_pb2 as pb
+from service._proto import anomaly_pb2_grpc as pb_grpc
+from service.client import Client
+from service.scorer import cuda_device_count
+from tests.service_helpers import (
+    ROOT,
+    ServeProcess,
+    png_bytes,
+    random_pixels,
+    sample,
+    scrape,
+    wait_until,
+)
+
+
+def run_serve(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "service", "--port", "0", "--metrics-port", "0", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_a_missing_bundle_is_refused_with_one_line(tmp_path: Path) -> None:
+    done = run_serve("--bundle", str(tmp_path / "nowhere"))
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        f"anomaly-serve: error: cannot serve bundle {tmp_path / 'nowhere'}: "
+        f"bundle {tmp_path / 'nowhere'} does not exist"
+    ]
+
+
+def test_a_bad_option_is_refused_with_one_line(trained_bundle: Path) -> None:
+    done = run_serve("--bundle", str(trained_bundle), "--max-queue", "lots")
+    assert done.returncode == 2
+    assert done.stderr.strip() == (
+        "anomaly-serve: error: Config '--max-queue' has value 'lots'. Not a valid integer."
+    )
+
+
+@pytest.mark.skipif(cuda_device_count() > 0, reason="CUDA is usable here, so 'cuda' would start")
+def test_device_cuda_fails_loudly_without_cuda(trained_bundle: Path) -> None:
+    done = run_serve("--bundle", str(trained_bundle), "--device", "cuda")
+    assert done.returncode == 1
+    assert done.stderr.strip().startswith(
+        "anomaly-serve: error: device 'cuda' was asked for but CUDA is not usable"
+    )
+
+
+@pytest.fixture
+def served_copy(trained_bundle: Path, tmp_path: Path) -> Iterator[tuple[ServeProcess, Path]]:
+    bundle = tmp_path / "bundle"
+    shutil.copytree(trained_bundle, bundle)
+    process = ServeProcess("--bundle", str(bundle), "--grace-period", "20")
+    try:
+        yield process.wait_serving(), bundle
+    finally:
+        process.kill()
+
+
+def test_sighup_swaps_in_a_good_bundle_and_refuses_a_corrupt_one(
+    served_copy: tuple[ServeProcess, Path],
+) -> None:
+    server, bundle = served_copy
+    manifest_path = bundle / "manifest.json"
+    with Client(server.target) as client:
+        before = client.info()
+        manifest = json.loads(manifest_path.read_text())
+        manifest["model_version"] = "hot-reloaded"
+        manifest_path.write_text(json.dumps(manifest))
+        server.signal(signal.SIGHUP)
+        wait_until(lambda: client.info().model_version == "hot-reloaded", "the reload")
+        assert sample(server.metrics_port, "anomaly_model_reloads_total", result="success") == 1
+        info_series = {
+            labels: value
+            for (name, labels), value in scrape(server.metrics_port).items()
+            if name == "anomaly_model_info"
+        }
+        assert list(info_series.values()) == [1.0]
+        assert ("model_version", "hot-reloaded") in next(iter(info_series))
+
+        (bundle / "encoder.onnx").write_bytes(b"not a model")
+        server.signal(signal.SIGHUP)
+        wait_until(
+            lambda: (
+                sample(server.metrics_port, "anomaly_model_reloads_total", result="failure") == 1
+            ),
+            "the refused reload to be counted",
+        )
+        after = client.info()
+        assert after.model_version == "hot-reloaded" and after.model_id == before.model_id
+        assert client.score([random_pixels(0)])[0].ok  # the old model keeps serving
+    assert "reload refused, still serving model" in server.log
+    server.signal(signal.SIGTERM)
+    assert server.wait() == 0
+
+
+def test_sigterm_under_load_answers_every_accepted_call(
+    served_copy: tuple[ServeProcess, Path],
+) -> None:
+    server, _ = served_copy
+    image = pb.Image(id="x", encoded=png_bytes(random_pixels(1)))
+    request = pb.ScoreBatchRequest(
+        images=[pb.Image(id=str(i), encoded=image.encoded) for i in range(4)]
+    )
+    unary: list[str] = []
+    details: list[str] = []
+    streamed: dict[str, object] = {}
+    health_seen: list[int] = []
+    serving = threading.Event()
+
+    def call_in_a_loop() -> None:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.AnomalyDetectorStub(channel)  # type: ignore[no-untyped-call]
+            for _ in range(2_000):
+                try:
+                    reply = stub.ScoreBatch(request, timeout=30)
+                except grpc.RpcError as exc:
+                    unary.append(exc.code().name)
+                    details.append(f"{exc.code().name}: {exc.details()}")
+                    if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                        return
+                    continue
+                scored = all(r.WhichOneof("outcome") == "scores" for r in reply.results)
+                unary.append("OK" if scored and len(reply.results) == 4 else "INCOMPLETE")
+
+    def stream() -> None:
+        sent: list[str] = []
+
+        def messages() -> Iterator[pb.ScoreStreamRequest]:
+            for i in range(20_000):
+                sent.append(f"s{i}")
+                yield pb.ScoreStreamRequest(image=pb.Image(id=f"s{i}", encoded=image.encoded))
+                threading.Event().wait(0.002)
+
+        received: list[str] = []
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.AnomalyDetectorStub(channel)  # type: ignore[no-untyped-call]
+            try:
+                for reply in stub.ScoreStream(messages(), timeout=60):
+                    received.append(reply.result.id)
+                streamed["code"] = "OK"
+            except grpc.RpcError as exc:
+                streamed["code"], streamed["details"] = exc.code().name, exc.details()
+        streamed["received"], streamed["sent"] = received, sent
+
+    def watch_health() -> None:
+        with grpc.insecure_channel(server.target) as channel:
+            watch = health_pb2_grpc.HealthStub(channel).Watch(
+                health_pb2.HealthCheckRequest(), timeout=60
+            )
+            for reply in watch:
+                health_seen.append(reply.status)
+                serving.set()
+                if reply.status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                    watch.cancel()
+                    return
+
+    threads = [threading.Thread(target=f) for f in (call_in_a_loop, call_in_a_loop, stream)]
+    watcher = threading.Thread(target=watch_health)
+    watcher.start()
+    assert serving.wait(30)
+    for thread in threads:
+        thread.start()
+    wait_until(
+        lambda: (sample(server.metrics_port, "anomaly_batch_size_images_sum") or 0) >= 40,
+        "load on the server",
+    )
+    server.signal(signal.SIGTERM)
+    for thread in [*threads, watcher]:
+        thread.join(60)
+    assert server.wait() == 0
+    assert health_seen[0] == health_pb2.HealthCheckResponse.SERVING
+    assert health_seen[-1] == health_pb2.HealthCheckResponse.NOT_SERVING
+    # The server answered every call it had accepted; the clients saw answers in full, or
+    # refusals: UNAVAILABLE, or CANCELLED for a call that gRPC had received but not yet handed
+    # to the service when it stopped (never started, so nothing was lost).
+    assert "every accepted call was answered" in server.log
+    assert "OK" in unary and set(unary) <= {"OK", "UNAVAILABLE", "CANCELLED"}, details
+    received = streamed["received"]
+    assert isinstance(received, list) and received
+    assert received == streamed["sent"][: len(received)]  # type: ignore[index]
+    assert streamed["code"] in ("OK", "UNAVAILABLE"), streamed
+    if streamed["code"] == "UNAVAILABLE":
+        assert f"the first {len(received)} images of this stream were answered" in str(
+            streamed["details"]
+        )
+    assert "shutting down" in server.log and "stopped" in server.log
