@@ -120,6 +120,14 @@ class ServiceMetrics:
             ["result"],
             registry=registry,
         )
+        self.decision_threshold = Gauge(
+            f"{PREFIX}_decision_threshold",
+            "Default threshold on the combined score (requests may override it).",
+            registry=registry,
+        )
+        # Series exist at 0 from the start, so that rate() and increase() see their first jump.
+        for result in ("success", "failure"):
+            self.reloads.labels(result)
 
     def set_model(
         self,
@@ -129,8 +137,12 @@ class ServiceMetrics:
         provider: str,
         requested_device: str,
         false_alarm_rate: float,
+        threshold: float,
     ) -> None:
         """Publish the served model, replacing the previous one's info series."""
         self.model_info.clear()
         self.model_info.labels(model_id, model_version, provider, requested_device).set(1)
         self.expected_false_alarm_rate.set(false_alarm_rate)
+        self.decision_threshold.set(threshold)
+        self.images_scored.labels(model_id, model_version)
+        self.images_flagged.labels(model_id, model_version)

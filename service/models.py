@@ -171,6 +171,7 @@ class ModelSlot:
             provider=model.provider,
             requested_device=model.requested_device,
             false_alarm_rate=model.scorer.calibration.rule.target_false_alarm_rate,
+            threshold=model.scorer.calibration.rule.threshold,
         )
 
     async def reload(self) -> bool:
