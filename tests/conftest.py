@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from pathlib import Path
+
 import pytest
 
 from service.scorer import cuda_device_count
+
+# A small demo dataset; training imports (torch) stay inside the fixtures so that serving tests
+# can run where torch is not installed.
+DEMO_SIZE = {"image_size": 64, "n_train": 24, "n_test_good": 6, "n_test_per_defect": 3}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -15,3 +22,42 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture()
+def torch_one_thread() -> Iterator[None]:
+    """Run torch on one thread: faster for tiny models, and fair on a shared CPU."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small generated MVTec-layout dataset (64x64 RGB flanges, every defect type)."""
+    from training.demo_data import generate_demo_dataset
+
+    return generate_demo_dataset(tmp_path_factory.mktemp("demo") / "data", seed=0, **DEMO_SIZE)
+
+
+@pytest.fixture(scope="session")
+def trained_bundle(demo_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real bundle fitted on ``demo_data`` with a tiny config; loads and self-tests."""
+    from training.fit import FitConfig, fit_bundle
+
+    # Seconds, not minutes: 32x32 input, a narrow VAE, a dozen epochs.
+    config = FitConfig(
+        image_size=32,
+        width=8,
+        max_width=32,
+        latent_channels=2,  # a 4x4 grid: 32 latent dimensions
+        epochs=12,
+        batch_size=8,
+        learning_rate=3e-3,
+        progress=False,
+        threads=1,
+    )
+    return fit_bundle(demo_data, tmp_path_factory.mktemp("bundle") / "bundle", config)

@@ -1,0 +1,112 @@
+"""The bundle contract (service/bundle.py) and the scorer's self-test and device policy."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from service.bundle import GOLDEN, MANIFEST, BundleError, Golden, load_bundle, write_golden
+from service.scorer import CPU, DeviceError, Scorer, cuda_device_count
+
+
+@pytest.fixture()
+def bundle_copy(trained_bundle: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "bundle"
+    shutil.copytree(trained_bundle, copy)
+    return copy
+
+
+def _edit_manifest(bundle: Path, **changes: object) -> None:
+    manifest = json.loads((bundle / MANIFEST).read_text())
+    manifest.update(changes)
+    (bundle / MANIFEST).write_text(json.dumps(manifest))
+
+
+def test_a_trained_bundle_loads_and_passes_its_self_test(trained_bundle: Path) -> None:
+    bundle = load_bundle(trained_bundle)
+    scorer = Scorer(bundle, device="cpu")
+    scorer.self_test()
+    assert scorer.provider == CPU
+    scored = scorer.score(bundle.golden.inputs, keep_maps=True)
+    assert scored.anomaly_map is not None
+    assert scored.anomaly_map.shape == (len(bundle.golden.inputs), *bundle.manifest.input.shape[1:])
+    assert np.all((scored.combined_p_value > 0) & (scored.combined_p_value <= 1))
+
+
+def test_an_archived_bundle_loads_like_the_directory(trained_bundle: Path, tmp_path: Path) -> None:
+    archive = tmp_path / "bundle.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(trained_bundle, arcname="bundle")
+    assert load_bundle(archive).manifest == load_bundle(trained_bundle).manifest
+
+
+@pytest.mark.parametrize("name", ["encoder.onnx", "decoder.onnx", GOLDEN, MANIFEST])
+def test_a_missing_file_is_named(bundle_copy: Path, name: str) -> None:
+    (bundle_copy / name).unlink()
+    with pytest.raises(BundleError, match=f"lacks {name}"):
+        load_bundle(bundle_copy)
+
+
+def test_a_changed_onnx_file_is_refused_by_its_hash(bundle_copy: Path) -> None:
+    data = bytearray((bundle_copy / "decoder.onnx").read_bytes())
+    data[-1] ^= 0xFF
+    (bundle_copy / "decoder.onnx").write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="changed or corrupted after export"):
+        load_bundle(bundle_copy)
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        ({"format_version": 99}, "format_version is 99"),
+        ({"latent_dim": "many"}, "manifest is malformed"),
+        ({"calibration": {}}, "manifest is malformed"),
+    ],
+)
+def test_a_bad_manifest_is_refused_with_the_reason(
+    bundle_copy: Path, changes: dict[str, object], match: str
+) -> None:
+    _edit_manifest(bundle_copy, **changes)
+    with pytest.raises(BundleError, match=match):
+        load_bundle(bundle_copy)
+
+
+def test_a_bundle_that_drifted_from_its_golden_outputs_is_refused(bundle_copy: Path) -> None:
+    golden = load_bundle(bundle_copy).golden
+    drifted = Golden(golden.inputs, golden.mu, golden.logvar, golden.recon + 0.05)
+    write_golden(bundle_copy / GOLDEN, drifted)
+    scorer = Scorer(load_bundle(bundle_copy), device="cpu")
+    with pytest.raises(BundleError, match="golden self-test failed on CPUExecutionProvider: recon"):
+        scorer.self_test()
+
+
+def test_a_golden_of_the_wrong_shape_is_refused(bundle_copy: Path) -> None:
+    golden = load_bundle(bundle_copy).golden
+    write_golden(
+        bundle_copy / GOLDEN,
+        Golden(golden.inputs[:, :, :-1], golden.mu, golden.logvar, golden.recon),
+    )
+    with pytest.raises(BundleError, match="golden inputs have shape"):
+        load_bundle(bundle_copy)
+
+
+@pytest.mark.skipif(cuda_device_count() > 0, reason="this machine has a CUDA device")
+def test_cuda_policy_fails_loudly_without_a_gpu_and_auto_reports_cpu(trained_bundle: Path) -> None:
+    bundle = load_bundle(trained_bundle)
+    with pytest.raises(DeviceError, match="device 'cuda' was asked for but CUDA is not usable"):
+        Scorer(bundle, device="cuda")
+    assert Scorer(bundle, device="auto").provider == CPU
+
+
+@pytest.mark.gpu
+def test_cuda_policy_runs_on_the_gpu_and_reproduces_the_golden_outputs(
+    trained_bundle: Path,
+) -> None:
+    scorer = Scorer(load_bundle(trained_bundle), device="cuda")
+    assert scorer.provider == "CUDAExecutionProvider"
+    scorer.self_test()

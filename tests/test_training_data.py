@@ -1,0 +1,161 @@
+"""Training data: discovery, loading, the held-out split and every bad-input path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.preprocessing import InputSpec
+from training.data import (
+    find_images,
+    holdout_split,
+    load_images,
+    resolve_color_mode,
+    training_folder,
+)
+from training.errors import DataError
+from training.fit import FitConfig, fit_bundle
+
+SPEC = InputSpec(height=16, width=16, color_mode="RGB")
+
+
+def write_images(
+    folder: Path, count: int, *, mode: str = "RGB", suffix: str = ".png"
+) -> list[Path]:
+    """``count`` small random images in ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(count):
+        shape = (20, 24, 3) if mode == "RGB" else (20, 24)
+        pixels = rng.integers(0, 256, shape, dtype=np.uint8)
+        path = folder / f"img{i:02d}{suffix}"
+        Image.fromarray(pixels, mode=mode).save(path)
+        paths.append(path)
+    return paths
+
+
+def truncate(path: Path) -> None:
+    """Cut a file to half its length, as an interrupted copy would."""
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_mvtec_layout_uses_train_good(tmp_path: Path) -> None:
+    write_images(tmp_path / "train" / "good", 2)
+    assert training_folder(tmp_path) == tmp_path / "train" / "good"
+
+
+def test_plain_folder_is_used_as_is(tmp_path: Path) -> None:
+    write_images(tmp_path, 2, suffix=".jpg")
+    assert training_folder(tmp_path) == tmp_path
+    assert len(find_images(tmp_path)) == 2
+
+
+def test_missing_folder(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="does not exist"):
+        training_folder(tmp_path / "nope")
+
+
+def test_file_instead_of_folder(tmp_path: Path) -> None:
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(DataError, match="is not a folder"):
+        training_folder(tmp_path / "file.txt")
+
+
+def test_empty_folder(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="is empty"):
+        find_images(tmp_path)
+
+
+def test_folder_without_images(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("not an image")
+    with pytest.raises(DataError, match="holds no images"):
+        find_images(tmp_path)
+
+
+def test_images_only_in_subfolders(tmp_path: Path) -> None:
+    write_images(tmp_path / "batch1", 2)
+    with pytest.raises(DataError, match="2 in subfolders"):
+        find_images(tmp_path)
+
+
+def test_truncated_image_stops_with_its_path(tmp_path: Path) -> None:
+    paths = write_images(tmp_path, 3)
+    truncate(paths[1])
+    with pytest.raises(DataError, match=r"img01\.png") as info:
+        load_images(paths, SPEC, skip_bad=False)
+    assert "--skip-bad-images" in str(info.value)
+
+
+def test_garbage_file_with_image_suffix(tmp_path: Path) -> None:
+    paths = write_images(tmp_path, 2)
+    paths[0].write_bytes(b"this is not a PNG")
+    with pytest.raises(DataError, match=r"img00\.png"):
+        load_images(paths, SPEC, skip_bad=False)
+
+
+def test_bad_images_skipped_and_counted_when_asked(tmp_path: Path) -> None:
+    paths = write_images(tmp_path, 4)
+    truncate(paths[0])
+    paths[2].write_bytes(b"")
+    loaded = load_images(paths, SPEC, skip_bad=True)
+    assert loaded.paths == (paths[1], paths[3])
+    assert loaded.images.shape == (2, 3, 16, 16)
+    assert [p for p, _ in loaded.skipped] == [paths[0], paths[2]]
+
+
+def test_all_images_bad_is_an_error_even_when_skipping(tmp_path: Path) -> None:
+    paths = write_images(tmp_path, 2)
+    for path in paths:
+        truncate(path)
+    with pytest.raises(DataError, match="none of the 2 images"):
+        load_images(paths, SPEC, skip_bad=True)
+
+
+def test_pixels_are_scaled_by_the_spec_not_the_data(tmp_path: Path) -> None:
+    path = tmp_path / "dim.png"
+    Image.fromarray(np.full((8, 8, 3), 51, dtype=np.uint8)).save(path)
+    loaded = load_images([path], InputSpec(height=8, width=8), skip_bad=False)
+    np.testing.assert_allclose(loaded.images, 0.2, atol=1e-6)
+
+
+def test_colour_mode_auto(tmp_path: Path) -> None:
+    grey = write_images(tmp_path / "grey", 2, mode="L", suffix=".bmp")
+    assert resolve_color_mode(grey, "auto") == "L"
+    mixed = [*grey, *write_images(tmp_path / "rgb", 1, suffix=".tiff")]
+    assert resolve_color_mode(mixed, "auto") == "RGB"
+    assert resolve_color_mode(mixed, "L") == "L"
+
+
+def test_fingerprint_depends_on_content(tmp_path: Path) -> None:
+    paths = write_images(tmp_path, 2)
+    first = load_images(paths, SPEC, skip_bad=False).fingerprint
+    assert load_images(paths, SPEC, skip_bad=False).fingerprint == first
+    Image.fromarray(np.zeros((20, 24, 3), dtype=np.uint8)).save(paths[0])
+    assert load_images(paths, SPEC, skip_bad=False).fingerprint != first
+
+
+def test_holdout_split_is_seeded_and_disjoint() -> None:
+    train, held = holdout_split(50, fraction=0.2, min_holdout=4, seed=1)
+    assert len(held) == 10 and len(train) == 40
+    assert not set(train) & set(held)
+    again = holdout_split(50, fraction=0.2, min_holdout=4, seed=1)
+    assert np.array_equal(again[1], held)
+    assert not np.array_equal(holdout_split(50, fraction=0.2, min_holdout=4, seed=2)[1], held)
+    assert len(holdout_split(10, fraction=0.2, min_holdout=4, seed=0)[1]) == 4
+
+
+def test_too_few_images(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="found 5 usable images; a fit needs at least 6"):
+        holdout_split(5, fraction=0.2, min_holdout=4, seed=0)
+
+
+def test_fit_on_too_few_images_is_a_clear_error(tmp_path: Path) -> None:
+    write_images(tmp_path / "data", 3)
+    with pytest.raises(DataError, match="found 3 usable images"):
+        fit_bundle(tmp_path / "data", tmp_path / "bundle", FitConfig(progress=False))
+    assert not (tmp_path / "bundle").exists()

@@ -1,0 +1,295 @@
+"""The ``anomaly-train`` / ``python -m training`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from training.config import AUGMENTS, COLOR_CHOICES, DEVICES, RESIZE_METHODS, FitConfig
+
+log = logging.getLogger("training")
+
+DESCRIPTION = """\
+Train a VAE anomaly detector on images of good parts and ship it as one ONNX bundle.
+
+  python -m training demo-data data/            # generate the built-in demo dataset
+  python -m training fit data/ --out bundle/    # train, calibrate, export, self-test
+  python -m training evaluate bundle/ data/ --report report/
+"""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not >= 1")
+    return value
+
+
+def _add_demo_data(sub: Any) -> None:
+    p = sub.add_parser(
+        "demo-data",
+        help="generate the built-in demo dataset (MVTec layout)",
+        description="Generate a procedural dataset of machined flanges with five defect types "
+        "and exact masks, in the MVTec AD layout; deterministic by seed.",
+    )
+    p.add_argument("out_dir", type=Path, metavar="OUT_DIR")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--image-size", type=_positive_int, default=128, help="side in pixels")
+    p.add_argument("--n-train", type=_positive_int, default=80, help="normal training images")
+    p.add_argument("--n-test-good", type=_positive_int, default=20, help="normal test images")
+    p.add_argument("--n-test-per-defect", type=_positive_int, default=8, help="per defect type")
+
+
+def _add_fit(sub: Any) -> None:
+    d = FitConfig()
+    p = sub.add_parser(
+        "fit",
+        help="train a bundle on a folder of good images",
+        description="Train the VAE on DATA_DIR (an MVTec-layout folder, whose train/good is "
+        "used, or a plain folder of images), calibrate on held-out normal images, export ONNX, "
+        "check parity and write a self-tested bundle to BUNDLE_DIR. No option is needed.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("data_dir", type=Path, metavar="DATA_DIR")
+    p.add_argument("--out", type=Path, required=True, metavar="BUNDLE_DIR", help="bundle folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
+    g = p.add_argument_group("input")
+    g.add_argument(
+        "--image-size",
+        type=_positive_int,
+        default=d.image_size,
+        help="model input side in pixels (multiple of 8)",
+    )
+    g.add_argument(
+        "--color-mode",
+        choices=COLOR_CHOICES,
+        default=d.color_mode,
+        help="auto: greyscale if every image is, else RGB",
+    )
+    g.add_argument("--resize", choices=RESIZE_METHODS, default=d.resize)
+    g = p.add_argument_group("model")
+    g.add_argument(
+        "--latent-dim", type=_positive_int, default=d.latent_dim, help="size of a vector latent"
+    )
+    g.add_argument(
+        "--latent-channels",
+        type=int,
+        default=d.latent_channels,
+        help="> 0: a spatial latent with this many channels per cell; 0: a vector latent",
+    )
+    g.add_argument(
+        "--latent-stride",
+        type=_positive_int,
+        default=d.latent_stride,
+        help="input pixels per spatial latent cell, along each side",
+    )
+    g.add_argument("--width", type=_positive_int, default=d.width, help="channels of level 1")
+    g.add_argument("--max-width", type=_positive_int, default=d.max_width)
+    g.add_argument("--res-blocks", type=int, default=d.res_blocks, help="per level")
+    g.add_argument("--beta", type=float, default=d.beta, help="weight of the KL term")
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=_positive_int, default=d.epochs)
+    g.add_argument("--batch-size", type=_positive_int, default=d.batch_size)
+    g.add_argument("--learning-rate", type=float, default=d.learning_rate)
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    g.add_argument(
+        "--patience",
+        type=_positive_int,
+        default=d.patience,
+        help="early stop after this many epochs without validation improvement",
+    )
+    g.add_argument(
+        "--augment",
+        choices=AUGMENTS,
+        default=d.augment,
+        help="flips/shifts: only for parts that are not in a fixed pose",
+    )
+    g.add_argument(
+        "--corruption",
+        type=float,
+        default=d.corruption,
+        help="share of training inputs given a synthetic defect to repair (denoising VAE)",
+    )
+    g.add_argument(
+        "--time-limit",
+        type=float,
+        default=d.time_limit_minutes,
+        metavar="MINUTES",
+        help="training time budget, annealed to; 0 for none (epochs alone decide)",
+    )
+    g.add_argument(
+        "--holdout-fraction",
+        type=float,
+        default=d.holdout_fraction,
+        help="share of the images held out for validation and calibration",
+    )
+    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--device", choices=DEVICES, default=d.device)
+    g.add_argument("--threads", type=_positive_int, default=None, help="CPU threads")
+    g = p.add_argument_group("decision")
+    g.add_argument("--target-false-alarm-rate", type=float, default=d.target_false_alarm_rate)
+    g.add_argument(
+        "--local-window",
+        type=_positive_int,
+        default=None,
+        help="local_error window in pixels (default: chosen on synthetic defects)",
+    )
+    g.add_argument(
+        "--weights",
+        default=None,
+        metavar="NAME=W,...",
+        help="combined-score weights, e.g. local_error=1,kl=1 "
+        "(default: chosen on synthetic defects)",
+    )
+    g = p.add_argument_group("data handling and output")
+    g.add_argument(
+        "--skip-bad-images",
+        action="store_true",
+        help="skip and count unreadable images instead of stopping",
+    )
+    g.add_argument("--model-version", default=d.model_version, help="human version string")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _add_evaluate(sub: Any) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="score DATA_DIR/test/* with a bundle and print metrics as JSON",
+        description="Score every image under DATA_DIR/test/<kind>/ (good = normal) through ONNX "
+        "Runtime exactly as the service does; print one JSON object of metrics on stdout.",
+    )
+    p.add_argument("bundle_dir", type=Path, metavar="BUNDLE_DIR")
+    p.add_argument("data_dir", type=Path, metavar="DATA_DIR")
+    p.add_argument("--report", type=Path, default=None, metavar="DIR", help="write PNG figures")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+
+
+def _add_demo(sub: Any) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="run the product end to end on the demo data",
+        description="Demo data -> training (cached in the workdir) -> gRPC service -> client.",
+    )
+    p.add_argument("--workdir", type=Path, default=Path(".demo"), help="cache folder")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--retrain", action="store_true", help="ignore a cached bundle")
+    p.add_argument("--train-minutes", type=float, default=4.0, help="time budget of the fit")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="python -m training",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_demo_data(sub)
+    _add_fit(sub)
+    _add_evaluate(sub)
+    _add_demo(sub)
+    return parser
+
+
+def fit_config_from_args(args: argparse.Namespace) -> FitConfig:
+    """The FitConfig that the fit flags describe."""
+    from training.config import parse_weights
+
+    return FitConfig(
+        image_size=args.image_size,
+        color_mode=args.color_mode,
+        resize=args.resize,
+        latent_dim=args.latent_dim,
+        latent_channels=args.latent_channels,
+        latent_stride=args.latent_stride,
+        width=args.width,
+        max_width=args.max_width,
+        res_blocks=args.res_blocks,
+        beta=args.beta,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        weight_decay=args.weight_decay,
+        patience=args.patience,
+        augment=args.augment,
+        corruption=args.corruption,
+        time_limit_minutes=args.time_limit or None,
+        holdout_fraction=args.holdout_fraction,
+        seed=args.seed,
+        device=args.device,
+        threads=args.threads,
+        target_false_alarm_rate=args.target_false_alarm_rate,
+        local_window=args.local_window,
+        weights=parse_weights(args.weights) if args.weights is not None else None,
+        skip_bad_images=args.skip_bad_images,
+        model_version=args.model_version,
+        progress=not args.no_progress,
+    )
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "demo-data":
+        from training.demo_data import generate_demo_dataset
+
+        out = generate_demo_dataset(
+            args.out_dir,
+            seed=args.seed,
+            image_size=args.image_size,
+            n_train=args.n_train,
+            n_test_good=args.n_test_good,
+            n_test_per_defect=args.n_test_per_defect,
+        )
+        log.info("wrote the demo dataset to %s", out)
+    elif args.command == "fit":
+        from training.fit import fit_bundle
+
+        config = fit_config_from_args(args)
+        fit_bundle(args.data_dir, args.out, config, overwrite=args.overwrite)
+    elif args.command == "evaluate":
+        from training.evaluate import evaluate_bundle
+
+        metrics = evaluate_bundle(
+            args.bundle_dir, args.data_dir, report_dir=args.report, device=args.device
+        )
+        print(json.dumps(metrics))
+    else:
+        import training.demo  # type: ignore[import-not-found,unused-ignore]
+
+        return int(training.demo.run(args))
+    return 0
+
+
+def _configure_logging(verbose: bool) -> None:
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.propagate = False
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; user errors print one line on stderr and exit non-zero."""
+    args = build_parser().parse_args(argv)
+    _configure_logging(args.verbose)
+    from service.bundle import BundleError
+    from service.preprocessing import ImageError
+    from service.scorer import DeviceError
+    from training.errors import TrainingError
+
+    try:
+        return _run(args)
+    except (TrainingError, BundleError, ImageError, DeviceError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

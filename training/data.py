@@ -1,0 +1,126 @@
+"""Training data: folder discovery, loading through the shared preprocessing, the held-out split."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+from PIL import Image
+
+from service.preprocessing import (
+    IMAGE_SUFFIXES,
+    ColorMode,
+    ImageError,
+    InputSpec,
+    list_image_files,
+    preprocess_bytes,
+    stack,
+)
+from training.config import ColorChoice
+from training.errors import DataError
+
+log = logging.getLogger(__name__)
+
+MIN_TRAIN_IMAGES = 2
+_GREY_MODES = frozenset({"1", "L", "LA", "I;16", "I;16B", "I;16L", "I;16N", "I", "F"})
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    """Preprocessed images ``(N, C, H, W)``, their paths, and the files that were skipped."""
+
+    paths: tuple[Path, ...]
+    images: npt.NDArray[np.float32]
+    skipped: tuple[tuple[Path, str], ...]
+    fingerprint: str
+
+
+def training_folder(data_dir: Path) -> Path:
+    """The folder of normal images: ``DATA_DIR/train/good`` in MVTec layout, else ``DATA_DIR``."""
+    data_dir = Path(data_dir)
+    if not data_dir.exists():
+        raise DataError(f"data folder {data_dir} does not exist")
+    if not data_dir.is_dir():
+        raise DataError(f"data folder {data_dir} is not a folder")
+    mvtec = data_dir / "train" / "good"
+    return mvtec if mvtec.is_dir() else data_dir
+
+
+def find_images(folder: Path) -> list[Path]:
+    """Image files directly in ``folder``; a clear error when there are none."""
+    files = list_image_files(folder)
+    if files:
+        return files
+    entries = list(folder.iterdir())
+    if not entries:
+        raise DataError(f"data folder {folder} is empty; expected images of good parts")
+    nested = list_image_files(folder, recursive=True)
+    if nested:
+        raise DataError(
+            f"data folder {folder} holds no images directly but {len(nested)} in subfolders; "
+            "point at the folder of good images, or at an MVTec-layout folder with train/good"
+        )
+    raise DataError(
+        f"data folder {folder} holds no images: {len(entries)} entries, none with a suffix "
+        f"among {', '.join(IMAGE_SUFFIXES)}"
+    )
+
+
+def resolve_color_mode(paths: list[Path], choice: ColorChoice) -> ColorMode:
+    """The colour mode to train in: the choice, or for ``auto`` greyscale iff all files are."""
+    if choice != "auto":
+        return choice
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                mode = image.mode
+        except (OSError, ValueError):
+            continue  # unreadable files are reported by load_images
+        if mode not in _GREY_MODES:
+            return "RGB"
+    return "L"
+
+
+def load_images(paths: list[Path], spec: InputSpec, *, skip_bad: bool) -> ImageSet:
+    """Read and preprocess every file; a bad file stops the load unless ``skip_bad``."""
+    arrays: list[npt.NDArray[np.float32]] = []
+    kept: list[Path] = []
+    skipped: list[tuple[Path, str]] = []
+    digest = hashlib.sha256()
+    for path in paths:
+        try:
+            data = path.read_bytes()
+            array = preprocess_bytes(data, spec, image_id=str(path))
+        except (OSError, ImageError) as exc:
+            if not skip_bad:
+                raise DataError(
+                    f"cannot use image {path}: {exc} (pass --skip-bad-images to skip such files)"
+                ) from exc
+            log.warning("skipping unreadable image %s: %s", path, exc)
+            skipped.append((path, str(exc)))
+            continue
+        digest.update(path.name.encode("utf-8") + b"\0" + hashlib.sha256(data).digest())
+        arrays.append(array)
+        kept.append(path)
+    if not arrays:
+        raise DataError(f"none of the {len(paths)} images could be read; {skipped[0][1]}")
+    return ImageSet(tuple(kept), stack(arrays), tuple(skipped), digest.hexdigest()[:16])
+
+
+def holdout_split(
+    n: int, *, fraction: float, min_holdout: int, seed: int
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """Indices ``(train, held_out)`` of a seeded random split of ``n`` images."""
+    n_holdout = max(min_holdout, round(n * fraction))
+    if n - n_holdout < MIN_TRAIN_IMAGES:
+        raise DataError(
+            f"found {n} usable images; a fit needs at least {min_holdout + MIN_TRAIN_IMAGES} "
+            f"({min_holdout} held out for validation and calibration, "
+            f"{MIN_TRAIN_IMAGES} to train on)"
+        )
+    order = np.random.default_rng(seed).permutation(n)
+    return np.sort(order[n_holdout:]), np.sort(order[:n_holdout])

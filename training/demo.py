@@ -1,0 +1,188 @@
+"""The product end to end on its built-in demo data (``make demo``).
+
+Generates the demo dataset, fits a bundle (once; reused on later runs), starts the gRPC service in
+a subprocess, streams every test image through the client, prints a summary (images scored,
+anomalies flagged, AUROC, where the metrics are served) and stops the service with SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
+
+from service.bundle import MANIFEST, load_bundle
+from service.client import Client, Result
+from service.preprocessing import list_image_files
+from training.demo_data import generate_demo_dataset
+from training.fit import FitConfig, fit_bundle
+from training.metrics import auroc
+
+HOST = "127.0.0.1"
+STARTUP_TIMEOUT_S = 120.0
+GRACE_PERIOD_S = 10.0
+
+
+class DemoError(RuntimeError):
+    """A step of the demo failed; the message says which and why."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``python -m training demo``."""
+    parser.add_argument("--workdir", type=Path, default=Path(".demo"), help="data, bundle, logs")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data and the fit")
+    parser.add_argument("--retrain", action="store_true", help="fit again even if cached")
+    parser.add_argument(
+        "--train-minutes",
+        type=float,
+        default=4.0,
+        help="time budget of the demo fit; training stops early at the best epoch so far",
+    )
+
+
+@dataclass(frozen=True)
+class LabelledImage:
+    """A test image and whether its folder marks it as defective."""
+
+    path: Path
+    image_id: str
+    anomalous: bool
+
+
+def _test_images(data_dir: Path) -> list[LabelledImage]:
+    images = [
+        LabelledImage(path, str(path.relative_to(data_dir)), path.parent.name != "good")
+        for path in list_image_files(data_dir / "test", recursive=True)
+    ]
+    if not images:
+        raise DemoError(f"no test images under {data_dir / 'test'}")
+    return images
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def _prepare_bundle(workdir: Path, seed: int, retrain: bool, minutes: float) -> Path:
+    data_dir, bundle_dir = workdir / "data", workdir / "bundle"
+    if not (data_dir / "train" / "good").is_dir():
+        print(f"[demo] generating the demo dataset in {data_dir}", flush=True)
+        generate_demo_dataset(data_dir, seed=seed)
+    if retrain or not (bundle_dir / MANIFEST).is_file():
+        print(f"[demo] training a bundle in {bundle_dir} (at most {minutes:g} min)", flush=True)
+        config = FitConfig(seed=seed, time_limit_minutes=minutes, model_version="demo")
+        fit_bundle(data_dir, bundle_dir, config, overwrite=True)
+    else:
+        print(f"[demo] reusing the bundle in {bundle_dir} (--retrain to fit again)", flush=True)
+    return bundle_dir
+
+
+@contextlib.contextmanager
+def _running_server(bundle: Path, port: int, metrics_port: int, log: Path) -> Iterator[list[int]]:
+    """Start ``python -m service`` and yield a list that receives its exit code after SIGTERM."""
+    command = [
+        sys.executable, "-m", "service", "--bundle", str(bundle), "--host", HOST,
+        "--port", str(port), "--metrics-port", str(metrics_port),
+        "--grace-period", str(GRACE_PERIOD_S),
+    ]  # fmt: skip
+    with log.open("wb") as log_file:
+        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
+    exit_code: list[int] = []
+    try:
+        _wait_until_serving(process, port, log)
+        yield exit_code
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=GRACE_PERIOD_S + 10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        exit_code.append(process.returncode)
+
+
+def _wait_until_serving(process: subprocess.Popen[bytes], port: int, log: Path) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    with grpc.insecure_channel(f"{HOST}:{port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                tail = log.read_text(errors="replace")[-2000:]
+                raise DemoError(f"the server exited with code {process.returncode}:\n{tail}")
+            with contextlib.suppress(grpc.RpcError):
+                reply = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            time.sleep(0.2)
+    raise DemoError(f"the server did not report SERVING within {STARTUP_TIMEOUT_S:g} s; see {log}")
+
+
+def _scored_total(metrics_port: int) -> float:
+    url = f"http://{HOST}:{metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        text = response.read().decode()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "anomaly_images_scored_total"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the demo; returns the process exit code."""
+    workdir: Path = args.workdir
+    workdir.mkdir(parents=True, exist_ok=True)
+    bundle_dir = _prepare_bundle(workdir, args.seed, args.retrain, args.train_minutes)
+    manifest = load_bundle(bundle_dir).manifest
+    images = _test_images(workdir / "data")
+    port, metrics_port = _free_port(), _free_port()
+    print(f"[demo] starting the service on {HOST}:{port} (metrics on {metrics_port})", flush=True)
+    with _running_server(bundle_dir, port, metrics_port, workdir / "server.log") as exit_code:
+        with Client(f"{HOST}:{port}") as client:
+            info = client.info()
+            results: list[Result] = list(
+                client.score_stream((image.image_id, image.path.read_bytes()) for image in images)
+            )
+        scored_metric = _scored_total(metrics_port)
+    failures = [r for r in results if not r.ok]
+    pairs = [(r, image) for r, image in zip(results, images, strict=True) if r.ok]
+    flagged = [image for r, image in pairs if r.is_anomaly]
+    n_anomalous = sum(image.anomalous for _, image in pairs)
+    combined = [r.scores.combined for r, _ in pairs if r.scores is not None]
+    labels = [image.anomalous for _, image in pairs]
+    rule = manifest.calibration.rule
+    print(
+        "\nDemo summary\n"
+        f"  images scored      {len(pairs)} of {len(images)} through the gRPC stream "
+        f"({len(pairs) - n_anomalous} good, {n_anomalous} defective), {len(failures)} failed\n"
+        f"  anomalies flagged  {len(flagged)}: {sum(i.anomalous for i in flagged)} of "
+        f"{n_anomalous} defective, {sum(not i.anomalous for i in flagged)} of "
+        f"{len(pairs) - n_anomalous} good (threshold {rule.threshold:.3f} for a "
+        f"{rule.target_false_alarm_rate:.0%} false-alarm rate, {rule.method})\n"
+        f"  AUROC (combined)   {auroc(combined, labels):.3f} on the demo test set\n"
+        f"  model              {info.model_id} version {info.model_version} on "
+        f"{info.execution_provider}\n"
+        f"  metrics            were served at http://{HOST}:{metrics_port}/metrics "
+        f"(anomaly_images_scored_total read {scored_metric:g})\n"
+        f"  server             stopped with SIGTERM, exit code {exit_code[0]}; log in "
+        f"{workdir / 'server.log'}"
+    )
+    for failure in failures:
+        print(f"  failed: {failure.id}: {failure.error}", file=sys.stderr)
+    return 0 if not failures and exit_code[0] == 0 else 1

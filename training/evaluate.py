@@ -1,0 +1,181 @@
+"""``evaluate``: score ``DATA_DIR/test/*`` through ONNX Runtime exactly as the service does.
+
+Labels come from folder names (``good`` is normal, any other folder anomalous); pixel masks from
+``DATA_DIR/ground_truth/<folder>/<name>_mask.png`` where they exist.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from PIL import Image
+
+from service.bundle import load_bundle
+from service.preprocessing import ImageError, InputSpec, list_image_files, load_image_file, stack
+from service.scorer import DevicePolicy, Scorer
+from service.scoring import SCORE_NAMES, F64Array
+from training.errors import DataError
+from training.metrics import auroc, average_precision, threshold_stats
+
+log = logging.getLogger(__name__)
+
+F32Array = npt.NDArray[np.float32]
+NORMAL = "good"
+
+
+@dataclass(frozen=True)
+class TestSet:
+    """Preprocessed test images with labels, defect types and (where known) pixel masks."""
+
+    paths: tuple[Path, ...]
+    kinds: tuple[str, ...]
+    images: F32Array  # (N, C, H, W)
+    masks: tuple[npt.NDArray[np.bool_] | None, ...]  # (H, W) each; all-False for normal images
+
+    @property
+    def labels(self) -> npt.NDArray[np.bool_]:
+        """True for anomalous images."""
+        return np.array([kind != NORMAL for kind in self.kinds])
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Everything evaluate computed: the test set, every score, verdicts and anomaly maps."""
+
+    test: TestSet
+    scores: dict[str, F64Array]  # raw scores and "combined"
+    is_anomaly: npt.NDArray[np.bool_]
+    threshold: float
+    maps: F32Array  # (N, H, W)
+    metrics: dict[str, Any]
+
+
+def _load_mask(path: Path, spec: InputSpec) -> npt.NDArray[np.bool_]:
+    try:
+        with Image.open(path) as mask:
+            resized = mask.convert("L").resize((spec.width, spec.height), Image.Resampling.NEAREST)
+            return np.asarray(resized) > 127
+    except (OSError, ValueError) as exc:
+        raise DataError(f"cannot read mask {path}: {exc}") from exc
+
+
+def load_test_set(data_dir: Path, spec: InputSpec) -> TestSet:
+    """Every image under ``DATA_DIR/test/<kind>/``, preprocessed with the bundle's spec."""
+    test_dir = Path(data_dir) / "test"
+    if not test_dir.is_dir():
+        raise DataError(
+            f"{data_dir} has no test folder; expected {test_dir}/good and {test_dir}/<defect type>"
+        )
+    kinds = sorted(p.name for p in test_dir.iterdir() if p.is_dir())
+    paths: list[Path] = []
+    labels: list[str] = []
+    for kind in kinds:
+        files = list_image_files(test_dir / kind)
+        paths += files
+        labels += [kind] * len(files)
+    n_normal = labels.count(NORMAL)
+    if n_normal == 0 or n_normal == len(labels):
+        raise DataError(
+            f"{test_dir} holds {n_normal} normal images (in good/) and "
+            f"{len(labels) - n_normal} anomalous ones; evaluation needs both"
+        )
+    images: list[F32Array] = []
+    masks: list[npt.NDArray[np.bool_] | None] = []
+    for path, kind in zip(paths, labels, strict=True):
+        try:
+            images.append(load_image_file(path, spec))
+        except ImageError as exc:
+            raise DataError(f"cannot use test image {path}: {exc}") from exc
+        if kind == NORMAL:
+            masks.append(np.zeros((spec.height, spec.width), dtype=bool))
+            continue
+        mask_path = Path(data_dir) / "ground_truth" / kind / f"{path.stem}_mask.png"
+        masks.append(_load_mask(mask_path, spec) if mask_path.is_file() else None)
+    return TestSet(tuple(paths), tuple(labels), stack(images), tuple(masks))
+
+
+def _pixel_auroc(test: TestSet, maps: F32Array) -> float | None:
+    known = [i for i, m in enumerate(test.masks) if m is not None]
+    if not any(test.labels[i] for i in known):
+        return None
+    truth = np.stack([m for m in test.masks if m is not None])
+    if not truth.any():
+        return None
+    return auroc(maps[known].ravel(), truth.ravel())
+
+
+def _auroc_by_type(test: TestSet, combined: F64Array) -> dict[str, float]:
+    """AUROC of normal images against each defect type alone."""
+    kinds = np.array(test.kinds)
+    result: dict[str, float] = {}
+    for kind in sorted(set(test.kinds) - {NORMAL}):
+        keep = (kinds == NORMAL) | (kinds == kind)
+        result[kind] = auroc(combined[keep], kinds[keep] == kind)
+    return result
+
+
+def run_evaluation(
+    bundle_dir: Path, data_dir: Path, *, device: DevicePolicy = "auto", batch_size: int = 32
+) -> tuple[Scorer, Evaluation]:
+    """Load and self-test the bundle, score the test set, compute the metrics."""
+    scorer = Scorer(load_bundle(Path(bundle_dir)), device=device)
+    scorer.self_test()
+    test = load_test_set(Path(data_dir), scorer.manifest.input)
+    parts = [
+        scorer.score(test.images[i : i + batch_size], keep_maps=True)
+        for i in range(0, len(test.paths), batch_size)
+    ]
+    scores = {name: np.concatenate([p.raw[name] for p in parts]) for name in SCORE_NAMES}
+    scores["combined"] = np.concatenate([p.combined for p in parts])
+    flagged = np.concatenate([p.is_anomaly for p in parts])
+    maps = np.concatenate([p.anomaly_map for p in parts if p.anomaly_map is not None])
+    labels = test.labels
+    stats = threshold_stats(flagged, labels)
+    pixel = _pixel_auroc(test, maps)
+    metrics: dict[str, Any] = {
+        "auroc_recon": auroc(scores["recon_error"], labels),
+        "auroc_kl": auroc(scores["kl"], labels),
+        "auroc_local": auroc(scores["local_error"], labels),
+        "auroc_combined": auroc(scores["combined"], labels),
+        "aupr_combined": average_precision(scores["combined"], labels),
+        "f1_at_threshold": stats.f1,
+        "fpr_at_threshold": stats.fpr,
+        "tpr_at_threshold": stats.tpr,
+        "threshold": parts[0].threshold,
+        "n_normal": int((~labels).sum()),
+        "n_anomalous": int(labels.sum()),
+        "pixel_auroc": pixel,
+        "auroc_combined_by_type": _auroc_by_type(test, scores["combined"]),
+        "model_id": scorer.model_id,
+        "provider": scorer.provider,
+        "weights": dict(scorer.calibration.weights),
+        "local_window": scorer.calibration.local_window,
+    }
+    rounded = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
+    rounded["auroc_combined_by_type"] = {
+        k: round(v, 4) for k, v in metrics["auroc_combined_by_type"].items()
+    }
+    evaluation = Evaluation(test, scores, flagged, parts[0].threshold, maps, rounded)
+    return scorer, evaluation
+
+
+def evaluate_bundle(
+    bundle_dir: Path,
+    data_dir: Path,
+    *,
+    report_dir: Path | None = None,
+    device: DevicePolicy = "auto",
+) -> dict[str, Any]:
+    """Metrics of the bundle on ``DATA_DIR/test``; with ``report_dir``, also PNG figures."""
+    scorer, evaluation = run_evaluation(bundle_dir, data_dir, device=device)
+    if report_dir is not None:
+        from training.report import write_report
+
+        files = write_report(Path(report_dir), scorer, evaluation)
+        log.info("report: %s", ", ".join(str(f) for f in files))
+    return evaluation.metrics

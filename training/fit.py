@@ -1,0 +1,301 @@
+"""``fit``: from a folder of good images to a calibrated, self-checking bundle directory.
+
+Steps: find and load the images through ``service.preprocessing``; split off held-out normals;
+train the VAE; export and prove ONNX parity; choose the decision rule and calibrate on the
+held-out images with ONNX Runtime outputs; write golden vectors and the manifest into a staging
+folder; load that folder exactly as the service does and self-test it; only then move it into
+place. A failure at any step leaves no bundle behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import platform
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import onnx
+import onnxruntime as ort
+import PIL
+import torch
+
+from service.bundle import (
+    DECODER,
+    ENCODER,
+    GOLDEN,
+    MANIFEST,
+    Golden,
+    Manifest,
+    compute_model_id,
+    load_bundle,
+    write_golden,
+    write_manifest,
+)
+from service.preprocessing import InputSpec
+from service.scorer import Scorer
+from service.scoring import Calibration
+from training.calibrate import RuleChoice, calibrate, choose_rule
+from training.config import FitConfig
+from training.data import (
+    find_images,
+    holdout_split,
+    load_images,
+    resolve_color_mode,
+    training_folder,
+)
+from training.errors import ExportError, TrainingError
+from training.export import GOLDEN_TOLERANCE, OPSET, OnnxModel, export_model
+from training.model import VAE, VAEConfig
+from training.train import select_device, train_vae
+
+__all__ = ["FitConfig", "fit_bundle"]
+
+log = logging.getLogger(__name__)
+
+F32Array = npt.NDArray[np.float32]
+
+GOLDEN_IMAGES = 4
+BUNDLE_FILES = frozenset({MANIFEST, ENCODER, DECODER, GOLDEN})
+
+
+def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise TrainingError(f"output {out_dir} exists and is not a folder")
+    contents = {p.name for p in out_dir.iterdir()}
+    if not contents:
+        return
+    if not overwrite:
+        raise TrainingError(f"output folder {out_dir} is not empty; pass --overwrite to replace it")
+    if not contents <= BUNDLE_FILES:
+        raise TrainingError(
+            f"output folder {out_dir} holds files other than a bundle's "
+            f"({sorted(contents - BUNDLE_FILES)[:3]}); refusing to replace it"
+        )
+
+
+def _versions() -> dict[str, str]:
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": ort.__version__,
+        "numpy": np.__version__,
+        "pillow": PIL.__version__,
+    }
+
+
+def fit_bundle(
+    data_dir: Path, out_dir: Path, config: FitConfig | None = None, *, overwrite: bool = False
+) -> Path:
+    """Train, export, calibrate and self-test; returns the bundle directory ``out_dir``."""
+    config = config or FitConfig()
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    _check_out_dir(out_dir, overwrite)
+    with _torch_threads(config.threads):
+        _fit(data_dir, out_dir, config, overwrite)
+    return out_dir
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int | None) -> Iterator[None]:
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _fit(data_dir: Path, out_dir: Path, config: FitConfig, overwrite: bool) -> None:
+    started = time.monotonic()
+    torch.manual_seed(config.seed)
+    device = select_device(config.device)
+
+    folder = training_folder(data_dir)
+    paths = find_images(folder)
+    spec = InputSpec(
+        height=config.image_size,
+        width=config.image_size,
+        color_mode=resolve_color_mode(paths, config.color_mode),
+        resize=config.resize,
+    )
+    images = load_images(paths, spec, skip_bad=config.skip_bad_images)
+    train_idx, holdout_idx = holdout_split(
+        len(images.paths),
+        fraction=config.holdout_fraction,
+        min_holdout=config.min_holdout,
+        seed=config.seed,
+    )
+    log.info(
+        "%d images from %s (%s, %d skipped): training on %d, holding out %d; device %s",
+        len(images.paths),
+        folder,
+        spec.color_mode,
+        len(images.skipped),
+        len(train_idx),
+        len(holdout_idx),
+        device,
+    )
+    holdout = images.images[holdout_idx]
+    vae_config = VAEConfig(
+        channels=spec.channels,
+        image_size=config.image_size,
+        latent_dim=config.latent_dim,
+        latent_channels=config.latent_channels,
+        latent_stride=config.latent_stride,
+        width=config.width,
+        max_width=config.max_width,
+        res_blocks=config.res_blocks,
+    )
+    result = train_vae(VAE(vae_config), images.images[train_idx], holdout, config, device)
+    log.info(
+        "training: %s after %d epochs (best %d)",
+        result.stop_reason,
+        len(result.history),
+        result.best_epoch,
+    )
+    facts = {
+        "data": {
+            "folder": str(folder.resolve()),
+            "fingerprint": images.fingerprint,
+            "n_images": len(images.paths),
+            "n_train": len(train_idx),
+            "n_holdout": len(holdout_idx),
+            "holdout_files": [images.paths[i].name for i in holdout_idx],
+            "skipped": [{"file": str(p), "reason": r} for p, r in images.skipped],
+        },
+        "split": "one held-out split of the normal images serves early stopping, the choice "
+        "of the decision rule and calibration; it is never trained on",
+        "loss": "negative ELBO: Gaussian pixel NLL with the batch's maximum-likelihood sigma "
+        f"(calibrated decoder) + beta * KL, beta={config.beta}",
+        "training": result.summary(),
+        "device_trained_on": str(device),
+    }
+    build_bundle(
+        result.model, holdout, spec, out_dir, config=config, facts=facts, overwrite=overwrite
+    )
+    log.info("wrote bundle %s in %.0f s", out_dir, time.monotonic() - started)
+
+
+def build_bundle(
+    model: VAE,
+    holdout: F32Array,
+    spec: InputSpec,
+    out_dir: Path,
+    *,
+    config: FitConfig,
+    facts: Mapping[str, Any],
+    overwrite: bool = False,
+) -> Path:
+    """Export ``model``, choose the rule, calibrate on ``holdout`` and write a checked bundle.
+
+    The bundle is assembled in a staging folder next to ``out_dir`` and moved into place only
+    after it has passed the service's own loading and self-test; on any failure nothing is left.
+    """
+    _check_out_dir(out_dir, overwrite)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    staging.chmod(0o755)  # mkdtemp makes it private; a bundle is meant to be shared
+    try:
+        onnx_model, parity = export_model(model, staging, holdout, threads=config.threads)
+        choice = choose_rule(
+            onnx_model,
+            holdout,
+            image_size=spec.width,
+            seed=config.seed,
+            local_window=config.local_window,
+            weights=config.weights,
+        )
+        log.info(
+            "decision rule: window %d, weights %s (synthetic-defect AUROC %.3f)",
+            choice.local_window,
+            dict(choice.weights),
+            choice.synthetic_auroc,
+        )
+        calibration = calibrate(
+            onnx_model, holdout, choice, target_false_alarm_rate=config.target_false_alarm_rate
+        )
+        training = {
+            "config": config.to_dict(),
+            "model": model.cfg.to_dict(),
+            **facts,
+            "decision": choice.to_dict(),
+            "export": {"parity": parity.to_dict(), "opset": OPSET},
+            "seed": config.seed,
+            "versions": _versions(),
+        }
+        _write_bundle(
+            staging,
+            onnx_model,
+            holdout,
+            spec,
+            model.cfg,
+            calibration,
+            training,
+            config.model_version,
+        )
+        _self_check(staging, holdout, calibration, choice)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        staging.rename(out_dir)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return out_dir
+
+
+def _write_bundle(
+    staging: Path,
+    onnx_model: OnnxModel,
+    holdout: F32Array,
+    spec: InputSpec,
+    vae_config: VAEConfig,
+    calibration: Calibration,
+    training: dict[str, Any],
+    model_version: str,
+) -> None:
+    inputs = np.ascontiguousarray(holdout[:GOLDEN_IMAGES])
+    out = onnx_model.run(inputs)
+    write_golden(staging / GOLDEN, Golden(inputs, out.mu, out.logvar, out.recon))
+    manifest = Manifest(
+        model_id=compute_model_id(staging / ENCODER, staging / DECODER),
+        model_version=model_version,
+        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        input=spec,
+        latent_dim=vae_config.latent_size,
+        calibration=calibration,
+        golden_tolerance=GOLDEN_TOLERANCE,
+        training=training,
+    )
+    write_manifest(staging, manifest)
+
+
+def _self_check(
+    staging: Path,
+    holdout: F32Array,
+    calibration: Calibration,
+    choice: RuleChoice,
+) -> None:
+    """Load the staged bundle as the service does and reproduce the calibration scores."""
+    scorer = Scorer(load_bundle(staging), device="cpu")
+    scorer.self_test()
+    scored = scorer.score(holdout)
+    for name, cal in calibration.scores.items():
+        expected = np.sort(np.asarray(cal.values))
+        actual = np.sort(scored.raw[name])
+        if not np.allclose(actual, expected, rtol=1e-3, atol=1e-6):
+            raise ExportError(
+                f"the service's {name} scores of the held-out images differ from those the "
+                f"bundle was calibrated on (window {choice.local_window}); refusing the bundle"
+            )
