@@ -39,19 +39,6 @@ class DemoError(RuntimeError):
     """A step of the demo failed; the message says which and why."""
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``python -m training demo``."""
-    parser.add_argument("--workdir", type=Path, default=Path(".demo"), help="data, bundle, logs")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the data and the fit")
-    parser.add_argument("--retrain", action="store_true", help="fit again even if cached")
-    parser.add_argument(
-        "--train-minutes",
-        type=float,
-        default=4.0,
-        help="time budget of the demo fit; training stops early at the best epoch so far",
-    )
-
-
 @dataclass(frozen=True)
 class LabelledImage:
     """A test image and whether its folder marks it as defective."""
