@@ -134,18 +134,27 @@ class AnomalyDetectorServicer(pb_grpc.AnomalyDetectorServicer):
     ) -> tuple[FloatArray, dict[int, str]]:
         """Preprocess images into one batch on the decode pool, in up to ``workers`` chunks."""
         loop = asyncio.get_running_loop()
-        rows = empty_rows(len(images), model.spec)
-        chunks = min(self._workers, len(images))
-        bounds = np.linspace(0, len(images), chunks + 1).astype(int).tolist()
+        count = len(images)
+        rows = empty_rows(count, model.spec)
         pixels = self._limits.max_image_pixels
-        found = await asyncio.gather(
-            *(
-                loop.run_in_executor(
-                    self._pool, decode_into, images[a:b], model.spec, rows[a:b], pixels
+        chunks = min(self._workers, count)
+        if chunks == 1:  # one image (every stream message): no split, no gather
+            found = [
+                await loop.run_in_executor(
+                    self._pool, decode_into, images, model.spec, rows, pixels
                 )
-                for a, b in itertools.pairwise(bounds)
+            ]
+            bounds = [0, count]
+        else:
+            bounds = [count * i // chunks for i in range(chunks + 1)]
+            found = await asyncio.gather(
+                *(
+                    loop.run_in_executor(
+                        self._pool, decode_into, images[a:b], model.spec, rows[a:b], pixels
+                    )
+                    for a, b in itertools.pairwise(bounds)
+                )
             )
-        )
         errors = {
             a + index: message
             for a, part in zip(bounds[:-1], found, strict=True)

@@ -1,0 +1,1 @@
+"""Serving benchmark: in-process ONNX Runtime limits against the gRPC service over loopback."""
