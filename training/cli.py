@@ -266,7 +266,7 @@ def _run(args: argparse.Namespace) -> int:
         )
         print(json.dumps(metrics))
     else:
-        import training.demo  # type: ignore[import-not-found,unused-ignore]
+        import training.demo
 
         return int(training.demo.run(args))
     return 0
