@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--duration",
         type=float,
-        default=30.0,
+        default=60.0,
         help="seconds measured per service phase, over all rounds",
     )
     parser.add_argument(
@@ -215,7 +215,7 @@ async def half_rate(
         server.snapshot,
         rate=rate,
         warmup=args.warmup,
-        duration=args.duration,
+        duration=max(10.0, args.duration / args.rounds),
     )
     return phase.result()
 
