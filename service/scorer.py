@@ -67,7 +67,8 @@ def _session_options(threads: int | None) -> ort.SessionOptions:
     # ORT's intra-op workers busy-wait for work between (and after) runs by default. They never
     # have the cores to themselves here (the server decodes, serves gRPC and scores in other
     # threads, often beside other processes), and a spinning worker takes the core that the
-    # thread it waits on needs: 1.4-2.7x slower on a busy 2-core machine (bench/README.md).
+    # thread it waits on needs: 1.5-2.7x slower at batches 1-32 on a busy 2-core machine, and
+    # no faster at batch 64 on a quiet one (bench/README.md).
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3
     return options
