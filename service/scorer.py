@@ -143,8 +143,12 @@ class Scorer:
     def run_model(self, batch: npt.NDArray[np.float32]) -> ModelOutputs:
         """Encoder then decoder on the latent mean: ``(N, C, H, W)`` in [0, 1]."""
         mu, logvar = self._encoder.run(list(ENCODER_OUTPUTS), {ENCODER_INPUT: batch})
-        (recon,) = self._decoder.run([DECODER_OUTPUT], {DECODER_INPUT: mu})
-        return ModelOutputs(mu=mu, logvar=logvar, recon=recon)
+        return ModelOutputs(mu=mu, logvar=logvar, recon=self.decode(mu))
+
+    def decode(self, z: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        """The decoder alone: latents ``(N, D)`` -> images ``(N, C, H, W)`` in [0, 1]."""
+        (recon,) = self._decoder.run([DECODER_OUTPUT], {DECODER_INPUT: z})
+        return np.asarray(recon, dtype=np.float32)
 
     def score(
         self,

@@ -64,8 +64,12 @@ def _load_mask(path: Path, spec: InputSpec) -> npt.NDArray[np.bool_]:
         raise DataError(f"cannot read mask {path}: {exc}") from exc
 
 
-def load_test_set(data_dir: Path, spec: InputSpec) -> TestSet:
-    """Every image under ``DATA_DIR/test/<kind>/``, preprocessed with the bundle's spec."""
+def load_test_set(data_dir: Path, spec: InputSpec, *, need_both: bool = True) -> TestSet:
+    """Every image under ``DATA_DIR/test/<kind>/``, preprocessed with the bundle's spec.
+
+    With ``need_both`` (evaluation), normal and anomalous images must both be present;
+    otherwise any non-empty set will do.
+    """
     test_dir = Path(data_dir) / "test"
     if not test_dir.is_dir():
         raise DataError(
@@ -78,8 +82,10 @@ def load_test_set(data_dir: Path, spec: InputSpec) -> TestSet:
         files = list_image_files(test_dir / kind)
         paths += files
         labels += [kind] * len(files)
+    if not labels:
+        raise DataError(f"{test_dir} holds no images in its subfolders")
     n_normal = labels.count(NORMAL)
-    if n_normal == 0 or n_normal == len(labels):
+    if need_both and n_normal in (0, len(labels)):
         raise DataError(
             f"{test_dir} holds {n_normal} normal images (in good/) and "
             f"{len(labels) - n_normal} anomalous ones; evaluation needs both"

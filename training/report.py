@@ -86,29 +86,33 @@ def _pick_cases(ev: Evaluation) -> list[tuple[int, str]]:
     return [(int(i), title) for indices, title in groups for i in indices]
 
 
-def _to_display(image: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+def to_display(image: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
     """``(C, H, W)`` -> ``(H, W)`` or ``(H, W, 3)`` for imshow."""
     return image[0] if image.shape[0] == 1 else np.transpose(image, (1, 2, 0))
+
+
+def map_norm(maps: npt.NDArray[np.float32]) -> PowerNorm:
+    """One colour scale for a set of anomaly maps; a square-root norm keeps faint errors visible."""
+    return PowerNorm(gamma=0.5, vmin=0.0, vmax=float(np.percentile(maps, 99.9)))
 
 
 def _cases(path: Path, scorer: Scorer, ev: Evaluation) -> Path:
     cases = _pick_cases(ev)
     indices = [i for i, _ in cases]
     recon = scorer.run_model(np.ascontiguousarray(ev.test.images[indices])).recon
-    # One colour scale for every map; the square-root norm keeps faint errors visible.
-    norm = PowerNorm(gamma=0.5, vmin=0.0, vmax=float(np.percentile(ev.maps, 99.9)))
+    norm = map_norm(ev.maps)
     fig, axes = plt.subplots(3, len(cases), figsize=(2.1 * len(cases), 6.8), squeeze=False)
     grey: dict[str, Any] = {"cmap": "gray", "vmin": 0, "vmax": 1}
     for col, (index, title) in enumerate(cases):
         test = ev.test
-        axes[0, col].imshow(_to_display(test.images[index]), **grey)
+        axes[0, col].imshow(to_display(test.images[index]), **grey)
         axes[0, col].set_title(
             f"{title}\n{test.kinds[index]}/{test.paths[index].name}\n"
             f"combined {ev.scores['combined'][index]:.2f}"
             f"{' FLAGGED' if ev.is_anomaly[index] else ''}",
             fontsize=7,
         )
-        axes[1, col].imshow(_to_display(recon[col]), **grey)
+        axes[1, col].imshow(to_display(recon[col]), **grey)
         axes[2, col].imshow(ev.maps[index], cmap="inferno", norm=norm)
         mask = test.masks[index]
         if mask is not None and mask.any():
