@@ -11,26 +11,18 @@ import pytest
 from PIL import Image
 
 from service.bundle import load_bundle
+from tests.training_helpers import one_line_error
 from training.cli import main
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 TINY = ["--image-size", "16", "--width", "4", "--max-width", "8", "--latent-dim", "4"]
 
 
-def _one_line_error(capsys: pytest.CaptureFixture[str], *needles: str) -> None:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err, "expected an error message"
-    assert err[-1].startswith("error: ")
-    assert "Traceback" not in "\n".join(err)
-    for needle in needles:
-        assert needle in err[-1]
-
-
 def test_help_lists_the_commands() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "training", "--help"], capture_output=True, text=True, check=True
     )
-    for command in ("demo-data", "fit", "evaluate", "demo"):
+    for command in ("demo-data", "fit", "evaluate", "explore", "demo"):
         assert command in result.stdout
 
 
@@ -82,7 +74,7 @@ def test_fit_stops_on_a_bad_image_naming_it(
         Image.new("RGB", (20, 20)).save(tmp_path / f"{i}.png")
     (tmp_path / "5.png").write_bytes((tmp_path / "5.png").read_bytes()[:40])
     assert main(["fit", str(tmp_path), "--out", str(tmp_path / "b"), *TINY]) == 1
-    _one_line_error(capsys, "5.png", "--skip-bad-images")
+    one_line_error(capsys, "5.png", "--skip-bad-images")
     assert not (tmp_path / "b").exists()
 
 
@@ -95,7 +87,7 @@ def test_fit_bad_folders(tmp_path: Path, capsys: pytest.CaptureFixture[str], cas
         (data / "readme.txt").write_text("nothing to see")
     assert main(["fit", str(data), "--out", str(tmp_path / "b")]) == 1
     message = {"missing": "does not exist", "empty": "is empty", "no_images": "holds no images"}
-    _one_line_error(capsys, str(data), message[case])
+    one_line_error(capsys, str(data), message[case])
 
 
 @pytest.mark.parametrize(
@@ -110,7 +102,7 @@ def test_fit_bad_options(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], option: list[str], message: str
 ) -> None:
     assert main(["fit", str(tmp_path), "--out", str(tmp_path / "b"), *option]) == 1
-    _one_line_error(capsys, message)
+    one_line_error(capsys, message)
 
 
 def test_evaluate_prints_one_json_object(
@@ -129,4 +121,4 @@ def test_evaluate_bad_bundle(
     tmp_path: Path, demo_data: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert main(["evaluate", str(tmp_path / "nope"), str(demo_data)]) == 1
-    _one_line_error(capsys, "does not exist")
+    one_line_error(capsys, "does not exist")

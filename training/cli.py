@@ -19,6 +19,7 @@ Train a VAE anomaly detector on images of good parts and ship it as one ONNX bun
   python -m training demo-data data/            # generate the built-in demo dataset
   python -m training fit data/ --out bundle/    # train, calibrate, export, self-test
   python -m training evaluate bundle/ data/ --report report/
+  python -m training explore bundle/ data/ --out explore/   # the latent space, as HTML
 """
 
 
@@ -171,6 +172,28 @@ def _add_evaluate(sub: Any) -> None:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
 
 
+def _add_explore(sub: Any) -> None:
+    p = sub.add_parser(
+        "explore",
+        help="a browsable report of the bundle's latent space on DATA_DIR",
+        description="Encode DATA_DIR (an MVTec-layout folder: train/good and test/<kind>; or a "
+        "plain folder of images) with the bundle's ONNX files and write OUT_DIR/index.html: a "
+        "map of the posterior means (PCA and t-SNE), how well each defect class separates "
+        "from good in the latent space, interpolations, traversals, decoded samples, and each "
+        "defective image beside its nearest normal images; the numbers in OUT_DIR/explore.json.",
+    )
+    p.add_argument("bundle_dir", type=Path, metavar="BUNDLE_DIR")
+    p.add_argument("data_dir", type=Path, metavar="DATA_DIR")
+    p.add_argument("--out", type=Path, required=True, metavar="OUT_DIR", help="report folder")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--seed", type=int, default=0, help="seed of t-SNE and the samples")
+    p.add_argument(
+        "--skip-bad-images",
+        action="store_true",
+        help="skip unreadable normal images instead of stopping",
+    )
+
+
 def _add_demo(sub: Any) -> None:
     p = sub.add_parser(
         "demo",
@@ -200,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo_data(sub)
     _add_fit(sub)
     _add_evaluate(sub)
+    _add_explore(sub)
     _add_demo(sub)
     return parser
 
@@ -265,6 +289,17 @@ def _run(args: argparse.Namespace) -> int:
             args.bundle_dir, args.data_dir, report_dir=args.report, device=args.device
         )
         print(json.dumps(metrics))
+    elif args.command == "explore":
+        from training.explore_report import run_explore
+
+        run_explore(
+            args.bundle_dir,
+            args.data_dir,
+            args.out,
+            device=args.device,
+            seed=args.seed,
+            skip_bad=args.skip_bad_images,
+        )
     else:
         import training.demo
 
