@@ -219,3 +219,19 @@ def test_errors_are_one_line(
     assert main(["explore", str(bundle), str(data), "--out", str(out), "--device", "cpu"]) == 1
     one_line_error(capsys, message)
     assert not (out / "index.html").exists()
+
+
+def test_identical_images_skip_what_needs_variation(
+    trained_bundle: Path, demo_data: Path, tmp_path: Path
+) -> None:
+    image = (demo_data / "train" / "good" / "000.png").read_bytes()
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"{i}.png").write_bytes(image)
+    exploration = explore(trained_bundle, folder, device="cpu")
+    files = {path.name for path in write_report(tmp_path / "report", exploration)}
+    assert files == {"map.png", "samples.png", "explore.json", "index.html"}
+    skipped = dict(exploration.skipped)
+    assert skipped["traversals"] == "the posterior means of the normal images do not vary"
+    assert skipped["t-SNE map"] == "3 images; t-SNE needs at least 6"

@@ -446,8 +446,9 @@ def explore(
     log.info("decoding interpolations, traversals and samples")
     strips = _strips(scorer, normal, pca, test, tuple(defects), test_distance)
     traversals = _traversals(scorer, pca)
-    if not traversals:
-        skipped.append(("traversals", "the posterior means of the images do not vary"))
+    if not pca.sigma.size:
+        for what in ("good-to-good interpolations", "traversals"):
+            skipped.append((what, "the posterior means of the normal images do not vary"))
     return Exploration(
         scorer=scorer,
         data_dir=data_dir,

@@ -148,9 +148,11 @@ def separation(path: Path, exploration: Exploration) -> Path | None:
     return _save(fig, path)
 
 
-def interpolations(path: Path, exploration: Exploration) -> Path:
+def interpolations(path: Path, exploration: Exploration) -> Path | None:
     """One row per strip: the start input, the decoded points, the end input."""
     strips = exploration.strips
+    if not strips:
+        return None
     steps = len(strips[0].t)
     fig, axes = _image_grid(exploration, len(strips), steps + 2)
     for row, strip in enumerate(strips):

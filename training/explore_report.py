@@ -197,11 +197,16 @@ def _html(ex: Exploration, data: dict[str, Any], names: set[str]) -> str:
     if ex.skipped:
         items = "".join(f"<li>{e(what)}: {e(why)}</li>" for what, why in ex.skipped)
         parts.append(f"<div class='skipped'><b>Not shown</b><ul>{items}</ul></div>")
+    tsne = (
+        "; right: t-SNE of all means (neighbourhoods are meaningful, distances between clusters "
+        "are not)"
+        if ex.latent_map.tsne is not None
+        else ""
+    )
     parts += [
         "<h2>Map of the latent space</h2>",
         "<p>Each point is one image's posterior mean (the encoder's <code>mu</code>). Left: "
-        "the plane of the two principal directions of the normal images' means; right: t-SNE "
-        "of all means (neighbourhoods are meaningful, distances between clusters are not).</p>",
+        f"the plane of the two principal directions of the normal images' means{tsne}.</p>",
         _img("map.png", "latent map"),
     ]
     if "separation.png" in names and ex.separation:
@@ -228,15 +233,16 @@ def _html(ex: Exploration, data: dict[str, Any], names: set[str]) -> str:
             ),
             _img("separation.png", "separation"),
         ]
-    parts += [
-        "<h2>Interpolations</h2>",
-        "<p>Decoded points evenly spaced on the straight line between two posterior means; the "
-        "ends are the reconstructions of the two inputs shown beside them. Good to good: the "
-        "normal images at both ends of the first two principal directions. Good to defective: "
-        "for each defect class, its image furthest from the normal latents, from its nearest "
-        "normal image.</p>",
-        _img("interpolations.png", "interpolations"),
-    ]
+    if "interpolations.png" in names:
+        parts += [
+            "<h2>Interpolations</h2>",
+            "<p>Decoded points evenly spaced on the straight line between two posterior means; the "
+            "ends are the reconstructions of the two inputs shown beside them. Good to good: the "
+            "normal images at both ends of the first two principal directions. Good to defective: "
+            "for each defect class, its image furthest from the normal latents, from its nearest "
+            "normal image.</p>",
+            _img("interpolations.png", "interpolations"),
+        ]
     if "traversals.png" in names:
         parts += [
             "<h2>Traversals</h2>",
