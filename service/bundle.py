@@ -1,9 +1,11 @@
 """The bundle: the one artifact between training and serving, read and written only here.
 
 A bundle is a directory (or a ``.tar.gz`` / ``.tar`` archive of one) holding ``encoder.onnx``,
-``decoder.onnx``, ``golden.npz`` and ``manifest.json``. The manifest describes the model
-completely: input spec, latent size, calibration, decision rule, golden tolerances and training
-facts. Its ``model_id`` is a content hash of the two ONNX files, checked on every load.
+``decoder.onnx``, ``defect_head.onnx``, ``latent_reference.npz``, ``golden.npz`` and
+``manifest.json``. The manifest describes the model completely: input spec, latent grid,
+calibration, decision rule, golden tolerances and training facts. Its ``model_id`` is a content
+hash of the files that decide the scores (the three graphs and the latent reference), checked on
+every load.
 """
 
 from __future__ import annotations
@@ -21,18 +23,26 @@ import numpy as np
 import numpy.typing as npt
 
 from service.preprocessing import InputSpec
-from service.scoring import Calibration
+from service.scoring import Calibration, LatentGrid, LatentReference
 
-FORMAT_VERSION = 1
+# 2: a fully convolutional VAE with a latent grid, the defect head and the latent reference.
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 ENCODER = "encoder.onnx"
 DECODER = "decoder.onnx"
+HEAD = "defect_head.onnx"
+LATENT_REFERENCE = "latent_reference.npz"
 GOLDEN = "golden.npz"
+BUNDLE_FILES = (MANIFEST, ENCODER, DECODER, HEAD, LATENT_REFERENCE, GOLDEN)
+# The files whose content decides the scores, hashed into the model id.
+MODEL_FILES = (ENCODER, DECODER, HEAD, LATENT_REFERENCE)
 ENCODER_INPUT = "image"
 ENCODER_OUTPUTS = ("mu", "logvar")
 DECODER_INPUT = "z"
 DECODER_OUTPUT = "recon"
-GOLDEN_ARRAYS = ("inputs", "mu", "logvar", "recon")
+HEAD_INPUTS = ("image", "recon")
+HEAD_OUTPUT = "defect_map"
+GOLDEN_ARRAYS = ("inputs", "mu", "logvar", "recon", "defect_map")
 
 
 class BundleError(RuntimeError):
@@ -59,11 +69,16 @@ class Manifest:
     model_version: str
     created_at: str
     input: InputSpec
-    latent_dim: int
+    latent: LatentGrid
     calibration: Calibration
     golden_tolerance: Tolerance
     training: Mapping[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+
+    @property
+    def latent_dim(self) -> int:
+        """``D``, the length of a posterior mean."""
+        return self.latent.size
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -72,13 +87,27 @@ class Manifest:
             "model_id": self.model_id,
             "model_version": self.model_version,
             "created_at": self.created_at,
-            "files": {"encoder": ENCODER, "decoder": DECODER, "golden": GOLDEN},
+            "files": {
+                "encoder": ENCODER,
+                "decoder": DECODER,
+                "defect_head": HEAD,
+                "latent_reference": LATENT_REFERENCE,
+                "golden": GOLDEN,
+            },
             "graph": {
                 "encoder": {"inputs": [ENCODER_INPUT], "outputs": list(ENCODER_OUTPUTS)},
                 "decoder": {"inputs": [DECODER_INPUT], "outputs": [DECODER_OUTPUT]},
+                "defect_head": {"inputs": list(HEAD_INPUTS), "outputs": [HEAD_OUTPUT]},
             },
             "input": self.input.to_dict(),
-            "latent_dim": self.latent_dim,
+            "latent_dim": self.latent.size,
+            "latent_grid": {
+                "channels": self.latent.channels,
+                "rows": self.latent.rows,
+                "columns": self.latent.columns,
+                "layout": "mu[n, (c * rows + r) * columns + q] is channel c of the cell at row r, "
+                "column q",
+            },
             "calibration": self.calibration.to_dict(),
             "golden_tolerance": self.golden_tolerance.to_dict(),
             "training": dict(self.training),
@@ -89,8 +118,14 @@ class Manifest:
         """Parse a manifest; raises :class:`BundleError` naming what is wrong."""
         version = data.get("format_version")
         if version != FORMAT_VERSION:
+            hint = (
+                "; it was written by an older release: train it again with `python -m training fit`"
+                if isinstance(version, int) and version < FORMAT_VERSION
+                else ""
+            )
             raise BundleError(
                 f"manifest format_version is {version!r}; this software reads {FORMAT_VERSION}"
+                + hint
             )
         try:
             tolerance = data["golden_tolerance"]
@@ -99,7 +134,7 @@ class Manifest:
                 model_version=str(data["model_version"]),
                 created_at=str(data["created_at"]),
                 input=InputSpec.from_dict(data["input"]),
-                latent_dim=int(data["latent_dim"]),
+                latent=_latent_grid(data["latent_grid"], int(data["latent_dim"])),
                 calibration=Calibration.from_dict(data["calibration"]),
                 golden_tolerance=Tolerance(float(tolerance["atol"]), float(tolerance["rtol"])),
                 training=dict(data.get("training", {})),
@@ -107,6 +142,16 @@ class Manifest:
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise BundleError(f"manifest is malformed: {type(exc).__name__}: {exc}") from exc
+
+
+def _latent_grid(data: Mapping[str, Any], latent_dim: int) -> LatentGrid:
+    grid = LatentGrid(int(data["channels"]), int(data["rows"]), int(data["columns"]))
+    if min(grid.channels, grid.rows, grid.columns) < 1 or grid.size != latent_dim:
+        raise ValueError(
+            f"latent grid {grid.channels}x{grid.rows}x{grid.columns} does not give latent_dim "
+            f"{latent_dim}"
+        )
+    return grid
 
 
 @dataclass(frozen=True)
@@ -117,6 +162,7 @@ class Golden:
     mu: npt.NDArray[np.float32]
     logvar: npt.NDArray[np.float32]
     recon: npt.NDArray[np.float32]
+    defect_map: npt.NDArray[np.float32]
 
 
 @dataclass(frozen=True)
@@ -126,6 +172,7 @@ class Bundle:
     path: Path
     manifest: Manifest
     golden: Golden
+    latent_reference: LatentReference
 
     @property
     def encoder_path(self) -> Path:
@@ -137,24 +184,46 @@ class Bundle:
         """Path of ``decoder.onnx``."""
         return self.path / DECODER
 
+    @property
+    def head_path(self) -> Path:
+        """Path of ``defect_head.onnx``."""
+        return self.path / HEAD
 
-def compute_model_id(encoder_path: Path, decoder_path: Path) -> str:
-    """Content hash identifying a model: 16 hex digits of SHA-256 over both ONNX files."""
+
+def compute_model_id(bundle_dir: Path) -> str:
+    """Content hash identifying a model: 16 hex digits of SHA-256 over its MODEL_FILES."""
     digest = hashlib.sha256()
-    for path in (encoder_path, decoder_path):
-        digest.update(hashlib.sha256(Path(path).read_bytes()).digest())
+    for name in MODEL_FILES:
+        digest.update(hashlib.sha256((Path(bundle_dir) / name).read_bytes()).digest())
     return digest.hexdigest()[:16]
 
 
 def write_golden(path: Path, golden: Golden) -> None:
     """Write golden vectors to ``path`` (an .npz file)."""
-    np.savez(
-        path,
-        inputs=golden.inputs,
-        mu=golden.mu,
-        logvar=golden.logvar,
-        recon=golden.recon,
-    )
+    np.savez(path, **{name: getattr(golden, name) for name in GOLDEN_ARRAYS})
+
+
+def write_latent_reference(path: Path, reference: LatentReference) -> None:
+    """Write the latent reference to ``path`` (an .npz file)."""
+    np.savez(path, mean=reference.mean, precision=reference.precision)
+
+
+def _read_latent_reference(path: Path, grid: LatentGrid) -> LatentReference:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            mean = np.asarray(data["mean"], dtype=np.float64)
+            precision = np.asarray(data["precision"], dtype=np.float64)
+    except Exception as exc:
+        raise BundleError(f"cannot read the latent reference {path}: {exc}") from exc
+    expected = (grid.cells, grid.channels)
+    if mean.shape != expected or precision.shape != (*expected, grid.channels):
+        raise BundleError(
+            f"latent reference {path} has shapes {mean.shape} and {precision.shape}; the "
+            f"manifest's latent grid expects {expected} and {(*expected, grid.channels)}"
+        )
+    if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(precision))):
+        raise BundleError(f"latent reference {path} holds values that are not finite")
+    return LatentReference(grid, mean, precision)
 
 
 def write_manifest(bundle_dir: Path, manifest: Manifest) -> None:
@@ -202,7 +271,7 @@ def load_bundle(path: Path) -> Bundle:
         raise BundleError(f"bundle {path} does not exist")
     if path.is_file():
         path = _unpack_archive(path)
-    for name in (MANIFEST, ENCODER, DECODER, GOLDEN):
+    for name in BUNDLE_FILES:
         if not (path / name).is_file():
             raise BundleError(f"bundle {path} lacks {name}")
     try:
@@ -212,10 +281,10 @@ def load_bundle(path: Path) -> Bundle:
     if not isinstance(raw, dict):
         raise BundleError(f"{path / MANIFEST} is not a JSON object")
     manifest = Manifest.from_dict(raw)
-    actual = compute_model_id(path / ENCODER, path / DECODER)
+    actual = compute_model_id(path)
     if actual != manifest.model_id:
         raise BundleError(
-            f"bundle {path}: ONNX files hash to {actual} but the manifest says "
+            f"bundle {path}: its model files hash to {actual} but the manifest says "
             f"{manifest.model_id}; the files were changed or corrupted after export"
         )
     golden = _read_golden(path / GOLDEN)
@@ -225,4 +294,5 @@ def load_bundle(path: Path) -> Bundle:
             f"golden inputs have shape {golden.inputs.shape}; the manifest's input spec "
             f"expects {expected_shape}"
         )
-    return Bundle(path=path, manifest=manifest, golden=golden)
+    reference = _read_latent_reference(path / LATENT_REFERENCE, manifest.latent)
+    return Bundle(path=path, manifest=manifest, golden=golden, latent_reference=reference)

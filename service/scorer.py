@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import ctypes
 import logging
-from dataclasses import dataclass
+from dataclasses import fields
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import numpy.typing as npt
 import onnxruntime as ort
 
 from service.bundle import (
@@ -21,10 +21,13 @@ from service.bundle import (
     DECODER_OUTPUT,
     ENCODER_INPUT,
     ENCODER_OUTPUTS,
+    HEAD_INPUTS,
+    HEAD_OUTPUT,
     Bundle,
     BundleError,
+    Tolerance,
 )
-from service.scoring import DecisionRule, ScoreBatch, raw_scores
+from service.scoring import DecisionRule, FloatArray, ModelOutputs, ScoreBatch, raw_scores
 
 log = logging.getLogger(__name__)
 
@@ -74,38 +77,53 @@ def _session_options(threads: int | None) -> ort.SessionOptions:
     return options
 
 
-def _make_session(model_path: str, provider: str, threads: int | None) -> ort.InferenceSession:
+def _make_session(model_path: Path, provider: str, threads: int | None) -> ort.InferenceSession:
     providers: list[Any] = [CPU] if provider == CPU else [CUDA, CPU]
     return ort.InferenceSession(
-        model_path, sess_options=_session_options(threads), providers=providers
+        str(model_path), sess_options=_session_options(threads), providers=providers
     )
 
 
-@dataclass(frozen=True)
-class ModelOutputs:
-    """Raw outputs of encoder and decoder for one batch."""
+def choose_provider(device: DevicePolicy) -> str:
+    """The execution provider a device policy asks for; ``cuda`` fails when CUDA is unusable."""
+    if device == "cpu":
+        return CPU
+    reason = _cuda_unusable_reason()
+    if device == "cuda":
+        if reason:
+            raise DeviceError(f"device 'cuda' was asked for but CUDA is not usable: {reason}")
+        return CUDA
+    if device != "auto":
+        raise DeviceError(f"device is {device!r}; expected 'auto', 'cpu' or 'cuda'")
+    if reason:
+        log.info("device auto: using CPU because %s", reason)
+        return CPU
+    if hasattr(ort, "preload_dlls"):
+        ort.preload_dlls()
+    return CUDA
 
-    mu: npt.NDArray[np.float32]
-    logvar: npt.NDArray[np.float32]
-    recon: npt.NDArray[np.float32]
 
+class OnnxGraphs:
+    """The encoder, decoder and defect head of a bundle as ONNX Runtime sessions on one device.
 
-class Scorer:
-    """A loaded bundle on one device: encoder and decoder sessions plus the scoring maths."""
+    The one ONNX Runtime wrapper: the service scores through it, and training proves its export
+    and calibrates through it, with the same session options.
+    """
 
     def __init__(
-        self, bundle: Bundle, *, device: DevicePolicy = "auto", threads: int | None = None
+        self,
+        encoder: Path,
+        decoder: Path,
+        head: Path,
+        *,
+        device: DevicePolicy = "auto",
+        threads: int | None = None,
     ) -> None:
-        self.bundle = bundle
-        self.manifest = bundle.manifest
-        self.calibration = bundle.manifest.calibration
-        self.provider = self._choose_provider(device)
-        try:
-            self._encoder = _make_session(str(bundle.encoder_path), self.provider, threads)
-            self._decoder = _make_session(str(bundle.decoder_path), self.provider, threads)
-        except Exception as exc:  # ORT raises its own exception types for bad models
-            raise BundleError(f"ONNX Runtime cannot load bundle {bundle.path}: {exc}") from exc
-        in_use = {self._encoder.get_providers()[0], self._decoder.get_providers()[0]}
+        self.paths = (Path(encoder), Path(decoder), Path(head))
+        self.provider = choose_provider(device)
+        self._threads = threads
+        self._sessions = self._open(self.provider)
+        in_use = {session.get_providers()[0] for session in self._sessions}
         if in_use != {self.provider}:
             if device == "cuda":
                 raise DeviceError(
@@ -114,45 +132,98 @@ class Scorer:
                 )
             log.warning("CUDA session fell back to %s; serving on CPU", sorted(in_use))
             self.provider = CPU
-            self._encoder = _make_session(str(bundle.encoder_path), CPU, threads)
-            self._decoder = _make_session(str(bundle.decoder_path), CPU, threads)
+            self._sessions = self._open(CPU)
 
-    @staticmethod
-    def _choose_provider(device: DevicePolicy) -> str:
-        if device == "cpu":
-            return CPU
-        reason = _cuda_unusable_reason()
-        if device == "cuda":
-            if reason:
-                raise DeviceError(f"device 'cuda' was asked for but CUDA is not usable: {reason}")
-            return CUDA
-        if device != "auto":
-            raise DeviceError(f"device is {device!r}; expected 'auto', 'cpu' or 'cuda'")
-        if reason:
-            log.info("device auto: using CPU because %s", reason)
-            return CPU
-        if hasattr(ort, "preload_dlls"):
-            ort.preload_dlls()
-        return CUDA
+    def _open(self, provider: str) -> tuple[ort.InferenceSession, ...]:
+        try:
+            return tuple(_make_session(path, provider, self._threads) for path in self.paths)
+        except Exception as exc:  # ORT raises its own exception types for bad models
+            raise BundleError(f"ONNX Runtime cannot load {self.paths[0].parent}: {exc}") from exc
+
+    def run(self, batch: FloatArray) -> ModelOutputs:
+        """Encoder, decoder on the latent mean, then the defect head: ``(N, C, H, W)`` in [0, 1]."""
+        encoder, _, head = self._sessions
+        mu, logvar = encoder.run(list(ENCODER_OUTPUTS), {ENCODER_INPUT: batch})
+        recon = self.decode(mu)
+        (defect_map,) = head.run([HEAD_OUTPUT], dict(zip(HEAD_INPUTS, (batch, recon), strict=True)))
+        return ModelOutputs(mu=mu, logvar=logvar, recon=recon, defect_map=defect_map)
+
+    def decode(self, z: FloatArray) -> FloatArray:
+        """The decoder alone: latents ``(N, D)`` -> images ``(N, C, H, W)`` in [0, 1]."""
+        (recon,) = self._sessions[1].run([DECODER_OUTPUT], {DECODER_INPUT: z})
+        return np.asarray(recon, dtype=np.float32)
+
+    def run_in_batches(self, images: FloatArray, batch_size: int = 32) -> ModelOutputs:
+        """:meth:`run` over ``images`` in batches of ``batch_size``, outputs concatenated."""
+        parts = [
+            self.run(np.ascontiguousarray(images[start : start + batch_size]))
+            for start in range(0, images.shape[0], batch_size)
+        ]
+        return ModelOutputs(
+            *(np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(ModelOutputs))
+        )
+
+
+def output_differences(
+    expected: ModelOutputs, actual: ModelOutputs, tolerance: Tolerance
+) -> dict[str, float]:
+    """Largest ``|actual - expected|`` per output; raises ValueError beyond ``tolerance``.
+
+    The tolerance is elementwise, ``atol + rtol * |expected|``; the message names the output.
+    """
+    worst: dict[str, float] = {}
+    for f in fields(ModelOutputs):
+        want, got = getattr(expected, f.name), getattr(actual, f.name)
+        if want.shape != got.shape:
+            raise ValueError(f"{f.name} has shape {got.shape}, expected {want.shape}")
+        diff = np.abs(got.astype(np.float64) - want)
+        worst[f.name] = float(diff.max()) if diff.size else 0.0
+        if np.any(diff > tolerance.atol + tolerance.rtol * np.abs(want)):
+            raise ValueError(
+                f"{f.name} differs by up to {worst[f.name]:.3g}, beyond the tolerance "
+                f"atol={tolerance.atol}, rtol={tolerance.rtol}"
+            )
+    return worst
+
+
+class Scorer:
+    """A loaded bundle on one device: its graphs, latent reference and calibration."""
+
+    def __init__(
+        self, bundle: Bundle, *, device: DevicePolicy = "auto", threads: int | None = None
+    ) -> None:
+        self.bundle = bundle
+        self.manifest = bundle.manifest
+        self.calibration = bundle.manifest.calibration
+        self.graphs = OnnxGraphs(
+            bundle.encoder_path,
+            bundle.decoder_path,
+            bundle.head_path,
+            device=device,
+            threads=threads,
+        )
+
+    @property
+    def provider(self) -> str:
+        """The ONNX Runtime execution provider in use."""
+        return self.graphs.provider
 
     @property
     def model_id(self) -> str:
         """Content hash of the served model."""
         return self.manifest.model_id
 
-    def run_model(self, batch: npt.NDArray[np.float32]) -> ModelOutputs:
-        """Encoder then decoder on the latent mean: ``(N, C, H, W)`` in [0, 1]."""
-        mu, logvar = self._encoder.run(list(ENCODER_OUTPUTS), {ENCODER_INPUT: batch})
-        return ModelOutputs(mu=mu, logvar=logvar, recon=self.decode(mu))
+    def run_model(self, batch: FloatArray) -> ModelOutputs:
+        """Every graph's outputs for a batch ``(N, C, H, W)`` in [0, 1]."""
+        return self.graphs.run(batch)
 
-    def decode(self, z: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    def decode(self, z: FloatArray) -> FloatArray:
         """The decoder alone: latents ``(N, D)`` -> images ``(N, C, H, W)`` in [0, 1]."""
-        (recon,) = self._decoder.run([DECODER_OUTPUT], {DECODER_INPUT: z})
-        return np.asarray(recon, dtype=np.float32)
+        return self.graphs.decode(z)
 
     def score(
         self,
-        batch: npt.NDArray[np.float32],
+        batch: FloatArray,
         *,
         rule: DecisionRule | None = None,
         keep_maps: bool = False,
@@ -165,28 +236,21 @@ class Scorer:
                 f"{', '.join(map(str, expected))}) float32"
             )
         out = self.run_model(batch)
-        raw, amap = raw_scores(batch, out.mu, out.logvar, out.recon, self.calibration.local_window)
+        raw, amap = raw_scores(
+            batch, out, self.calibration.local_window, self.bundle.latent_reference
+        )
         return self.calibration.score(raw, rule, amap if keep_maps else None)
 
     def self_test(self) -> None:
         """Reproduce the golden outputs within the bundle's tolerance, or raise BundleError."""
         golden = self.bundle.golden
-        tol = self.manifest.golden_tolerance
-        out = self.run_model(golden.inputs)
-        for name, expected, actual in (
-            ("mu", golden.mu, out.mu),
-            ("logvar", golden.logvar, out.logvar),
-            ("recon", golden.recon, out.recon),
-        ):
-            if expected.shape != actual.shape:
-                raise BundleError(
-                    f"golden self-test: {name} has shape {actual.shape}, expected {expected.shape}"
-                )
-            excess = np.abs(actual - expected) - (tol.atol + tol.rtol * np.abs(expected))
-            if np.any(excess > 0):
-                worst = float(np.max(np.abs(actual - expected)))
-                raise BundleError(
-                    f"golden self-test failed on {self.provider}: {name} differs from the "
-                    f"exported reference by up to {worst:.3g} (tolerance atol={tol.atol}, "
-                    f"rtol={tol.rtol}); the bundle does not reproduce what was trained"
-                )
+        expected = ModelOutputs(golden.mu, golden.logvar, golden.recon, golden.defect_map)
+        try:
+            output_differences(
+                expected, self.run_model(golden.inputs), self.manifest.golden_tolerance
+            )
+        except ValueError as exc:
+            raise BundleError(
+                f"golden self-test failed on {self.provider}: {exc}; the bundle does not "
+                "reproduce what was trained"
+            ) from exc

@@ -3,7 +3,11 @@
 Raw scores per image (all grow with how anomalous the image looks):
 - ``recon_error``: mean squared error between the input and ``decoder(mu)``;
 - ``kl``: KL(q(z|x) || N(0, I)) = 1/2 * sum(mu^2 + exp(logvar) - logvar - 1);
-- ``local_error``: the highest mean of the anomaly map over any ``window x window`` square.
+- ``local_error``: the highest mean of the squared-error map over any ``window x window`` square;
+- ``latent_distance``: the largest Mahalanobis distance of a latent cell's posterior mean from the
+  posterior means of normal training images at that cell (:class:`LatentReference`);
+- ``defect_probability``: the highest mean of the defect head's per-pixel anomaly probability
+  over any ``window x window`` square.
 
 Calibration, fitted on held-out normal images, turns each raw score into a p-value (the share of
 held-out normal scores at least as high, conformal style: ``(1 + #{cal >= s}) / (n + 1)``), defines
@@ -25,9 +29,91 @@ import numpy.typing as npt
 FloatArray = npt.NDArray[np.float32]
 F64Array = npt.NDArray[np.float64]
 
-SCORE_NAMES: tuple[str, ...] = ("recon_error", "kl", "local_error")
+SCORE_NAMES: tuple[str, ...] = (
+    "recon_error",
+    "kl",
+    "local_error",
+    "latent_distance",
+    "defect_probability",
+)
 _LOG_FLOOR = 1e-12
 ThresholdMethod = Literal["empirical", "normal_tail"]
+# Share of the pooled (all cells) covariance mixed into each cell's covariance: keeps the
+# per-cell Gaussians well conditioned with a few hundred images, and sensible for parts whose
+# pose varies (where every cell sees everything).
+LATENT_SHRINKAGE = 0.5
+LATENT_RIDGE = 1e-3
+
+
+@dataclass(frozen=True)
+class ModelOutputs:
+    """What the exported graphs give for one batch of ``N`` images."""
+
+    mu: FloatArray  # (N, D)
+    logvar: FloatArray  # (N, D)
+    recon: FloatArray  # (N, C, H, W)
+    defect_map: FloatArray  # (N, H, W), the defect head's anomaly probability per pixel
+
+
+@dataclass(frozen=True)
+class LatentGrid:
+    """How the flat latent ``(N, D)`` is laid out: ``D = channels * rows * columns``."""
+
+    channels: int
+    rows: int
+    columns: int
+
+    @property
+    def size(self) -> int:
+        """``D``."""
+        return self.channels * self.rows * self.columns
+
+    @property
+    def cells(self) -> int:
+        """``rows * columns``."""
+        return self.rows * self.columns
+
+    def cell_vectors(self, mu: FloatArray) -> F64Array:
+        """``(N, D)`` -> ``(N, cells, channels)``: each cell's posterior mean."""
+        grid = np.asarray(mu, dtype=np.float64).reshape(-1, self.channels, self.cells)
+        return np.ascontiguousarray(grid.transpose(0, 2, 1))
+
+
+@dataclass(frozen=True)
+class LatentReference:
+    """A Gaussian of the normal posterior means at each latent cell.
+
+    Fitted on the training images; ``latent_distance`` is the largest Mahalanobis distance of a
+    cell's posterior mean from its cell's Gaussian.
+    """
+
+    grid: LatentGrid
+    mean: F64Array  # (cells, channels)
+    precision: F64Array  # (cells, channels, channels)
+
+    @classmethod
+    def fit(cls, mu: FloatArray, grid: LatentGrid) -> LatentReference:
+        """Per-cell means and shrunk covariances of the posterior means ``mu (N, D)``."""
+        if mu.ndim != 2 or mu.shape[1] != grid.size or mu.shape[0] < 2:
+            raise ValueError(f"latent reference needs (N >= 2, {grid.size}) means, got {mu.shape}")
+        cells = grid.cell_vectors(mu)  # (N, P, k)
+        mean = cells.mean(axis=0)  # (P, k)
+        centred = cells - mean
+        per_cell = np.einsum("npi,npj->pij", centred, centred) / (cells.shape[0] - 1)
+        pooled = (
+            per_cell.mean(axis=0)
+            + np.einsum("pi,pj->ij", mean - mean.mean(0), mean - mean.mean(0)) / grid.cells
+        )
+        ridge = LATENT_RIDGE * np.eye(grid.channels)
+        covariance = (1 - LATENT_SHRINKAGE) * per_cell + LATENT_SHRINKAGE * pooled + ridge
+        return cls(grid, mean, np.linalg.inv(covariance))
+
+    def distance_map(self, mu: FloatArray) -> F64Array:
+        """Mahalanobis distance of each cell's posterior mean: ``(N, D) -> (N, rows, columns)``."""
+        centred = self.grid.cell_vectors(mu) - self.mean
+        squared = np.einsum("npi,pij,npj->np", centred, self.precision, centred)
+        distance = np.sqrt(np.maximum(squared, 0.0))
+        return np.asarray(distance, dtype=np.float64).reshape(-1, self.grid.rows, self.grid.columns)
 
 
 def anomaly_map(x: FloatArray, recon: FloatArray) -> FloatArray:
@@ -56,7 +142,7 @@ def kl_divergence(mu: FloatArray, logvar: FloatArray) -> F64Array:
     return np.asarray(0.5 * np.sum(mu64 * mu64 + np.exp(lv64) - lv64 - 1.0, axis=1))
 
 
-def local_error(amap: FloatArray, window: int) -> F64Array:
+def window_max(amap: npt.NDArray[np.floating[Any]], window: int) -> F64Array:
     """Highest mean of ``amap`` over any square of side ``window``: ``(N, H, W) -> (N,)``."""
     n, h, w = amap.shape
     k = max(1, min(window, h, w))
@@ -75,16 +161,18 @@ def local_error(amap: FloatArray, window: int) -> F64Array:
 
 
 def raw_scores(
-    x: FloatArray, mu: FloatArray, logvar: FloatArray, recon: FloatArray, window: int
+    x: FloatArray, out: ModelOutputs, window: int, reference: LatentReference
 ) -> tuple[dict[str, F64Array], FloatArray]:
-    """All raw scores of a batch and its anomaly maps."""
-    amap = anomaly_map(x, recon)
+    """All raw scores of a batch, and its anomaly maps (the defect head's probabilities)."""
+    squared_error = anomaly_map(x, out.recon)
     scores = {
-        "recon_error": recon_error_from_map(amap),
-        "kl": kl_divergence(mu, logvar),
-        "local_error": local_error(amap, window),
+        "recon_error": recon_error_from_map(squared_error),
+        "kl": kl_divergence(out.mu, out.logvar),
+        "local_error": window_max(squared_error, window),
+        "latent_distance": reference.distance_map(out.mu).reshape(x.shape[0], -1).max(axis=1),
+        "defect_probability": window_max(out.defect_map, window),
     }
-    return scores, amap
+    return scores, out.defect_map
 
 
 def empirical_p_values(reference_sorted: F64Array, scores: F64Array) -> F64Array:

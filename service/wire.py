@@ -21,6 +21,7 @@ from service.preprocessing import (
     image_from_raw,
     preprocess_into,
 )
+from service.scoring import SCORE_NAMES
 
 INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT
 RESOURCE_EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -122,32 +123,17 @@ def scored_results(ids: Iterable[str], parts: Iterable[ScoredImages]) -> list[pb
     for part in parts:
         s = part.scores
         maps = s.anomaly_map
-        rows = zip(
-            s.raw["recon_error"].tolist(),
-            s.raw["kl"].tolist(),
-            s.raw["local_error"].tolist(),
-            s.combined.tolist(),
-            s.p_values["recon_error"].tolist(),
-            s.p_values["kl"].tolist(),
-            s.p_values["local_error"].tolist(),
-            s.combined_p_value.tolist(),
-            s.is_anomaly.tolist(),
-            strict=True,
-        )
-        for index, (recon, kl, local, combined, p_recon, p_kl, p_local, p_comb, flag) in enumerate(
-            rows
-        ):
+        columns = {
+            "combined": s.combined.tolist(),
+            "combined_p_value": s.combined_p_value.tolist(),
+            "is_anomaly": s.is_anomaly.tolist(),
+        }
+        for name in SCORE_NAMES:
+            columns[name] = s.raw[name].tolist()
+            columns[f"{name}_p_value"] = s.p_values[name].tolist()
+        for index in range(len(s.combined)):
             scores = pb.Scores(
-                recon_error=recon,
-                kl=kl,
-                local_error=local,
-                combined=combined,
-                recon_error_p_value=p_recon,
-                kl_p_value=p_kl,
-                local_error_p_value=p_local,
-                combined_p_value=p_comb,
-                is_anomaly=flag,
-                threshold=s.threshold,
+                threshold=s.threshold, **{key: values[index] for key, values in columns.items()}
             )
             if maps is not None:
                 amap = maps[index]
@@ -195,6 +181,12 @@ def model_info(model: LoadedModel, limits: Limits) -> pb.ModelInfo:
             max_message_bytes=limits.max_message_bytes,
         ),
         local_window=calibration.local_window,
+        latent_grid=pb.LatentGrid(
+            channels=manifest.latent.channels,
+            rows=manifest.latent.rows,
+            columns=manifest.latent.columns,
+        ),
+        combined_weights=dict(calibration.weights),
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -12,6 +13,23 @@ from service.scorer import cuda_device_count
 # A small demo dataset; training imports (torch) stay inside the fixtures so that serving tests
 # can run where torch is not installed.
 DEMO_SIZE = {"image_size": 64, "n_train": 24, "n_test_good": 6, "n_test_per_defect": 3}
+# A fit of seconds, not minutes: 32x32 input (the 64x64 demo images halved), whole-image crops, a
+# narrow VAE with a 4x4 grid of 2 latent channels (32 latent dimensions), a tiny defect head and
+# 20 steps. The session bundle and the benchmark tests use it.
+TINY_FIT: dict[str, Any] = {
+    "image_size": 32,
+    "crop_size": 32,
+    "width": 8,
+    "max_width": 16,
+    "latent_channels": 2,
+    "head_width": 4,
+    "epochs": 10,
+    "max_steps": 20,
+    "batch_size": 8,
+    "learning_rate": 3e-3,
+    "threads": 1,
+    "progress": False,
+}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -48,16 +66,5 @@ def trained_bundle(demo_data: Path, tmp_path_factory: pytest.TempPathFactory) ->
     """A real bundle fitted on ``demo_data`` with a tiny config; loads and self-tests."""
     from training.fit import FitConfig, fit_bundle
 
-    # Seconds, not minutes: 32x32 input, a narrow VAE, a dozen epochs.
-    config = FitConfig(
-        image_size=32,
-        width=8,
-        max_width=32,
-        latent_channels=2,  # a 4x4 grid: 32 latent dimensions
-        epochs=12,
-        batch_size=8,
-        learning_rate=3e-3,
-        progress=False,
-        threads=1,
-    )
+    config = FitConfig(**TINY_FIT)
     return fit_bundle(demo_data, tmp_path_factory.mktemp("bundle") / "bundle", config)

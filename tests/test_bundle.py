@@ -10,8 +10,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.bundle import GOLDEN, MANIFEST, BundleError, Golden, load_bundle, write_golden
+from service.bundle import (
+    BUNDLE_FILES,
+    FORMAT_VERSION,
+    GOLDEN,
+    HEAD,
+    LATENT_REFERENCE,
+    MANIFEST,
+    MODEL_FILES,
+    BundleError,
+    Golden,
+    compute_model_id,
+    load_bundle,
+    write_golden,
+    write_latent_reference,
+)
 from service.scorer import CPU, DeviceError, Scorer, cuda_device_count
+from service.scoring import SCORE_NAMES, LatentReference, window_max
 
 
 @pytest.fixture()
@@ -36,6 +51,14 @@ def test_a_trained_bundle_loads_and_passes_its_self_test(trained_bundle: Path) -
     assert scored.anomaly_map is not None
     assert scored.anomaly_map.shape == (len(bundle.golden.inputs), *bundle.manifest.input.shape[1:])
     assert np.all((scored.combined_p_value > 0) & (scored.combined_p_value <= 1))
+    assert set(scored.raw) == set(scored.p_values) == set(SCORE_NAMES)
+    # The anomaly map is the defect head's probability map, from which defect_probability comes.
+    np.testing.assert_allclose(scored.anomaly_map, bundle.golden.defect_map, atol=1e-5)
+    window = bundle.manifest.calibration.local_window
+    np.testing.assert_allclose(
+        scored.raw["defect_probability"], window_max(scored.anomaly_map, window), rtol=1e-6
+    )
+    assert bundle.latent_reference.grid == bundle.manifest.latent
 
 
 def test_an_archived_bundle_loads_like_the_directory(trained_bundle: Path, tmp_path: Path) -> None:
@@ -45,7 +68,7 @@ def test_an_archived_bundle_loads_like_the_directory(trained_bundle: Path, tmp_p
     assert load_bundle(archive).manifest == load_bundle(trained_bundle).manifest
 
 
-@pytest.mark.parametrize("name", ["encoder.onnx", "decoder.onnx", GOLDEN, MANIFEST])
+@pytest.mark.parametrize("name", BUNDLE_FILES)
 def test_a_missing_file_is_named(bundle_copy: Path, name: str) -> None:
     (bundle_copy / name).unlink()
     with pytest.raises(BundleError, match=f"lacks {name}"):
@@ -60,10 +83,96 @@ def test_a_changed_onnx_file_is_refused_by_its_hash(bundle_copy: Path) -> None:
         load_bundle(bundle_copy)
 
 
+@pytest.mark.parametrize("name", MODEL_FILES)
+def test_the_model_id_covers_every_model_file(bundle_copy: Path, name: str) -> None:
+    before = compute_model_id(bundle_copy)
+    data = bytearray((bundle_copy / name).read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (bundle_copy / name).write_bytes(bytes(data))
+    assert compute_model_id(bundle_copy) != before
+
+
+def test_the_model_id_ignores_the_manifest_and_golden(bundle_copy: Path) -> None:
+    before = compute_model_id(bundle_copy)
+    _edit_manifest(bundle_copy, model_version="renamed")
+    golden = load_bundle(bundle_copy).golden
+    write_golden(bundle_copy / GOLDEN, Golden(*(a[:2] for a in _golden_arrays(golden))))
+    assert compute_model_id(bundle_copy) == before
+    assert len(load_bundle(bundle_copy).golden.inputs) == 2
+
+
+def test_a_changed_latent_reference_is_refused_by_the_model_id(bundle_copy: Path) -> None:
+    reference = load_bundle(bundle_copy).latent_reference
+    shifted = LatentReference(reference.grid, reference.mean + 0.5, reference.precision)
+    write_latent_reference(bundle_copy / LATENT_REFERENCE, shifted)
+    with pytest.raises(BundleError, match="changed or corrupted after export"):
+        load_bundle(bundle_copy)
+
+
+def _golden_arrays(golden: Golden) -> tuple[np.ndarray, ...]:
+    return (golden.inputs, golden.mu, golden.logvar, golden.recon, golden.defect_map)
+
+
+def _rehash(bundle: Path) -> None:
+    """Make the manifest's model id match the files again, as a re-export would."""
+    _edit_manifest(bundle, model_id=compute_model_id(bundle))
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ("mean shape", "latent reference .* has shapes"),
+        ("precision shape", "latent reference .* has shapes"),
+        ("not finite", "not finite"),
+        ("not an npz", "cannot read the latent reference"),
+    ],
+)
+def test_a_bad_latent_reference_is_refused(bundle_copy: Path, change: str, match: str) -> None:
+    reference = load_bundle(bundle_copy).latent_reference
+    mean, precision = reference.mean, reference.precision
+    path = bundle_copy / LATENT_REFERENCE
+    if change == "mean shape":
+        mean = mean[:-1]
+    elif change == "precision shape":
+        precision = precision[:, :1, :1]
+    elif change == "not finite":
+        mean = mean.copy()
+        mean[0, 0] = np.nan
+    if change == "not an npz":
+        path.write_bytes(b"not an npz file")
+    else:
+        np.savez(path, mean=mean, precision=precision)
+    _rehash(bundle_copy)
+    with pytest.raises(BundleError, match=match):
+        load_bundle(bundle_copy)
+
+
+def test_a_format_1_bundle_is_refused_saying_to_retrain(bundle_copy: Path) -> None:
+    _edit_manifest(bundle_copy, format_version=1)
+    with pytest.raises(BundleError) as info:
+        load_bundle(bundle_copy)
+    message = str(info.value)
+    assert f"format_version is 1; this software reads {FORMAT_VERSION}" in message
+    assert "train it again with `python -m training fit`" in message
+
+
+def test_a_format_1_bundle_without_the_new_files_gets_the_retrain_message(
+    bundle_copy: Path,
+) -> None:
+    """A real format-1 bundle has no defect head and no latent reference."""
+    (bundle_copy / HEAD).unlink()
+    (bundle_copy / LATENT_REFERENCE).unlink()
+    _edit_manifest(bundle_copy, format_version=1)
+    with pytest.raises(BundleError, match="train it again"):
+        load_bundle(bundle_copy)
+
+
 @pytest.mark.parametrize(
     ("changes", "match"),
     [
-        ({"format_version": 99}, "format_version is 99"),
+        ({"format_version": 99}, "format_version is 99; this software reads 2$"),
+        ({"latent_grid": {"channels": 2, "rows": 3, "columns": 4}}, "does not give latent_dim"),
+        ({"latent_grid": {"channels": 2}}, "manifest is malformed"),
         ({"latent_dim": "many"}, "manifest is malformed"),
         ({"calibration": {}}, "manifest is malformed"),
     ],
@@ -78,18 +187,26 @@ def test_a_bad_manifest_is_refused_with_the_reason(
 
 def test_a_bundle_that_drifted_from_its_golden_outputs_is_refused(bundle_copy: Path) -> None:
     golden = load_bundle(bundle_copy).golden
-    drifted = Golden(golden.inputs, golden.mu, golden.logvar, golden.recon + 0.05)
+    drifted = Golden(
+        golden.inputs, golden.mu, golden.logvar, golden.recon + 0.05, golden.defect_map
+    )
     write_golden(bundle_copy / GOLDEN, drifted)
     scorer = Scorer(load_bundle(bundle_copy), device="cpu")
     with pytest.raises(BundleError, match="golden self-test failed on CPUExecutionProvider: recon"):
         scorer.self_test()
+    head_drift = Golden(
+        golden.inputs, golden.mu, golden.logvar, golden.recon, 1 - golden.defect_map
+    )
+    write_golden(bundle_copy / GOLDEN, head_drift)
+    with pytest.raises(BundleError, match="CPUExecutionProvider: defect_map differs"):
+        Scorer(load_bundle(bundle_copy), device="cpu").self_test()
 
 
 def test_a_golden_of_the_wrong_shape_is_refused(bundle_copy: Path) -> None:
     golden = load_bundle(bundle_copy).golden
     write_golden(
         bundle_copy / GOLDEN,
-        Golden(golden.inputs[:, :, :-1], golden.mu, golden.logvar, golden.recon),
+        Golden(golden.inputs[:, :, :-1], golden.mu, golden.logvar, golden.recon, golden.defect_map),
     )
     with pytest.raises(BundleError, match="golden inputs have shape"):
         load_bundle(bundle_copy)

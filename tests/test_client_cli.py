@@ -13,6 +13,7 @@ import pytest
 
 from service.client.cli import main
 from service.models import load_model
+from service.scoring import SCORE_NAMES
 from service.server import ServerThread
 from tests.service_helpers import ROOT, png_bytes, random_pixels, serve_config
 
@@ -56,6 +57,9 @@ def test_folders_are_scored_recursively_into_csv(
     )
     anomalies = sum(r["is_anomaly"] == "True" for r in rows)
     assert capsys.readouterr().out.strip() == f"scored 5, anomalies {anomalies}, failures 0"
+    # A column for every score and its p-value, whatever the scores are.
+    for name in SCORE_NAMES:
+        assert all(float(r[name]) >= 0 and 0 < float(r[f"{name}_p_value"]) <= 1 for r in rows)
 
 
 def test_stream_and_batches_give_the_same_rows(
@@ -103,6 +107,7 @@ def test_rows_to_stdout_put_the_summary_on_stderr(
     captured = capsys.readouterr()
     (row,) = [json.loads(line) for line in captured.out.splitlines()]
     assert row["path"] == str(images / "a.png") and row["error"] is None
+    assert all(isinstance(row[name], float) for name in SCORE_NAMES)
     assert "scored 1, anomalies" in captured.err
 
 

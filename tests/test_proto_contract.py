@@ -8,8 +8,10 @@ import sys
 from pathlib import Path
 
 from google.protobuf import descriptor_pb2
+from google.protobuf.descriptor import FieldDescriptor
 
 from service._proto import anomaly_pb2
+from service.scoring import SCORE_NAMES
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO = ROOT / "protos" / "anomaly" / "v1" / "anomaly.proto"
@@ -59,6 +61,26 @@ def test_contract_has_the_rpcs_the_service_promises() -> None:
     assert set(methods) == {"ScoreBatch", "ScoreStream", "GetModelInfo"}
     stream = methods["ScoreStream"]
     assert stream.client_streaming and stream.server_streaming
+
+
+def test_scores_have_a_field_and_a_p_value_per_score_name() -> None:
+    fields = anomaly_pb2.Scores.DESCRIPTOR.fields_by_name
+    for name in SCORE_NAMES:
+        for field in (name, f"{name}_p_value"):
+            assert field in fields, f"Scores lacks {field}"
+            assert fields[field].type == FieldDescriptor.TYPE_DOUBLE, field
+    for field in ("combined", "combined_p_value", "is_anomaly", "threshold", "anomaly_map"):
+        assert field in fields
+
+
+def test_model_info_describes_the_latent_grid_and_the_weights() -> None:
+    info = anomaly_pb2.ModelInfo.DESCRIPTOR.fields_by_name
+    assert info["latent_grid"].message_type.name == "LatentGrid"
+    grid = set(anomaly_pb2.LatentGrid.DESCRIPTOR.fields_by_name)
+    assert grid == {"channels", "rows", "columns"}
+    weights = info["combined_weights"].message_type
+    assert weights.GetOptions().map_entry
+    assert weights.fields_by_name["value"].type == FieldDescriptor.TYPE_DOUBLE
 
 
 def test_every_message_and_field_is_commented() -> None:

@@ -8,15 +8,52 @@ import numpy as np
 import pytest
 
 from service.scoring import (
+    LATENT_RIDGE,
+    LATENT_SHRINKAGE,
+    SCORE_NAMES,
     Calibration,
+    F64Array,
+    LatentGrid,
+    LatentReference,
+    ModelOutputs,
     ScoreCalibration,
     anomaly_map,
     empirical_p_values,
     kl_divergence,
-    local_error,
     raw_scores,
     threshold_for_rate,
+    window_max,
 )
+
+GRID = LatentGrid(channels=3, rows=2, columns=4)
+
+
+def _reference_case(n: int = 40) -> tuple[F64Array, LatentReference]:
+    """Posterior means of ``n`` normal images on GRID, each cell with its own Gaussian."""
+    rng = np.random.default_rng(11)
+    cells = rng.normal(size=(GRID.cells, GRID.channels))  # per-cell means
+    scales = rng.uniform(0.2, 2.0, (GRID.cells, GRID.channels))
+    vectors = cells + scales * rng.standard_normal((n, GRID.cells, GRID.channels))
+    mu = vectors.transpose(0, 2, 1).reshape(n, GRID.size)  # channel-major flat layout
+    return mu, LatentReference.fit(mu.astype(np.float32), GRID)
+
+
+def _brute_force_distances(train: F64Array, test: F64Array) -> F64Array:
+    """Mahalanobis distance of each cell, spelled out with numpy.linalg: ``(N, rows, columns)``."""
+    k, p = GRID.channels, GRID.cells
+    train_cells = [train.reshape(-1, k, p)[:, :, cell] for cell in range(p)]  # (N, k) each
+    means = np.stack([v.mean(axis=0) for v in train_cells])
+    per_cell = [np.cov(v, rowvar=False, ddof=1) for v in train_cells]
+    between = np.cov(means, rowvar=False, bias=True)
+    pooled = np.mean(per_cell, axis=0) + between
+    out = np.zeros((test.shape[0], p))
+    for cell in range(p):
+        covariance = (1 - LATENT_SHRINKAGE) * per_cell[cell] + LATENT_SHRINKAGE * pooled
+        covariance += LATENT_RIDGE * np.eye(k)
+        for n in range(test.shape[0]):
+            d = test.reshape(-1, k, p)[n, :, cell] - means[cell]
+            out[n, cell] = np.sqrt(d @ np.linalg.solve(covariance, d))
+    return out.reshape(-1, GRID.rows, GRID.columns)
 
 
 def test_kl_is_zero_at_the_prior_and_matches_the_closed_form() -> None:
@@ -29,40 +66,77 @@ def test_kl_is_zero_at_the_prior_and_matches_the_closed_form() -> None:
     assert kl_divergence(mu, logvar)[1] == pytest.approx(expected, rel=1e-6)
 
 
-def test_recon_error_and_map_agree_with_the_definition() -> None:
+def _outputs(n: int, height: int, width: int) -> tuple[np.ndarray, ModelOutputs]:
     rng = np.random.default_rng(0)
-    x = rng.random((3, 3, 8, 6), dtype=np.float32)
-    recon = rng.random((3, 3, 8, 6), dtype=np.float32)
-    mu = rng.standard_normal((3, 5)).astype(np.float32)
-    raw, amap = raw_scores(x, mu, np.zeros_like(mu), recon, window=3)
-    assert amap.shape == (3, 8, 6)
-    np.testing.assert_allclose(amap, ((x - recon) ** 2).mean(axis=1), rtol=1e-6)
-    np.testing.assert_allclose(raw["recon_error"], ((x - recon) ** 2).mean(axis=(1, 2, 3)), 1e-6)
+    x = rng.random((n, 3, height, width), dtype=np.float32)
+    out = ModelOutputs(
+        mu=rng.standard_normal((n, GRID.size)).astype(np.float32),
+        logvar=rng.standard_normal((n, GRID.size)).astype(np.float32),
+        recon=rng.random((n, 3, height, width), dtype=np.float32),
+        defect_map=rng.random((n, height, width), dtype=np.float32),
+    )
+    return x, out
 
 
-def test_local_error_is_the_brute_force_window_maximum() -> None:
-    rng = np.random.default_rng(1)
-    amap = rng.random((2, 9, 7)).astype(np.float32)
-    for window in (1, 3, 7, 20):
-        k = min(window, 9, 7)
-        brute = [
-            max(
-                float(amap[n, i : i + k, j : j + k].mean())
-                for i in range(9 - k + 1)
-                for j in range(7 - k + 1)
-            )
-            for n in range(2)
-        ]
-        np.testing.assert_allclose(local_error(amap, window), brute, rtol=1e-6)
+def test_raw_scores_are_every_score_by_its_definition() -> None:
+    x, out = _outputs(3, 16, 32)
+    _, reference = _reference_case()
+    raw, amap = raw_scores(x, out, 3, reference)
+    assert list(raw) == list(SCORE_NAMES)
+    assert all(values.shape == (3,) and values.dtype == np.float64 for values in raw.values())
+    squared = ((x - out.recon) ** 2).mean(axis=1)
+    np.testing.assert_allclose(anomaly_map(x, out.recon), squared, rtol=1e-6)
+    np.testing.assert_allclose(raw["recon_error"], squared.mean(axis=(1, 2)), rtol=1e-6)
+    np.testing.assert_allclose(raw["kl"], kl_divergence(out.mu, out.logvar))
+    np.testing.assert_allclose(raw["local_error"], window_max(squared, 3), rtol=1e-6)
+    distances = reference.distance_map(out.mu)
+    np.testing.assert_array_equal(raw["latent_distance"], distances.max(axis=(1, 2)))
+    np.testing.assert_array_equal(raw["defect_probability"], window_max(out.defect_map, 3))
+    # The anomaly map is the defect head's probability map.
+    np.testing.assert_array_equal(amap, out.defect_map)
 
 
-def test_local_error_finds_a_small_defect_the_mean_barely_sees() -> None:
-    x = np.zeros((2, 1, 32, 32), dtype=np.float32)
-    recon = x.copy()
-    recon[1, 0, 10:14, 20:24] = 0.5
-    amap = anomaly_map(x, recon)
-    assert local_error(amap, 4)[1] == pytest.approx(0.25)
-    assert amap[1].mean() == pytest.approx(0.25 * 16 / 1024)
+def test_latent_reference_is_the_brute_force_mahalanobis_distance() -> None:
+    train, reference = _reference_case()
+    assert reference.mean.shape == (GRID.cells, GRID.channels)
+    assert reference.precision.shape == (GRID.cells, GRID.channels, GRID.channels)
+    test = np.random.default_rng(12).normal(size=(5, GRID.size))
+    distances = reference.distance_map(test.astype(np.float32))
+    assert distances.shape == (5, GRID.rows, GRID.columns)
+    expected = _brute_force_distances(train.astype(np.float32).astype(np.float64), test)
+    np.testing.assert_allclose(distances, expected, rtol=1e-5)
+
+
+def test_a_cell_far_from_its_reference_has_the_largest_distance() -> None:
+    train, reference = _reference_case()
+    normal = train[:1].copy()
+    pushed = normal.copy()
+    row, column = 1, 2
+    cell = row * GRID.columns + column
+    pushed[0, 0 * GRID.cells + cell] += 10.0  # channel 0 of that cell, channel-major layout
+    before = reference.distance_map(normal.astype(np.float32))[0]
+    after = reference.distance_map(pushed.astype(np.float32))[0]
+    assert tuple(int(i) for i in np.unravel_index(np.argmax(after), after.shape)) == (row, column)
+    assert after[row, column] > 3 * np.delete(after.ravel(), cell).max()
+    # The other cells do not move.
+    np.testing.assert_array_equal(np.delete(after.ravel(), cell), np.delete(before.ravel(), cell))
+
+
+def test_latent_reference_refuses_means_of_the_wrong_shape() -> None:
+    rng = np.random.default_rng(0)
+    for bad in (rng.random((5, GRID.size + 1)), rng.random((1, GRID.size)), rng.random(GRID.size)):
+        with pytest.raises(ValueError, match="latent reference needs"):
+            LatentReference.fit(bad.astype(np.float32), GRID)
+
+
+def test_latent_grid_layout() -> None:
+    mu = np.arange(2 * GRID.size, dtype=np.float32).reshape(2, GRID.size)
+    cells = GRID.cell_vectors(mu)
+    assert cells.shape == (2, GRID.cells, GRID.channels)
+    assert (GRID.size, GRID.cells) == (24, 8)
+    # mu[n, (c * rows + r) * columns + q] is channel c of the cell at row r, column q.
+    n, c, r, q = 1, 2, 1, 3
+    assert cells[n, r * GRID.columns + q, c] == mu[n, (c * GRID.rows + r) * GRID.columns + q]
 
 
 def test_empirical_p_values_count_ties_as_at_least_as_high() -> None:
@@ -101,15 +175,11 @@ def test_false_alarm_rate_of_the_calibrated_threshold_is_near_the_target() -> No
     rng = np.random.default_rng(4)
 
     def normal_scores(n: int) -> dict[str, np.ndarray]:
-        return {
-            "recon_error": rng.lognormal(-5, 0.3, n),
-            "kl": rng.lognormal(3, 0.2, n),
-            "local_error": rng.lognormal(-3, 0.4, n),
-        }
+        return {name: rng.lognormal(-i, 0.3, n) for i, name in enumerate(SCORE_NAMES)}
 
     calibration = Calibration.fit(
         normal_scores(2000),
-        {"recon_error": 1.0, "local_error": 1.0},
+        {"defect_probability": 1.0, "local_error": 1.0, "latent_distance": 1.0},
         target_false_alarm_rate=0.05,
         local_window=8,
     )
@@ -123,16 +193,31 @@ def test_false_alarm_rate_of_the_calibrated_threshold_is_near_the_target() -> No
     [({"ssim": 1.0}, "weights"), ({"kl": 0.0}, "weights")],
 )
 def test_calibration_rejects_bad_weights(weights: dict[str, float], match: str) -> None:
-    raw = {name: np.ones(5) for name in ("recon_error", "kl", "local_error")}
+    raw = {name: np.ones(5) for name in SCORE_NAMES}
     with pytest.raises(ValueError, match=match):
         Calibration.fit(raw, weights, target_false_alarm_rate=0.01, local_window=4)
 
 
+def test_calibration_needs_every_score() -> None:
+    raw = {name: np.ones(5) for name in SCORE_NAMES if name != "latent_distance"}
+    with pytest.raises(ValueError, match="latent_distance"):
+        Calibration.fit(raw, {"kl": 1.0}, target_false_alarm_rate=0.01, local_window=4)
+    full = {name: np.linspace(1.0, 2.0, 5) for name in SCORE_NAMES}
+    data = Calibration.fit(full, {"kl": 1.0}, target_false_alarm_rate=0.01, local_window=4)
+    stored = data.to_dict()
+    del stored["scores"]["defect_probability"]
+    with pytest.raises(ValueError, match="defect_probability"):
+        Calibration.from_dict(stored)
+
+
 def test_calibration_round_trips_and_overrides_are_validated() -> None:
     rng = np.random.default_rng(5)
-    raw = {name: rng.lognormal(size=50) for name in ("recon_error", "kl", "local_error")}
+    raw = {name: rng.lognormal(size=50) for name in SCORE_NAMES}
     calibration = Calibration.fit(
-        raw, {"recon_error": 1.0, "kl": 0.5}, target_false_alarm_rate=0.01, local_window=4
+        raw,
+        {"latent_distance": 1.0, "defect_probability": 0.5},
+        target_false_alarm_rate=0.01,
+        local_window=4,
     )
     again = Calibration.from_dict(calibration.to_dict())
     assert again == calibration

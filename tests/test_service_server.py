@@ -22,6 +22,7 @@ from service._proto import anomaly_pb2_grpc as pb_grpc
 from service.client import Client, Result
 from service.models import LoadedModel, load_model
 from service.preprocessing import load_image_file, preprocess, stack
+from service.scoring import SCORE_NAMES, window_max
 from service.server import ServerThread
 from tests.service_helpers import (
     demo_test_images,
@@ -64,8 +65,8 @@ def stub(server: ServerThread) -> Iterator[pb_grpc.AnomalyDetectorStub]:
 
 def scores_of(result: Result) -> tuple[float, ...]:
     assert result.scores is not None, result.error
-    s = result.scores
-    return (s.recon_error, s.kl, s.local_error, s.combined, s.combined_p_value, s.threshold)
+    names = (*SCORE_NAMES, *(f"{n}_p_value" for n in SCORE_NAMES), "combined", "combined_p_value")
+    return tuple(getattr(result.scores, name) for name in (*names, "threshold"))
 
 
 def png_header_only(width: int, height: int) -> bytes:
@@ -118,7 +119,7 @@ def test_scores_are_identical_to_training_evaluate(
     results = client.score(paths)
     got = {
         name: np.array([getattr(r.scores, name) for r in results])
-        for name in ("recon_error", "kl", "local_error", "combined")
+        for name in (*SCORE_NAMES, "combined")
     }
     for name, values in got.items():
         np.testing.assert_array_equal(values, evaluation.scores[name], err_msg=name)
@@ -134,9 +135,11 @@ def test_scores_are_those_of_the_scorer_on_the_same_batch(
     results = client.score(paths)
     for index, result in enumerate(results):
         assert result.scores is not None
-        assert result.scores.recon_error_p_value == expected.p_values["recon_error"][index]
-        assert result.scores.kl_p_value == expected.p_values["kl"][index]
-        assert result.scores.local_error_p_value == expected.p_values["local_error"][index]
+        for name in SCORE_NAMES:
+            assert getattr(result.scores, name) == expected.raw[name][index], name
+            p_value = getattr(result.scores, f"{name}_p_value")
+            assert p_value == expected.p_values[name][index], name
+        assert result.scores.combined == expected.combined[index]
         assert result.scores.combined_p_value == expected.combined_p_value[index]
         assert result.scores.threshold == expected.threshold
         assert result.scores.is_anomaly == expected.is_anomaly[index]
@@ -152,7 +155,12 @@ def test_anomaly_maps_come_only_when_asked(client: Client, model: LoadedModel) -
     assert expected is not None
     np.testing.assert_array_equal(amap, expected[0])
     assert mapped[0].scores is not None
-    assert float(amap.mean()) == pytest.approx(mapped[0].scores.recon_error, rel=1e-5)
+    # The map is the defect head's probability per pixel; defect_probability is its window max.
+    assert amap.min() >= 0.0 and amap.max() <= 1.0
+    window = model.scorer.calibration.local_window
+    assert float(window_max(amap[None], window)[0]) == pytest.approx(
+        mapped[0].scores.defect_probability, rel=1e-6
+    )
 
 
 def _preprocessed(pixels: npt.NDArray[np.uint8], model: LoadedModel) -> npt.NDArray[np.float32]:
@@ -327,6 +335,15 @@ def test_model_info_describes_model_device_and_limits(client: Client, model: Loa
     assert info.input.channels == manifest.input.channels
     assert info.input.color_mode == manifest.input.color_mode
     assert info.latent_dim == manifest.latent_dim
+    grid = manifest.latent
+    assert (info.latent_grid.channels, info.latent_grid.rows, info.latent_grid.columns) == (
+        grid.channels,
+        grid.rows,
+        grid.columns,
+    )
+    assert info.latent_dim == grid.channels * grid.rows * grid.columns
+    assert dict(info.combined_weights) == dict(manifest.calibration.weights)
+    assert info.bundle_format_version == manifest.format_version == 2
     assert info.default_rule.threshold == manifest.calibration.rule.threshold
     assert info.calibration_size == len(manifest.calibration.combined.values)
     assert info.local_window == manifest.calibration.local_window
@@ -388,8 +405,8 @@ def test_metrics_count_a_known_workload(
     assert value("anomaly_requests_total", method="ScoreBatch", code="OK") == 2
     assert value("anomaly_requests_total", method="ScoreBatch", code="INVALID_ARGUMENT") == 1
     assert value("anomaly_request_duration_seconds_count", method="ScoreBatch") == 3
-    for score in ("recon_error", "kl", "local_error"):
-        assert value("anomaly_score_count", score=score) == 10
+    for score in SCORE_NAMES:
+        assert value("anomaly_score_count", score=score) == 10, score
     assert value("anomaly_combined_score_count") == 10
     assert value("anomaly_batch_size_images_sum") == 10
     assert value("anomaly_inference_duration_seconds_count") == value(

@@ -1,14 +1,25 @@
-"""Calibration maths, the decision-rule choice, synthetic defects and the metrics."""
+"""Calibration maths, the decision-rule choice on real ONNX outputs, and the metrics."""
 
 from __future__ import annotations
+
+import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from service.scoring import Calibration
-from training.calibrate import WEIGHT_CANDIDATES, window_candidates
+from service.bundle import Bundle, load_bundle
+from service.preprocessing import load_image_file, stack
+from service.scorer import OnnxGraphs
+from service.scoring import SCORE_NAMES, Calibration
+from training.calibrate import (
+    SYNTHETIC_COPIES,
+    WEIGHT_CANDIDATES,
+    calibrate,
+    choose_rule,
+    window_candidates,
+)
 from training.metrics import auroc, average_precision, roc_curve, threshold_stats
-from training.synth import DEFECTS, synthesise_anomalies
 
 # Scores of normal images: positive and heavy-tailed, like reconstruction errors.
 RNG = np.random.default_rng(7)
@@ -19,6 +30,8 @@ def _normal_scores(n: int) -> dict[str, np.ndarray]:
         "recon_error": RNG.lognormal(-5.0, 0.3, n),
         "kl": RNG.gamma(20.0, 2.0, n),
         "local_error": RNG.lognormal(-3.0, 0.5, n),
+        "latent_distance": RNG.gamma(9.0, 0.5, n),
+        "defect_probability": RNG.beta(2.0, 20.0, n),
     }
 
 
@@ -26,12 +39,12 @@ def test_p_values_are_uniform_on_normal_data() -> None:
     # Conformal p-values are uniform over calibration sets: with n = 49 held-out scores, a new
     # normal image's p-value is k/50 for k = 1..50, each with probability 1/50. Pool many
     # calibration sets and check the distribution of every score's p-value.
-    n_cal, n_sets, n_new = 49, 200, 50
+    n_cal, n_sets, n_new = 49, 1000, 50
     pooled: dict[str, list[np.ndarray]] = {}
     for _ in range(n_sets):
         calibration = Calibration.fit(
             _normal_scores(n_cal),
-            {"recon_error": 1.0, "kl": 1.0},
+            {"recon_error": 1.0, "kl": 1.0, "latent_distance": 1.0},
             target_false_alarm_rate=0.1,
             local_window=4,
         )
@@ -78,26 +91,112 @@ def test_anomalous_scores_get_small_p_values() -> None:
 
 
 def test_window_candidates() -> None:
-    assert window_candidates(128) == [8, 16, 32]
-    assert window_candidates(16) == [2, 4]
+    assert window_candidates(128, 128) == [4, 8, 16]
+    assert window_candidates(256, 96) == [3, 6, 12]  # from the shorter side
+    assert window_candidates(32, 48) == [2, 4]
+    assert window_candidates(16, 16) == [2]
 
 
 def test_weight_candidates_are_valid_and_distinct() -> None:
     seen = {tuple(sorted(w.items())) for w in WEIGHT_CANDIDATES}
     assert len(seen) == len(WEIGHT_CANDIDATES)
     assert all(any(v > 0 for v in w.values()) for w in WEIGHT_CANDIDATES)
+    assert all(set(w) <= set(SCORE_NAMES) for w in WEIGHT_CANDIDATES)
 
 
-def test_synthetic_defects_change_every_image_locally() -> None:
-    rng = np.random.default_rng(0)
-    images = rng.uniform(0.4, 0.6, (3, 3, 32, 32)).astype(np.float32)
-    out = synthesise_anomalies(images, copies=len(DEFECTS), seed=0)
-    assert out.shape == (3 * len(DEFECTS), 3, 32, 32)
-    assert out.dtype == np.float32 and out.min() >= 0 and out.max() <= 1
-    source = np.repeat(images, len(DEFECTS), axis=0)
-    changed = np.any(np.abs(out - source) > 1e-6, axis=1).reshape(out.shape[0], -1).mean(axis=1)
-    assert np.all(changed > 0) and np.all(changed < 0.5)
-    assert np.array_equal(out, synthesise_anomalies(images, copies=len(DEFECTS), seed=0))
+@pytest.fixture(scope="module")
+def bundle_and_holdout(
+    trained_bundle: Path, demo_data: Path
+) -> tuple[Bundle, OnnxGraphs, np.ndarray]:
+    """The session bundle, its ONNX graphs and its held-out normal images."""
+    bundle = load_bundle(trained_bundle)
+    graphs = OnnxGraphs(
+        bundle.encoder_path, bundle.decoder_path, bundle.head_path, device="cpu", threads=1
+    )
+    names = bundle.manifest.training["data"]["holdout_files"]
+    folder = demo_data / "train" / "good"
+    holdout = stack([load_image_file(folder / name, bundle.manifest.input) for name in names])
+    return bundle, graphs, holdout
+
+
+def test_choose_rule_keeps_a_given_window_and_weights(
+    bundle_and_holdout: tuple[Bundle, OnnxGraphs, np.ndarray],
+) -> None:
+    bundle, graphs, holdout = bundle_and_holdout
+    choice = choose_rule(
+        graphs,
+        bundle.latent_reference,
+        holdout,
+        seed=0,
+        local_window=5,
+        weights={"kl": 1.0},
+    )
+    assert (choice.local_window, dict(choice.weights)) == (5, {"kl": 1.0})
+    assert choice.method == "given by the user" and math.isnan(choice.synthetic_auroc)
+    assert choice.candidates == []
+
+
+def test_choose_rule_picks_the_best_candidate_on_synthetic_defects(
+    bundle_and_holdout: tuple[Bundle, OnnxGraphs, np.ndarray],
+) -> None:
+    bundle, graphs, holdout = bundle_and_holdout
+    height, width = bundle.manifest.input.height, bundle.manifest.input.width
+    choice = choose_rule(
+        graphs, bundle.latent_reference, holdout, seed=0, local_window=None, weights=None
+    )
+    windows = window_candidates(height, width)
+    table = choice.candidates
+    assert len(table) == len(windows) * len(WEIGHT_CANDIDATES)
+    assert {row["local_window"] for row in table} == set(windows)
+    best = max(row["auroc"] for row in table)
+    assert choice.synthetic_auroc == best
+    first_best = next(row for row in table if row["auroc"] == best)
+    assert (choice.local_window, dict(choice.weights)) == (
+        first_best["local_window"],
+        first_best["weights"],
+    )
+    assert f"{holdout.shape[0] * SYNTHETIC_COPIES} synthetic" in choice.method
+    # A window given alone: only the weights are chosen.
+    fixed = choose_rule(
+        graphs, bundle.latent_reference, holdout, seed=0, local_window=3, weights=None
+    )
+    assert fixed.local_window == 3 and len(fixed.candidates) == len(WEIGHT_CANDIDATES)
+    assert (
+        choose_rule(
+            graphs, bundle.latent_reference, holdout, seed=0, local_window=None, weights=None
+        ).to_dict()
+        == choice.to_dict()
+    )
+
+
+def test_calibrate_matches_the_bundle(
+    bundle_and_holdout: tuple[Bundle, OnnxGraphs, np.ndarray],
+) -> None:
+    bundle, graphs, holdout = bundle_and_holdout
+    stored = bundle.manifest.calibration
+    choice = choose_rule(
+        graphs,
+        bundle.latent_reference,
+        holdout,
+        seed=0,
+        local_window=stored.local_window,
+        weights=stored.weights,
+    )
+    calibration = calibrate(
+        graphs,
+        bundle.latent_reference,
+        holdout,
+        choice,
+        target_false_alarm_rate=stored.rule.target_false_alarm_rate,
+    )
+    assert set(calibration.scores) == set(SCORE_NAMES)
+    assert calibration.local_window == stored.local_window
+    assert dict(calibration.weights) == dict(stored.weights)
+    for name in SCORE_NAMES:
+        np.testing.assert_allclose(
+            calibration.scores[name].values, stored.scores[name].values, rtol=1e-6, err_msg=name
+        )
+    assert calibration.rule.threshold == pytest.approx(stored.rule.threshold, rel=1e-6)
 
 
 def test_auroc_against_brute_force() -> None:

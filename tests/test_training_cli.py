@@ -13,16 +13,18 @@ from PIL import Image
 from service.bundle import load_bundle
 from tests.training_helpers import one_line_error
 from training.cli import main
+from training.evaluate import AUROC_KEYS
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
-TINY = ["--image-size", "16", "--width", "4", "--max-width", "8", "--latent-dim", "4"]
+TINY = ["--image-size", "16", "--crop-size", "16", "--width", "4", "--max-width", "8"]
+TINY += ["--latent-channels", "2", "--head-width", "2", "--batch-size", "4", "--threads", "1"]
 
 
 def test_help_lists_the_commands() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "training", "--help"], capture_output=True, text=True, check=True
     )
-    for command in ("demo-data", "fit", "evaluate", "explore", "demo"):
+    for command in ("demo-data", "fit", "evaluate", "explore", "benchmark", "demo"):
         assert command in result.stdout
 
 
@@ -31,8 +33,12 @@ def test_fit_help_lists_the_options(capsys: pytest.CaptureFixture[str]) -> None:
         main(["fit", "--help"])
     assert info.value.code == 0
     out = capsys.readouterr().out
-    for option in ("--out", "--image-size", "--beta", "--epochs", "--skip-bad-images", "--seed"):
+    for option in ("--out", "--image-size", "--beta", "--epochs", "--max-steps", "--crop-size"):
         assert option in out
+    for option in ("--skip-bad-images", "--seed", "--time-limit", "--aspect", "--head-width"):
+        assert option in out
+    for removed in ("--latent-dim", "--patience", "--augment"):
+        assert removed not in out
 
 
 def test_demo_data_command(tmp_path: Path) -> None:
@@ -59,10 +65,12 @@ def test_fit_plain_folder_skipping_a_bad_image(tmp_path: Path) -> None:
     (folder / "part3.bmp").write_bytes((folder / "part3.bmp").read_bytes()[:50])
     out = tmp_path / "bundle"
     code = main(["fit", str(folder), "--out", str(out), *TINY, "--epochs", "2", "--no-progress",
-                 "--skip-bad-images", "--threads", "1"])  # fmt: skip
+                 "--skip-bad-images"])  # fmt: skip
     assert code == 0
     manifest = load_bundle(out).manifest
     assert manifest.input.color_mode == "L"
+    assert (manifest.input.height, manifest.input.width) == (16, 16)  # 20x20, never enlarged
+    assert manifest.training["training"]["steps"] == 2  # 3 training images: one batch a pass
     skipped = manifest.training["data"]["skipped"]
     assert len(skipped) == 1 and skipped[0]["file"].endswith("part3.bmp")
 
@@ -96,6 +104,9 @@ def test_fit_bad_folders(tmp_path: Path, capsys: pytest.CaptureFixture[str], cas
         (["--weights", "foo=1"], "weights"),
         (["--holdout-fraction", "1.5"], "holdout_fraction"),
         (["--image-size", "20"], "image_size"),
+        (["--jitter", "0.9"], "jitter"),
+        (["--time-limit", "0"], "time_limit"),
+        (["--latent-stride", "5"], "latent_stride"),
     ],
 )
 def test_fit_bad_options(
@@ -112,9 +123,16 @@ def test_evaluate_prints_one_json_object(
     out = capsys.readouterr().out.strip()
     assert len(out.splitlines()) == 1
     metrics = json.loads(out)
-    for key in ("auroc_recon", "auroc_kl", "auroc_combined", "aupr_combined", "pixel_auroc"):
-        assert 0.0 <= metrics[key] <= 1.0
+    for key in (*AUROC_KEYS.values(), "auroc_combined", "aupr_combined", "pixel_auroc"):
+        assert 0.0 <= metrics[key] <= 1.0, key
     assert (metrics["n_normal"], metrics["n_anomalous"]) == (6, 15)
+
+
+@pytest.mark.parametrize("option", [["--aspect", "wide"], ["--device", "gpu"], ["--epochs", "x"]])
+def test_fit_bad_choices_are_refused_by_the_parser(tmp_path: Path, option: list[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["fit", str(tmp_path), "--out", str(tmp_path / "b"), *option])
+    assert info.value.code == 2
 
 
 def test_evaluate_bad_bundle(

@@ -9,11 +9,13 @@ import pytest
 from PIL import Image
 
 from service.preprocessing import InputSpec
+from training.config import Aspect
 from training.data import (
     find_images,
     holdout_split,
     load_images,
     resolve_color_mode,
+    resolve_input_size,
     training_folder,
 )
 from training.errors import DataError
@@ -129,6 +131,76 @@ def test_colour_mode_auto(tmp_path: Path) -> None:
     mixed = [*grey, *write_images(tmp_path / "rgb", 1, suffix=".tiff")]
     assert resolve_color_mode(mixed, "auto") == "RGB"
     assert resolve_color_mode(mixed, "L") == "L"
+
+
+def sized_images(folder: Path, *sizes: tuple[int, int]) -> list[Path]:
+    """One grey PNG per ``(width, height)``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, size in enumerate(sizes):
+        path = folder / f"size{i:02d}.png"
+        Image.new("L", size, color=128).save(path)
+        paths.append(path)
+    return paths
+
+
+def test_input_size_of_square_images(tmp_path: Path) -> None:
+    paths = sized_images(tmp_path, (64, 64), (64, 64))
+    assert resolve_input_size(paths, 32, "auto", 8) == (32, 32)
+    # Never enlarged: a larger limit keeps the images' own size.
+    assert resolve_input_size(paths, 256, "auto", 8) == (64, 64)
+    assert resolve_input_size(paths, 256, "square", 8) == (64, 64)
+
+
+@pytest.mark.parametrize(
+    ("width", "height", "max_side", "expected"),
+    [
+        # 150 wide, 60 high: the long side 150 rounds down to 144, the short side keeps the
+        # ratio 0.4 (57.6, rounded to 56).
+        (150, 60, 256, (56, 144)),
+        (60, 150, 256, (144, 56)),
+        # At most max_side: 64 long, 25.6 short, rounded to 24.
+        (150, 60, 64, (24, 64)),
+        (60, 150, 64, (64, 24)),
+    ],
+    ids=["wide", "tall", "wide-limited", "tall-limited"],
+)
+def test_input_size_keeps_the_aspect_ratio(
+    tmp_path: Path, width: int, height: int, max_side: int, expected: tuple[int, int]
+) -> None:
+    paths = sized_images(tmp_path, *[(width, height)] * 3)
+    assert resolve_input_size(paths, max_side, "auto", 8) == expected
+    side = max(expected)
+    assert resolve_input_size(paths, max_side, "square", 8) == (side, side)
+
+
+def test_input_size_is_the_median_of_mixed_sizes_rounded_to_the_multiple(tmp_path: Path) -> None:
+    paths = sized_images(tmp_path, (100, 100), (100, 100), (200, 50), (40, 100))
+    # Median longer side 100 (96 at a multiple of 8 or 32), median ratio 1.
+    assert resolve_input_size(paths, 512, "auto", 8) == (96, 96)
+    assert resolve_input_size(paths, 512, "auto", 32) == (96, 96)
+    wide = sized_images(tmp_path / "wide", (100, 70), (110, 70), (120, 70))
+    # Long side 110 -> 96 (multiple of 32); ratio 70/110 gives 61.1, rounded to 64.
+    assert resolve_input_size(wide, 512, "auto", 32) == (64, 96)
+    aspects: tuple[Aspect, ...] = ("auto", "square")
+    for multiple in (8, 16, 32):
+        for aspect in aspects:
+            height, width = resolve_input_size(wide, 512, aspect, multiple)
+            assert height % multiple == 0 and width % multiple == 0
+            assert max(height, width) <= 110
+
+
+def test_input_size_of_small_images_is_never_enlarged_past_one_multiple(tmp_path: Path) -> None:
+    paths = sized_images(tmp_path, (20, 12), (20, 12))
+    assert resolve_input_size(paths, 256, "auto", 8) == (8, 16)
+    assert resolve_input_size(paths, 256, "auto", 16) == (16, 16)
+
+
+def test_input_size_skips_unreadable_files(tmp_path: Path) -> None:
+    paths = sized_images(tmp_path, (150, 60), (150, 60))
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    assert resolve_input_size([broken, *paths], 256, "auto", 8) == (56, 144)
 
 
 def test_fingerprint_depends_on_content(tmp_path: Path) -> None:

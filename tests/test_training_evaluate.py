@@ -9,11 +9,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch import nn
 
 from service.preprocessing import InputSpec, list_image_files, load_image_file, stack
+from service.scoring import window_max
 from training.config import FitConfig
 from training.errors import DataError
-from training.evaluate import evaluate_bundle, run_evaluation
+from training.evaluate import AUROC_KEYS, evaluate_bundle, run_evaluation
 from training.fit import build_bundle
 from training.model import VAE, VAEConfig
 
@@ -21,33 +23,67 @@ pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 SIZE = 16
 EXPECTED_KEYS = {
-    "auroc_recon",
-    "auroc_kl",
+    *AUROC_KEYS.values(),
     "auroc_combined",
     "aupr_combined",
     "f1_at_threshold",
     "fpr_at_threshold",
+    "tpr_at_threshold",
     "n_normal",
     "n_anomalous",
     "pixel_auroc",
+    "auroc_combined_by_type",
 }
+# The defect head of the known model: probability = sigmoid(GAIN * squared error + BIAS).
+GAIN, BIAS = 40.0, -5.0
+# Each batch norm on the head's path divides by sqrt(1 + eps) (running variance 1).
+BN_SCALE = (1 + 1e-5) ** -1.5
 
 
-def _constant_model() -> VAE:
-    """A VAE with every parameter zero: mu = logvar = 0 and a reconstruction of 0.5 everywhere.
+def _convolutions(module: nn.Module) -> list[nn.Conv2d]:
+    """The convolutions of a block, in order."""
+    return [m for m in module.modules() if isinstance(m, nn.Conv2d)]
 
-    Its scores are then known in closed form: recon_error = mean((x - 0.5)^2), kl = 0.
+
+def _known_model() -> VAE:
+    """A VAE whose every output is known in closed form.
+
+    Every convolution is zero and every batch norm is at its initial state, so the encoder gives
+    mu = logvar = 0 and the decoder a reconstruction of 0.5 everywhere: recon_error =
+    mean((x - 0.5)^2), kl = 0, latent_distance = 0. The defect head passes one path: its first
+    convolution averages the squared-error channels it is given, the second and the skip
+    connection into the last merge copy that channel, and the output convolution maps it to
+    ``GAIN * squared error + BIAS``: the probability map is a sigmoid of the squared error.
     """
-    model = VAE(VAEConfig(image_size=SIZE, latent_dim=4, width=4, max_width=8))
+    cfg = VAEConfig(channels=3, width=4, max_width=8, latent_channels=2, head_width=2)
+    model = VAE(cfg)
+    assert model.head is not None
     with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.zero_()
+        for module in model.modules():
+            if isinstance(module, nn.Conv2d | nn.ConvTranspose2d):
+                module.weight.zero_()
+                if module.bias is not None:
+                    module.bias.zero_()
+        c, w = cfg.channels, cfg.head_width
+        first, second = _convolutions(model.head.down[0])
+        first.weight[0, 2 * c : 3 * c, 1, 1] = 1.0 / c  # input: image, recon, squared error
+        second.weight[0, 0, 1, 1] = 1.0
+        (merge,) = _convolutions(model.head.merge[2])
+        merge.weight[0, w, 1, 1] = 1.0  # after the w upsampled channels
+        model.head.out.weight[0, 0, 0, 0] = GAIN
+        assert model.head.out.bias is not None
+        model.head.out.bias[0] = BIAS
     return model.eval()
+
+
+def _expected_map(images: np.ndarray) -> np.ndarray:
+    squared = ((images - 0.5) ** 2).mean(axis=1)
+    return np.asarray(1.0 / (1.0 + np.exp(-(GAIN * BN_SCALE * squared + BIAS))))
 
 
 @pytest.fixture(scope="module")
 def known_case(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A bundle of the constant model and a test set whose metrics are known exactly.
+    """A bundle of the known model and a test set whose metrics are known exactly.
 
     Normal images are mid-grey with +-5 levels of noise; anomalous ones are normal images with a
     black 4x4 square (squared error 0.25 there, < 0.0005 anywhere else), masked exactly. The
@@ -75,7 +111,7 @@ def known_case(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     holdout = stack([load_image_file(p, spec) for p in good])
     config = FitConfig(image_size=SIZE, local_window=4, weights={"recon_error": 1.0})
     bundle = build_bundle(
-        _constant_model(), holdout, spec, root / "bundle", config=config, facts={}
+        _known_model(), holdout, holdout, spec, root / "bundle", config=config, facts={}
     )
     return bundle, root / "data"
 
@@ -87,12 +123,16 @@ def test_metrics_of_the_known_case(known_case: tuple[Path, Path]) -> None:
     assert json.loads(json.dumps(metrics)) == metrics
     assert metrics["n_normal"] == 5 and metrics["n_anomalous"] == 3
     assert metrics["auroc_recon"] == 1.0
+    assert metrics["auroc_local"] == 1.0
+    assert metrics["auroc_defect"] == 1.0
     assert metrics["auroc_kl"] == 0.5  # kl is 0 for every image: all ties
+    assert metrics["auroc_latent"] == 0.5  # every posterior mean is the reference's: all ties
     assert metrics["auroc_combined"] == 1.0
     assert metrics["aupr_combined"] == 1.0
     assert metrics["f1_at_threshold"] == 1.0
     assert metrics["fpr_at_threshold"] == 0.0
-    assert metrics["pixel_auroc"] == 1.0
+    assert metrics["tpr_at_threshold"] == 1.0
+    assert metrics["pixel_auroc"] == 1.0  # the defect map is monotone in the squared error
     assert metrics["auroc_combined_by_type"] == {"hole": 1.0}
 
 
@@ -102,10 +142,19 @@ def test_scores_are_the_closed_form_ones(known_case: tuple[Path, Path]) -> None:
     expected = np.mean((evaluation.test.images - 0.5) ** 2, axis=(1, 2, 3))
     np.testing.assert_allclose(evaluation.scores["recon_error"], expected, rtol=1e-5)
     np.testing.assert_array_equal(evaluation.scores["kl"], 0.0)
+    np.testing.assert_array_equal(evaluation.scores["latent_distance"], 0.0)
     hole = evaluation.test.labels
     # local_error with window 4 finds the black square: at least 0.25 * 16 / 16.
     assert np.all(evaluation.scores["local_error"][hole] > 0.2)
     assert np.all(evaluation.scores["local_error"][~hole] < 0.001)
+    # The anomaly maps are the defect head's probabilities, a sigmoid of the squared error.
+    expected_map = _expected_map(evaluation.test.images)
+    np.testing.assert_allclose(evaluation.maps, expected_map, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(
+        evaluation.scores["defect_probability"], window_max(expected_map, 4), rtol=1e-4
+    )
+    assert np.all(evaluation.scores["defect_probability"][hole] > 0.99)
+    assert np.all(evaluation.scores["defect_probability"][~hole] < 0.01)
 
 
 def test_pixel_auroc_is_absent_without_masks(known_case: tuple[Path, Path], tmp_path: Path) -> None:

@@ -188,7 +188,7 @@ def _tampered_bundle(trained_bundle: Path, tmp_path: Path, change: dict[str, Any
         ("missing data", "does not exist"),
         ("no images", "holds no images"),
         ("input spec", "input spec expects"),
-        ("latent size", "latent_dim 7"),
+        ("latent size", "does not give latent_dim 7"),
         ("output is a file", "is not a folder"),
     ],
 )

@@ -2,36 +2,39 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 import onnx
 import pytest
 import torch
 
 import training.export
-from service.bundle import DECODER, ENCODER, Tolerance
+from service.bundle import DECODER, ENCODER, HEAD, Tolerance
 from service.preprocessing import InputSpec, list_image_files, load_image_file, stack
+from service.scorer import OnnxGraphs, output_differences
+from service.scoring import ModelOutputs
 from training.config import FitConfig
 from training.errors import ExportError
-from training.export import PARITY_TOLERANCE, OnnxModel, OnnxOutputs, compare, export_model
+from training.export import PARITY_TOLERANCE, export_model, torch_outputs
 from training.fit import build_bundle
 from training.model import VAE, VAEConfig
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 SPEC = InputSpec(height=32, width=32)
+F32Array = npt.NDArray[np.float32]
 
 
-def _real_inputs(demo_data: Path, count: int = 5) -> np.ndarray:
+def _real_inputs(demo_data: Path, spec: InputSpec = SPEC, count: int = 5) -> F32Array:
     files = list_image_files(demo_data / "test" / "good")[:count]
-    return stack([load_image_file(p, SPEC) for p in files])
+    return stack([load_image_file(p, spec) for p in files])
 
 
-def _random_model(latent_channels: int = 0) -> VAE:
+def _random_model(head_width: int = 4) -> VAE:
     torch.manual_seed(0)
-    cfg = VAEConfig(
-        image_size=32, latent_dim=8, width=8, max_width=16, latent_channels=latent_channels
-    )
+    cfg = VAEConfig(width=8, max_width=16, latent_channels=4, head_width=head_width)
     return VAE(cfg).eval()
 
 
@@ -39,45 +42,88 @@ def test_bundle_graphs_pass_the_checker(trained_bundle: Path) -> None:
     for name, inputs, outputs in (
         (ENCODER, ["image"], ["mu", "logvar"]),
         (DECODER, ["z"], ["recon"]),
+        (HEAD, ["image", "recon"], ["defect_map"]),
     ):
         model = onnx.load(str(trained_bundle / name))
         onnx.checker.check_model(model, full_check=True)
         assert [i.name for i in model.graph.input] == inputs
         assert [o.name for o in model.graph.output] == outputs
-        batch_dim = model.graph.input[0].type.tensor_type.shape.dim[0]
-        assert batch_dim.dim_param and not batch_dim.dim_value, "batch axis must be dynamic"
+        for tensor in (*model.graph.input, *model.graph.output):
+            batch_dim = tensor.type.tensor_type.shape.dim[0]
+            assert batch_dim.dim_param and not batch_dim.dim_value, "batch axis must be dynamic"
 
 
-@pytest.mark.parametrize("latent_channels", [0, 4], ids=["vector", "spatial"])
-def test_ort_matches_torch_on_real_inputs(
-    demo_data: Path, tmp_path: Path, latent_channels: int
-) -> None:
-    model = _random_model(latent_channels)
-    images = _real_inputs(demo_data)
-    onnx_model, report = export_model(model, tmp_path, images)
-    assert report.n_inputs == 5
+@pytest.mark.parametrize(
+    "spec", [SPEC, InputSpec(height=32, width=48)], ids=["square", "non-square"]
+)
+def test_ort_matches_torch_on_real_inputs(demo_data: Path, tmp_path: Path, spec: InputSpec) -> None:
+    model = _random_model()
+    images = _real_inputs(demo_data, spec)
+    expected = torch_outputs(model, images)
+    graphs, report = export_model(model, tmp_path, images, threads=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([ENCODER, DECODER, HEAD])
+    assert report.n_inputs == 5 and report.tolerance == PARITY_TOLERANCE
+    assert set(report.max_abs_diff) == {f.name for f in fields(ModelOutputs)}
     assert all(d <= 1e-3 for d in report.max_abs_diff.values())
+    rows, columns = model.cfg.grid(spec.height, spec.width)
+    assert expected.mu.shape == (5, model.cfg.latent_channels * rows * columns)
+    assert expected.recon.shape == images.shape
+    assert expected.defect_map.shape == (5, spec.height, spec.width)
+    tol = PARITY_TOLERANCE
+    for batch_size in (1, 2, 5):
+        out = graphs.run_in_batches(images, batch_size=batch_size)
+        for f in fields(ModelOutputs):
+            np.testing.assert_allclose(
+                getattr(out, f.name),
+                getattr(expected, f.name),
+                atol=tol.atol,
+                rtol=tol.rtol,
+                err_msg=f.name,
+            )
+
+
+def test_export_leaves_the_model_as_it_was(demo_data: Path, tmp_path: Path) -> None:
+    model = _random_model()
+    images = _real_inputs(demo_data)
+    before = torch_outputs(model, images)
+    weights = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    graphs, _ = export_model(model, tmp_path, images, threads=1)
+    in_training_mode = [name for name, m in model.named_modules() if m.training]
+    assert in_training_mode == [], "export must leave every module in eval mode"
+    after = torch_outputs(model, images)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, weights[name]), name
+    for f in fields(ModelOutputs):
+        np.testing.assert_array_equal(getattr(after, f.name), getattr(before, f.name), f.name)
+    np.testing.assert_allclose(graphs.run(images).mu, after.mu, atol=1e-4, rtol=1e-3)
+
+
+def test_torch_outputs_are_the_flat_inference_path(demo_data: Path) -> None:
+    model = _random_model()
+    images = _real_inputs(demo_data)
+    out = torch_outputs(model, images, batch_size=2)
     with torch.no_grad():
         mu, logvar = model.encoder(torch.from_numpy(images))
         recon = model.decoder(mu)
-    for batch_size in (1, 2, 5):
-        out = onnx_model.run(images, batch_size=batch_size)
-        tol = PARITY_TOLERANCE
-        np.testing.assert_allclose(out.mu, mu.numpy(), atol=tol.atol, rtol=tol.rtol)
-        np.testing.assert_allclose(out.logvar, logvar.numpy(), atol=tol.atol, rtol=tol.rtol)
-        np.testing.assert_allclose(out.recon, recon.numpy(), atol=tol.atol, rtol=tol.rtol)
+        assert model.head is not None
+        probability = torch.sigmoid(model.head(torch.from_numpy(images), recon))[:, 0]
+    np.testing.assert_allclose(out.mu, mu.flatten(1).numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out.logvar, logvar.flatten(1).numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out.recon, recon.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out.defect_map, probability.numpy(), rtol=1e-5, atol=1e-6)
 
 
-def test_compare_refuses_outputs_beyond_tolerance() -> None:
-    expected = {name: np.ones((2, 3), dtype=np.float32) for name in ("mu", "logvar", "recon")}
-    close = OnnxOutputs(*(v + 1e-5 for v in expected.values()))
-    assert compare(expected, close, Tolerance(1e-4, 0.0), n_inputs=2).max_abs_diff["mu"] < 2e-5
-    far = OnnxOutputs(expected["mu"], expected["logvar"], expected["recon"] + 0.01)
-    with pytest.raises(ExportError, match=r"recon differs from PyTorch by up to 0\.01"):
-        compare(expected, far, Tolerance(1e-4, 1e-3), n_inputs=2)
-    short = OnnxOutputs(expected["mu"][:1], expected["logvar"], expected["recon"])
-    with pytest.raises(ExportError, match="shape"):
-        compare(expected, short, Tolerance(1, 1), n_inputs=2)
+def test_output_differences_refuse_outputs_beyond_tolerance() -> None:
+    ones = np.ones((2, 3), dtype=np.float32)
+    expected = ModelOutputs(ones, ones, ones, ones)
+    close = ModelOutputs(*(v + 1e-5 for v in (ones, ones, ones, ones)))
+    assert output_differences(expected, close, Tolerance(1e-4, 0.0))["mu"] < 2e-5
+    far = ModelOutputs(ones, ones, ones, ones + 0.01)
+    with pytest.raises(ValueError, match=r"defect_map differs by up to 0\.01"):
+        output_differences(expected, far, Tolerance(1e-4, 1e-3))
+    short = ModelOutputs(ones[:1], ones, ones, ones)
+    with pytest.raises(ValueError, match="mu has shape"):
+        output_differences(expected, short, Tolerance(1, 1))
 
 
 def test_no_bundle_is_written_when_parity_fails(
@@ -86,10 +132,12 @@ def test_no_bundle_is_written_when_parity_fails(
     # A tolerance nothing can meet stands in for an exporter that changed the model.
     monkeypatch.setattr(training.export, "PARITY_TOLERANCE", Tolerance(atol=-1.0, rtol=0.0))
     out = tmp_path / "bundle"
+    images = _real_inputs(demo_data)
     with pytest.raises(ExportError, match="refusing to write the bundle"):
         build_bundle(
             _random_model(),
-            _real_inputs(demo_data),
+            images,
+            images,
             SPEC,
             out,
             config=FitConfig(image_size=32, local_window=4, weights={"recon_error": 1.0}),
@@ -98,10 +146,21 @@ def test_no_bundle_is_written_when_parity_fails(
     assert list(tmp_path.iterdir()) == [], "no bundle and no staging folder may remain"
 
 
-def test_onnx_model_runs_any_batch_size(trained_bundle: Path) -> None:
-    onnx_model = OnnxModel(trained_bundle / ENCODER, trained_bundle / DECODER)
+def test_a_model_without_a_defect_head_is_refused(demo_data: Path, tmp_path: Path) -> None:
+    with pytest.raises(ExportError, match="no defect head"):
+        export_model(_random_model(head_width=0), tmp_path, _real_inputs(demo_data))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_onnx_graphs_run_any_batch_size(trained_bundle: Path) -> None:
+    graphs = OnnxGraphs(
+        trained_bundle / ENCODER, trained_bundle / DECODER, trained_bundle / HEAD, device="cpu"
+    )
     images = np.random.default_rng(0).random((3, 3, 32, 32), dtype=np.float32)
-    whole = onnx_model.run(images, batch_size=3)
-    single = onnx_model.run(images, batch_size=1)
-    assert whole.recon.shape == (3, 3, 32, 32)
-    np.testing.assert_allclose(single.recon, whole.recon, atol=1e-5)
+    whole = graphs.run_in_batches(images, batch_size=3)
+    single = graphs.run_in_batches(images, batch_size=1)
+    assert whole.recon.shape == (3, 3, 32, 32) and whole.defect_map.shape == (3, 32, 32)
+    assert whole.mu.shape == (3, 32)
+    for f in fields(ModelOutputs):
+        np.testing.assert_allclose(getattr(single, f.name), getattr(whole, f.name), atol=1e-5)
+    np.testing.assert_allclose(graphs.decode(whole.mu), whole.recon, atol=1e-6)

@@ -7,15 +7,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
-from service.bundle import MANIFEST, load_bundle
+from service.bundle import FORMAT_VERSION, MANIFEST, load_bundle
 from service.preprocessing import list_image_files, load_image_file, stack
 from service.scorer import Scorer
-from service.scoring import SCORE_NAMES
+from service.scoring import SCORE_NAMES, LatentGrid, LatentReference
+from tests.conftest import DEMO_SIZE, TINY_FIT
 from training.calibrate import WEIGHT_CANDIDATES, window_candidates
-from training.config import FitConfig, parse_weights
+from training.config import FitConfig
 from training.errors import ConfigError, TrainingError
 from training.fit import fit_bundle
+
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def test_bundle_loads_and_self_tests(trained_bundle: Path) -> None:
@@ -23,24 +27,34 @@ def test_bundle_loads_and_self_tests(trained_bundle: Path) -> None:
     scorer.self_test()
     spec = scorer.manifest.input
     assert (spec.height, spec.width, spec.color_mode, spec.scale) == (32, 32, "RGB", 1 / 255)
+    assert scorer.manifest.format_version == FORMAT_VERSION == 2
+    assert scorer.manifest.latent == LatentGrid(channels=2, rows=4, columns=4)
     assert scorer.manifest.latent_dim == 32
+    golden = scorer.bundle.golden
+    assert golden.defect_map.shape == (golden.inputs.shape[0], 32, 32)
 
 
 def test_manifest_records_the_fit(trained_bundle: Path) -> None:
     manifest = load_bundle(trained_bundle).manifest
     training = manifest.training
-    assert training["config"]["epochs"] == 12
-    assert training["model"]["latent_channels"] == 2
-    assert training["data"]["n_train"] + training["data"]["n_holdout"] == 24
-    assert len(training["data"]["fingerprint"]) == 16
-    assert training["training"]["epochs_run"] >= training["training"]["best_epoch"] >= 1
+    assert training["config"] == FitConfig(**TINY_FIT).to_dict()
+    assert training["model"]["latent_channels"] == 2 and training["model"]["head_width"] == 4
+    data = training["data"]
+    assert data["n_train"] + data["n_holdout"] == DEMO_SIZE["n_train"]
+    assert len(data["fingerprint"]) == 16
+    run = training["training"]
+    steps = FitConfig(**TINY_FIT).steps_for(data["n_train"])
+    assert run["steps"] == run["planned_steps"] == steps == 20
+    assert run["stop_reason"] == "completed 20 steps"
+    assert run["history"][-1]["step"] == 20 and run["final"]["step"] == 20
     assert set(training["versions"]) >= {"torch", "onnx", "onnxruntime", "numpy"}
     parity = training["export"]["parity"]
     assert max(parity["max_abs_diff"].values()) <= parity["tolerance"]["atol"] + 1e-3
+    assert set(parity["max_abs_diff"]) == {"mu", "logvar", "recon", "defect_map"}
     decision = training["decision"]
-    assert decision["local_window"] in window_candidates(32)
+    assert decision["local_window"] in window_candidates(32, 32)
     assert decision["weights"] in [dict(w) for w in WEIGHT_CANDIDATES]
-    assert len(decision["candidates"]) == len(WEIGHT_CANDIDATES) * len(window_candidates(32))
+    assert len(decision["candidates"]) == len(WEIGHT_CANDIDATES) * len(window_candidates(32, 32))
     calibration = manifest.calibration
     assert dict(calibration.weights) == decision["weights"]
     assert calibration.local_window == decision["local_window"]
@@ -63,6 +77,56 @@ def test_service_scores_held_out_images_as_calibrated(
     assert scored.is_anomaly.mean() <= 0.2
 
 
+def test_the_latent_reference_is_fitted_on_the_training_images(
+    trained_bundle: Path, demo_data: Path
+) -> None:
+    bundle = load_bundle(trained_bundle)
+    scorer = Scorer(bundle, device="cpu")
+    held_out = set(bundle.manifest.training["data"]["holdout_files"])
+    train = [p for p in list_image_files(demo_data / "train" / "good") if p.name not in held_out]
+    assert len(train) == bundle.manifest.training["data"]["n_train"]
+    mu = scorer.run_model(stack([load_image_file(p, bundle.manifest.input) for p in train])).mu
+    expected = LatentReference.fit(mu, bundle.manifest.latent)
+    np.testing.assert_allclose(bundle.latent_reference.mean, expected.mean, atol=1e-5)
+    np.testing.assert_allclose(
+        bundle.latent_reference.precision, expected.precision, rtol=1e-3, atol=1e-3
+    )
+
+
+def test_a_fit_on_non_square_images_keeps_their_aspect_ratio(
+    demo_data: Path, tmp_path: Path
+) -> None:
+    # The demo flanges cut to 64 wide, 48 high: the input becomes 32x24, a 3x4 latent grid.
+    folder = tmp_path / "wide"
+    folder.mkdir()
+    for path in list_image_files(demo_data / "train" / "good")[:12]:
+        with Image.open(path) as image:
+            image.crop((0, 8, 64, 56)).save(folder / path.name)
+    bundle_dir = fit_bundle(folder, tmp_path / "bundle", FitConfig(**{**TINY_FIT, "max_steps": 4}))
+    scorer = Scorer(load_bundle(bundle_dir), device="cpu")
+    scorer.self_test()
+    manifest = scorer.manifest
+    assert (manifest.input.height, manifest.input.width) == (24, 32)
+    assert manifest.latent == LatentGrid(channels=2, rows=3, columns=4)
+    assert manifest.training["training"]["steps"] == 4
+    images = stack([load_image_file(p, manifest.input) for p in sorted(folder.iterdir())])
+    scored = scorer.score(images, keep_maps=True)
+    assert scored.anomaly_map is not None and scored.anomaly_map.shape == (12, 24, 32)
+    assert all(np.all(np.isfinite(scored.raw[name])) for name in SCORE_NAMES)
+
+
+def test_head_width_zero_is_refused_up_front_or_fits(demo_data: Path, tmp_path: Path) -> None:
+    """``--head-width 0`` ("no defect head") either is refused as an option, before any
+    training, or gives a bundle: never a whole training that export then refuses."""
+    try:
+        config = FitConfig(**{**TINY_FIT, "head_width": 0, "max_steps": 2})
+    except ConfigError as exc:
+        assert "head_width" in str(exc)
+        return
+    bundle_dir = fit_bundle(demo_data, tmp_path / "bundle", config)
+    Scorer(load_bundle(bundle_dir), device="cpu").self_test()
+
+
 def test_fit_refuses_a_non_empty_output_folder(demo_data: Path, tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("keep me")
     with pytest.raises(TrainingError, match="not empty; pass --overwrite"):
@@ -83,28 +147,3 @@ def test_demo_test_images_are_scored(trained_bundle: Path, demo_data: Path) -> N
     scored = scorer.score(stack([load_image_file(p, scorer.manifest.input) for p in files]))
     assert np.all(np.isfinite(scored.combined))
     assert np.all((scored.combined_p_value > 0) & (scored.combined_p_value <= 1))
-
-
-@pytest.mark.parametrize(
-    ("options", "message"),
-    [
-        ({"image_size": 30}, "image_size has value 30"),
-        ({"holdout_fraction": 1.5}, "holdout_fraction"),
-        ({"beta": 0.0}, "beta"),
-        ({"color_mode": "CMYK"}, "color_mode"),
-        ({"target_false_alarm_rate": 0.0}, "target_false_alarm_rate"),
-        ({"weights": {"recon": 1.0}}, "weights"),
-        ({"corruption": 2.0}, "corruption"),
-        ({"epochs": 0}, "epochs"),
-    ],
-)
-def test_bad_config_values(options: dict[str, object], message: str) -> None:
-    with pytest.raises(ConfigError, match=message):
-        FitConfig(**options)  # type: ignore[arg-type]
-
-
-def test_parse_weights() -> None:
-    assert parse_weights("local_error=1, kl=0.5") == {"local_error": 1.0, "kl": 0.5}
-    for bad in ("local_error", "kl=x", "foo=1", "kl=0", "kl=-1"):
-        with pytest.raises(ConfigError, match="weights"):
-            parse_weights(bad)

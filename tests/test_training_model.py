@@ -1,57 +1,106 @@
-"""The VAE modules, the ELBO loss and the training loop's building blocks."""
+"""The networks (training/model.py): a fully convolutional VAE, a defect head, export wrappers."""
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 import pytest
 import torch
 
-from service.scoring import kl_divergence as service_kl
-from training.config import FitConfig
-from training.errors import ConfigError
-from training.loss import ELBOLoss, kl_divergence
-from training.model import VAE, VAEConfig
-from training.train import augment_batch, select_device, train_vae
+from service.scoring import LatentGrid
+from training.model import (
+    VAE,
+    FlatDecoder,
+    FlatEncoder,
+    ProbabilityHead,
+    VAEConfig,
+)
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
+def _small(**changes: int) -> VAEConfig:
+    options = {"width": 4, "max_width": 16, "latent_channels": 3, "head_width": 2, **changes}
+    return VAEConfig(**options)
+
+
 @pytest.mark.parametrize(
-    ("size", "channels", "levels", "bottom"),
-    [(32, 3, 3, 4), (64, 1, 4, 4), (128, 3, 5, 4), (48, 3, 3, 6), (256, 1, 6, 4)],
+    ("height", "width", "channels", "stride"),
+    [(32, 48, 3, 8), (48, 32, 1, 8), (32, 32, 3, 4), (64, 32, 1, 16), (16, 40, 3, 8)],
 )
-def test_shapes(size: int, channels: int, levels: int, bottom: int) -> None:
-    cfg = VAEConfig(channels=channels, image_size=size, latent_dim=8, width=4, max_width=16)
-    assert (cfg.levels, cfg.bottom) == (levels, bottom)
+def test_any_input_size_keeps_its_shape(
+    height: int, width: int, channels: int, stride: int
+) -> None:
+    cfg = _small(channels=channels, latent_stride=stride)
     model = VAE(cfg).eval()
-    x = torch.rand(2, channels, size, size)
+    x = torch.rand(2, channels, height, width)
     with torch.no_grad():
         recon, mu, logvar = model(x)
+        assert model.head is not None
+        logits = model.head(x, recon)
+    rows, columns = cfg.grid(height, width)
+    assert (rows, columns) == (height // stride, width // stride)
+    assert mu.shape == logvar.shape == (2, cfg.latent_channels, rows, columns)
     assert recon.shape == x.shape
-    assert mu.shape == logvar.shape == (2, 8)
     assert float(recon.min()) >= 0.0 and float(recon.max()) <= 1.0
+    assert logits.shape == (2, 1, height, width)
 
 
-@pytest.mark.parametrize(("size", "stride", "channels"), [(32, 8, 4), (64, 16, 2), (64, 4, 1)])
-def test_spatial_latent_shapes(size: int, stride: int, channels: int) -> None:
-    cfg = VAEConfig(
-        image_size=size, width=4, max_width=16, latent_channels=channels, latent_stride=stride
-    )
-    assert cfg.bottom == size // stride
-    assert cfg.latent_size == channels * (size // stride) ** 2
-    model = VAE(cfg).eval()
-    x = torch.rand(3, 3, size, size)
+def test_grid_latent_size_and_size_multiple() -> None:
+    cfg = VAEConfig(latent_channels=4, latent_stride=8)
+    assert cfg.grid(32, 48) == (4, 6)
+    assert cfg.latent_size(32, 48) == 4 * 4 * 6
+    assert cfg.levels == 3
+    # The defect head halves the input three times: it needs multiples of 8 even at stride 4.
+    assert VAEConfig(latent_stride=4).size_multiple == 8
+    assert VAEConfig(latent_stride=4, head_width=0).size_multiple == 4
+    assert VAEConfig(latent_stride=16).size_multiple == 16
+    assert VAEConfig(width=8, max_width=16, latent_stride=16).level_widths() == [8, 16, 16, 16]
+    for height, width in ((30, 48), (32, 44), (0, 32), (4, 8)):
+        with pytest.raises(ValueError, match="multiple of 8"):
+            cfg.grid(height, width)
+
+
+def test_probability_head_gives_a_map_in_the_unit_range() -> None:
+    torch.manual_seed(0)
+    model = VAE(_small()).eval()
+    assert model.head is not None
+    x, recon = torch.rand(3, 3, 16, 24), torch.rand(3, 3, 16, 24)
     with torch.no_grad():
-        recon, mu, logvar = model(x)
-        assert torch.equal(model.decoder(mu), recon)
-    assert recon.shape == x.shape
-    assert mu.shape == logvar.shape == (3, cfg.latent_size)
+        probability = ProbabilityHead(model.head)(x, recon)
+        logits = model.head(x, recon)
+    assert probability.shape == (3, 16, 24)
+    torch.testing.assert_close(probability, torch.sigmoid(logits).squeeze(1))
+    assert float(probability.min()) >= 0.0 and float(probability.max()) <= 1.0
+
+
+def test_no_head_when_head_width_is_zero() -> None:
+    assert VAE(_small(head_width=0)).head is None
+
+
+def test_flat_decoder_of_flat_encoder_is_the_unflattened_path() -> None:
+    torch.manual_seed(1)
+    cfg = _small(latent_channels=3)
+    model = VAE(cfg).eval()
+    x = torch.rand(2, 3, 32, 48)
+    grid = cfg.grid(32, 48)
+    with torch.no_grad():
+        mu, logvar = model.encoder(x)
+        flat_mu, flat_logvar = FlatEncoder(model.encoder)(x)
+        recon = FlatDecoder(model.decoder, cfg.latent_channels, grid)(flat_mu)
+        expected = model.decoder(mu)
+    assert flat_mu.shape == flat_logvar.shape == (2, cfg.latent_size(32, 48))
+    assert torch.equal(recon, expected)
+    assert torch.equal(flat_logvar, logvar.flatten(1))
+    assert torch.equal(model(x)[0], expected)  # eval mode decodes the mean
+    # The flat layout is the one the service reads: channel-major, then row, then column.
+    cells = LatentGrid(cfg.latent_channels, *grid).cell_vectors(flat_mu.numpy())
+    expected_cells = mu.numpy().reshape(2, cfg.latent_channels, -1).transpose(0, 2, 1)
+    np.testing.assert_array_equal(cells, expected_cells)
+    np.testing.assert_array_equal(cells[1, 1 * grid[1] + 4], mu[1, :, 1, 4].numpy())
 
 
 def test_eval_mode_decodes_the_mean_train_mode_samples() -> None:
-    model = VAE(VAEConfig(image_size=32, latent_dim=8, width=4)).eval()
+    model = VAE(_small()).eval()
     x = torch.rand(3, 3, 32, 32)
     with torch.no_grad():
         first, mu, _ = model(x)
@@ -62,80 +111,24 @@ def test_eval_mode_decodes_the_mean_train_mode_samples() -> None:
     assert not torch.allclose(sampled, first)
 
 
-def test_bad_model_config() -> None:
-    with pytest.raises(ValueError, match="multiple of 8"):
-        VAEConfig(image_size=30)
-    with pytest.raises(ValueError, match="channels"):
-        VAEConfig(channels=2)
-    with pytest.raises(ValueError, match="latent_stride"):
-        VAEConfig(image_size=40, latent_channels=4, latent_stride=16)
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("channels", 2),
+        ("width", 0),
+        ("max_width", 0),
+        ("latent_channels", 0),
+        ("res_blocks", -1),
+        ("head_width", -1),
+        ("latent_stride", 3),
+        ("latent_stride", 64),
+    ],
+)
+def test_bad_model_config_names_the_field(field: str, value: int) -> None:
+    with pytest.raises(ValueError, match=rf"{field}( is)? {value}\b"):
+        VAEConfig(**{field: value})
 
 
-def test_kl_matches_the_service_formula() -> None:
-    rng = np.random.default_rng(0)
-    mu = rng.normal(size=(4, 6)).astype(np.float32)
-    logvar = rng.normal(size=(4, 6)).astype(np.float32)
-    ours = kl_divergence(torch.from_numpy(mu), torch.from_numpy(logvar)).numpy()
-    np.testing.assert_allclose(ours, service_kl(mu, logvar), rtol=1e-5)
-    zero = kl_divergence(torch.zeros(1, 5), torch.zeros(1, 5))
-    assert float(zero) == 0.0
-
-
-def test_elbo_is_calibrated_gaussian_nll_plus_beta_kl() -> None:
-    x = torch.full((2, 1, 4, 4), 0.5)
-    recon = torch.full((2, 1, 4, 4), 0.25)
-    mu, logvar = torch.ones(2, 3), torch.zeros(2, 3)
-    total, parts = ELBOLoss(beta=0.5)(recon, x, mu, logvar)
-    # sigma^2 is the mean squared error 0.0625: NLL = 16 * (1/2 + log(2 pi 0.0625) / 2).
-    nll = 16 * (0.5 + 0.5 * math.log(2 * math.pi * 0.0625))
-    assert parts.mse == pytest.approx(0.0625)
-    assert parts.nll == pytest.approx(nll, rel=1e-5)
-    assert parts.kl == pytest.approx(1.5)
-    assert float(total) == pytest.approx(nll + 0.5 * 1.5, rel=1e-5)
-
-
-def test_sigma_has_a_floor() -> None:
-    x = torch.full((1, 1, 4, 4), 0.5)
-    _, parts = ELBOLoss(beta=1.0)(x.clone(), x, torch.zeros(1, 2), torch.zeros(1, 2))
-    assert math.isfinite(parts.nll) and parts.mse == 0.0
-
-
-def test_augment_keeps_shape_and_none_is_identity() -> None:
-    x = torch.rand(4, 3, 32, 32)
-    gen = torch.Generator().manual_seed(0)
-    assert torch.equal(augment_batch(x, "none", gen), x)
-    for mode in ("flip", "shift", "flip+shift"):
-        out = augment_batch(x, mode, gen)
-        assert out.shape == x.shape
-
-
-def test_training_reduces_the_loss_and_keeps_the_best_epoch() -> None:
-    rng = np.random.default_rng(0)
-    base = rng.uniform(0.2, 0.8, (1, 1, 16, 16)).astype(np.float32)
-    images = np.clip(base + rng.normal(0, 0.02, (12, 1, 16, 16)), 0, 1).astype(np.float32)
-    config = FitConfig(image_size=16, epochs=15, batch_size=4, patience=50, progress=False)
-    torch.manual_seed(0)
-    model = VAE(VAEConfig(channels=1, image_size=16, latent_dim=4, width=4, max_width=8))
-    result = train_vae(model, images[:8], images[8:], config, torch.device("cpu"))
-    losses = [s.val_loss for s in result.history]
-    assert len(losses) == 15
-    assert min(losses) < losses[0]
-    assert result.history[result.best_epoch - 1].val_loss == min(losses)
-    assert not model.training
-
-
-def test_early_stopping() -> None:
-    images = np.full((6, 1, 16, 16), 0.5, dtype=np.float32)
-    config = FitConfig(image_size=16, epochs=50, batch_size=4, patience=1, progress=False)
-    model = VAE(VAEConfig(channels=1, image_size=16, latent_dim=4, width=4, max_width=8))
-    result = train_vae(model, images[:4], images[4:], config, torch.device("cpu"))
-    assert len(result.history) < 50
-    assert result.stop_reason.startswith("early stop")
-
-
-def test_device_policy() -> None:
-    assert select_device("cpu").type == "cpu"
-    if not torch.cuda.is_available():
-        assert select_device("auto").type == "cpu"
-        with pytest.raises(ConfigError, match="cuda"):
-            select_device("cuda")
+def test_config_round_trips_through_its_dict() -> None:
+    cfg = _small(latent_stride=16, res_blocks=2)
+    assert VAEConfig(**cfg.to_dict()) == cfg

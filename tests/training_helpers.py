@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import pytest
 
 
@@ -13,3 +16,17 @@ def one_line_error(capsys: pytest.CaptureFixture[str], *needles: str) -> None:
     assert "Traceback" not in "\n".join(err)
     for needle in needles:
         assert needle in err[-1]
+
+
+def fit_flags(options: Mapping[str, Any]) -> list[str]:
+    """The ``fit`` / ``benchmark`` flags of FitConfig options given as a dict."""
+    flags: list[str] = []
+    for name, value in options.items():
+        flag = "--" + name.replace("_", "-")
+        if value is True:
+            flags.append(flag)
+        elif value is False:
+            flags.append("--no-" + name.replace("_", "-"))
+        else:
+            flags += [flag, str(value)]
+    return flags

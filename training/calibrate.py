@@ -16,22 +16,22 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from service.scoring import Calibration, F64Array, raw_scores
-from training.export import OnnxModel
+from service.scorer import OnnxGraphs
+from service.scoring import Calibration, LatentReference, raw_scores
 from training.metrics import auroc
 from training.synth import synthesise_anomalies
 
 F32Array = npt.NDArray[np.float32]
 
-# Candidate local windows as fractions of the image side: small chips to large blotches.
-WINDOW_DIVISORS = (16, 8, 4)
+# Candidate local windows as fractions of the shorter image side: specks to blotches.
+WINDOW_DIVISORS = (32, 16, 8)
 WEIGHT_CANDIDATES: tuple[Mapping[str, float], ...] = (
+    {"defect_probability": 1.0},
+    {"defect_probability": 1.0, "local_error": 1.0},
+    {"defect_probability": 1.0, "latent_distance": 1.0},
+    {"defect_probability": 1.0, "local_error": 1.0, "latent_distance": 1.0},
     {"local_error": 1.0},
-    {"recon_error": 1.0},
-    {"local_error": 1.0, "kl": 1.0},
-    {"recon_error": 1.0, "kl": 1.0},
-    {"recon_error": 1.0, "local_error": 1.0},
-    {"recon_error": 1.0, "local_error": 1.0, "kl": 1.0},
+    {"local_error": 1.0, "latent_distance": 1.0},
 )
 SYNTHETIC_COPIES = 4
 
@@ -57,43 +57,36 @@ class RuleChoice:
         }
 
 
-def window_candidates(image_size: int) -> list[int]:
-    """Local windows tried when none is given: the image side over each of WINDOW_DIVISORS."""
-    return sorted({max(2, image_size // d) for d in WINDOW_DIVISORS})
-
-
-def _scores(model: OnnxModel, images: F32Array, window: int) -> dict[str, F64Array]:
-    out = model.run(images)
-    raw, _ = raw_scores(images, out.mu, out.logvar, out.recon, window)
-    return raw
+def window_candidates(height: int, width: int) -> list[int]:
+    """Local windows tried when none is given: the shorter side over each of WINDOW_DIVISORS."""
+    side = min(height, width)
+    return sorted({max(2, side // d) for d in WINDOW_DIVISORS})
 
 
 def choose_rule(
-    model: OnnxModel,
+    graphs: OnnxGraphs,
+    reference: LatentReference,
     normal: F32Array,
     *,
-    image_size: int,
     seed: int,
     local_window: int | None,
     weights: Mapping[str, float] | None,
 ) -> RuleChoice:
     """Pick window and weights maximising normal-vs-synthetic AUROC; given ones are kept."""
-    windows = [local_window] if local_window is not None else window_candidates(image_size)
+    _, _, height, width = normal.shape
+    windows = [local_window] if local_window is not None else window_candidates(height, width)
     weightings = [weights] if weights is not None else list(WEIGHT_CANDIDATES)
     if len(windows) == 1 and len(weightings) == 1:
         return RuleChoice(windows[0], dict(weightings[0]), float("nan"), "given by the user")
     synthetic = synthesise_anomalies(normal, copies=SYNTHETIC_COPIES, seed=seed)
     labels = np.r_[np.zeros(normal.shape[0]), np.ones(synthetic.shape[0])]
-    normal_out, synthetic_out = model.run(normal), model.run(synthetic)
+    normal_out = graphs.run_in_batches(normal)
+    synthetic_out = graphs.run_in_batches(synthetic)
     table: list[dict[str, Any]] = []
     best: tuple[float, int, Mapping[str, float]] | None = None
     for window in windows:
-        normal_raw, _ = raw_scores(
-            normal, normal_out.mu, normal_out.logvar, normal_out.recon, window
-        )
-        synthetic_raw, _ = raw_scores(
-            synthetic, synthetic_out.mu, synthetic_out.logvar, synthetic_out.recon, window
-        )
+        normal_raw, _ = raw_scores(normal, normal_out, window, reference)
+        synthetic_raw, _ = raw_scores(synthetic, synthetic_out, window, reference)
         for weighting in weightings:
             calibration = Calibration.fit(
                 normal_raw, weighting, target_false_alarm_rate=0.5, local_window=window
@@ -107,16 +100,22 @@ def choose_rule(
     assert best is not None
     method = (
         f"highest AUROC of held-out normal images against {synthetic.shape[0]} synthetic "
-        "defects (pasted patches, scratches, blotches, noise) drawn into them"
+        "defects of kinds never trained on (pasted patches, blotches, noise, relighting) "
+        "drawn into them"
     )
     return RuleChoice(best[1], dict(best[2]), best[0], method, table)
 
 
 def calibrate(
-    model: OnnxModel, normal: F32Array, choice: RuleChoice, *, target_false_alarm_rate: float
+    graphs: OnnxGraphs,
+    reference: LatentReference,
+    normal: F32Array,
+    choice: RuleChoice,
+    *,
+    target_false_alarm_rate: float,
 ) -> Calibration:
     """Fit the calibration of every score and the default threshold on held-out normals."""
-    raw = _scores(model, normal, choice.local_window)
+    raw, _ = raw_scores(normal, graphs.run_in_batches(normal), choice.local_window, reference)
     return Calibration.fit(
         raw,
         choice.weights,

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from training.config import AUGMENTS, COLOR_CHOICES, DEVICES, RESIZE_METHODS, FitConfig
+from training.config import FitConfig, add_fit_arguments
 
 log = logging.getLogger("training")
 
@@ -20,6 +20,7 @@ Train a VAE anomaly detector on images of good parts and ship it as one ONNX bun
   python -m training fit data/ --out bundle/    # train, calibrate, export, self-test
   python -m training evaluate bundle/ data/ --report report/
   python -m training explore bundle/ data/ --out explore/   # the latent space, as HTML
+  python -m training benchmark data1/ data2/ --out suite/   # the quality suite, as a table
 """
 
 
@@ -49,7 +50,6 @@ def _add_demo_data(sub: Any) -> None:
 
 
 def _add_fit(sub: Any) -> None:
-    d = FitConfig()
     p = sub.add_parser(
         "fit",
         help="train a bundle on a folder of good images",
@@ -61,102 +61,7 @@ def _add_fit(sub: Any) -> None:
     p.add_argument("data_dir", type=Path, metavar="DATA_DIR")
     p.add_argument("--out", type=Path, required=True, metavar="BUNDLE_DIR", help="bundle folder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
-    g = p.add_argument_group("input")
-    g.add_argument(
-        "--image-size",
-        type=_positive_int,
-        default=d.image_size,
-        help="model input side in pixels (multiple of 8)",
-    )
-    g.add_argument(
-        "--color-mode",
-        choices=COLOR_CHOICES,
-        default=d.color_mode,
-        help="auto: greyscale if every image is, else RGB",
-    )
-    g.add_argument("--resize", choices=RESIZE_METHODS, default=d.resize)
-    g = p.add_argument_group("model")
-    g.add_argument(
-        "--latent-dim", type=_positive_int, default=d.latent_dim, help="size of a vector latent"
-    )
-    g.add_argument(
-        "--latent-channels",
-        type=int,
-        default=d.latent_channels,
-        help="> 0: a spatial latent with this many channels per cell; 0: a vector latent",
-    )
-    g.add_argument(
-        "--latent-stride",
-        type=_positive_int,
-        default=d.latent_stride,
-        help="input pixels per spatial latent cell, along each side",
-    )
-    g.add_argument("--width", type=_positive_int, default=d.width, help="channels of level 1")
-    g.add_argument("--max-width", type=_positive_int, default=d.max_width)
-    g.add_argument("--res-blocks", type=int, default=d.res_blocks, help="per level")
-    g.add_argument("--beta", type=float, default=d.beta, help="weight of the KL term")
-    g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=_positive_int, default=d.epochs)
-    g.add_argument("--batch-size", type=_positive_int, default=d.batch_size)
-    g.add_argument("--learning-rate", type=float, default=d.learning_rate)
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    g.add_argument(
-        "--patience",
-        type=_positive_int,
-        default=d.patience,
-        help="early stop after this many epochs without validation improvement",
-    )
-    g.add_argument(
-        "--augment",
-        choices=AUGMENTS,
-        default=d.augment,
-        help="flips/shifts: only for parts that are not in a fixed pose",
-    )
-    g.add_argument(
-        "--corruption",
-        type=float,
-        default=d.corruption,
-        help="share of training inputs given a synthetic defect to repair (denoising VAE)",
-    )
-    g.add_argument(
-        "--time-limit",
-        type=float,
-        default=d.time_limit_minutes,
-        metavar="MINUTES",
-        help="training time budget, annealed to; 0 for none (epochs alone decide)",
-    )
-    g.add_argument(
-        "--holdout-fraction",
-        type=float,
-        default=d.holdout_fraction,
-        help="share of the images held out for validation and calibration",
-    )
-    g.add_argument("--seed", type=int, default=d.seed)
-    g.add_argument("--device", choices=DEVICES, default=d.device)
-    g.add_argument("--threads", type=_positive_int, default=None, help="CPU threads")
-    g = p.add_argument_group("decision")
-    g.add_argument("--target-false-alarm-rate", type=float, default=d.target_false_alarm_rate)
-    g.add_argument(
-        "--local-window",
-        type=_positive_int,
-        default=None,
-        help="local_error window in pixels (default: chosen on synthetic defects)",
-    )
-    g.add_argument(
-        "--weights",
-        default=None,
-        metavar="NAME=W,...",
-        help="combined-score weights, e.g. local_error=1,kl=1 "
-        "(default: chosen on synthetic defects)",
-    )
-    g = p.add_argument_group("data handling and output")
-    g.add_argument(
-        "--skip-bad-images",
-        action="store_true",
-        help="skip and count unreadable images instead of stopping",
-    )
-    g.add_argument("--model-version", default=d.model_version, help="human version string")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_fit_arguments(p)
 
 
 def _add_evaluate(sub: Any) -> None:
@@ -170,6 +75,21 @@ def _add_evaluate(sub: Any) -> None:
     p.add_argument("data_dir", type=Path, metavar="DATA_DIR")
     p.add_argument("--report", type=Path, default=None, metavar="DIR", help="write PNG figures")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+
+
+def _add_benchmark(sub: Any) -> None:
+    p = sub.add_parser(
+        "benchmark",
+        help="the quality suite: fit and evaluate every dataset, write a table",
+        description="For each MVTec-layout DATA_DIR: fit a bundle with the given options (the "
+        "defaults unless told otherwise) into OUT_DIR/<dataset>/bundle, evaluate it on its "
+        "test/ split, and write OUT_DIR/benchmark.md and OUT_DIR/benchmark.json (one object per "
+        "dataset, then the mean).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("data_dirs", type=Path, nargs="+", metavar="DATA_DIR")
+    p.add_argument("--out", type=Path, required=True, metavar="OUT_DIR", help="results folder")
+    add_fit_arguments(p)
 
 
 def _add_explore(sub: Any) -> None:
@@ -207,7 +127,7 @@ def _add_demo(sub: Any) -> None:
         "--train-minutes",
         type=float,
         default=3.0,
-        help="time budget of the demo fit; it keeps the best epoch reached (default: 3)",
+        help="time budget of the demo fit (default: 3)",
     )
 
 
@@ -223,45 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo_data(sub)
     _add_fit(sub)
     _add_evaluate(sub)
+    _add_benchmark(sub)
     _add_explore(sub)
     _add_demo(sub)
     return parser
-
-
-def fit_config_from_args(args: argparse.Namespace) -> FitConfig:
-    """The FitConfig that the fit flags describe."""
-    from training.config import parse_weights
-
-    return FitConfig(
-        image_size=args.image_size,
-        color_mode=args.color_mode,
-        resize=args.resize,
-        latent_dim=args.latent_dim,
-        latent_channels=args.latent_channels,
-        latent_stride=args.latent_stride,
-        width=args.width,
-        max_width=args.max_width,
-        res_blocks=args.res_blocks,
-        beta=args.beta,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        learning_rate=args.learning_rate,
-        weight_decay=args.weight_decay,
-        patience=args.patience,
-        augment=args.augment,
-        corruption=args.corruption,
-        time_limit_minutes=args.time_limit or None,
-        holdout_fraction=args.holdout_fraction,
-        seed=args.seed,
-        device=args.device,
-        threads=args.threads,
-        target_false_alarm_rate=args.target_false_alarm_rate,
-        local_window=args.local_window,
-        weights=parse_weights(args.weights) if args.weights is not None else None,
-        skip_bad_images=args.skip_bad_images,
-        model_version=args.model_version,
-        progress=not args.no_progress,
-    )
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -280,8 +165,12 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "fit":
         from training.fit import fit_bundle
 
-        config = fit_config_from_args(args)
+        config = FitConfig.from_namespace(args)
         fit_bundle(args.data_dir, args.out, config, overwrite=args.overwrite)
+    elif args.command == "benchmark":
+        from training.benchmark import run_benchmark
+
+        run_benchmark(args.data_dirs, args.out, FitConfig.from_namespace(args))
     elif args.command == "evaluate":
         from training.evaluate import evaluate_bundle
 

@@ -1,110 +1,196 @@
-"""The typed, frozen configuration of a fit; filled from CLI flags and written into the manifest."""
+"""The typed, frozen configuration of a fit: the one declaration of every training option.
+
+Each field of :class:`FitConfig` carries its command-line help in its metadata; the ``fit`` and
+``benchmark`` commands build their flags from these fields (:func:`add_fit_arguments`) and read
+them back with :meth:`FitConfig.from_namespace`, so an option is declared once. The model's own
+constraints are checked once, by :class:`training.model.VAEConfig`, which the FitConfig builds.
+"""
 
 from __future__ import annotations
 
+import argparse
 import math
+import typing
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, Literal
 
 from service.preprocessing import ResizeMethod
 from service.scoring import SCORE_NAMES
 from training.errors import ConfigError
+from training.model import VAEConfig
 
 ColorChoice = Literal["auto", "L", "RGB"]
 Device = Literal["auto", "cpu", "cuda"]
-Augment = Literal["none", "flip", "shift", "flip+shift"]
+Aspect = Literal["auto", "square"]
 
-COLOR_CHOICES: tuple[ColorChoice, ...] = ("auto", "L", "RGB")
-DEVICES: tuple[Device, ...] = ("auto", "cpu", "cuda")
-AUGMENTS: tuple[Augment, ...] = ("none", "flip", "shift", "flip+shift")
-RESIZE_METHODS: tuple[ResizeMethod, ...] = ("bilinear", "bicubic", "nearest", "lanczos", "box")
+
+def _option(
+    help: str, group: str, *, flag: str | None = None, metavar: str | None = None
+) -> dict[str, Any]:
+    return {"help": help, "group": group, "flag": flag, "metavar": metavar}
 
 
 @dataclass(frozen=True)
 class FitConfig:
     """Every choice of a fit; the defaults are the recommended settings for any product line."""
 
-    # Input: images are resized to image_size x image_size; "auto" colour keeps RGB unless every
-    # training image is greyscale.
-    image_size: int = 64
-    color_mode: ColorChoice = "auto"
-    resize: ResizeMethod = "bilinear"
-    # Model: by default a spatial latent of latent_channels per latent_stride x latent_stride
-    # cell (sharp reconstructions); latent_channels=0 gives a vector latent of latent_dim.
-    latent_channels: int = 8
-    latent_stride: int = 8
-    latent_dim: int = 128
-    width: int = 32
-    max_width: int = 128
-    res_blocks: int = 1
-    # 1 is the true ELBO: the decoder's pixel noise is calibrated (see training.loss).
-    beta: float = 1.0
-    # Optimisation. The learning rate warms up and anneals over whichever runs out first, the
-    # epochs or the time budget, so a CPU run ends on time with a fully annealed model.
-    epochs: int = 300
-    time_limit_minutes: float | None = 12.0
-    batch_size: int = 16
-    learning_rate: float = 2e-3
-    weight_decay: float = 1e-5
-    patience: int = 40
-    augment: Augment = "none"
-    # Share of training inputs given a synthetic defect to repair (a denoising VAE): the model
-    # learns to reconstruct the normal part under a defect, so defects leave large errors.
-    corruption: float = 0.5
-    # Data split: the held-out normal images serve early stopping and calibration.
-    holdout_fraction: float = 0.2
-    min_holdout: int = 4
-    seed: int = 0
-    device: Device = "auto"
-    threads: int | None = None
-    # Calibration and decision: None chooses the local window and score weights on synthetic
-    # anomalies pasted into held-out normal images.
-    target_false_alarm_rate: float = 0.01
-    local_window: int | None = None
-    weights: Mapping[str, float] | None = field(default=None)
+    # Input.
+    image_size: int = field(
+        default=256,
+        metadata=_option(
+            "largest model input side in pixels: the longer side of the images, never enlarged, "
+            "at most this",
+            "input",
+        ),
+    )
+    aspect: Aspect = field(
+        default="auto",
+        metadata=_option(
+            "auto: the input keeps the median aspect ratio of the training images (the shorter "
+            "side rounded to a multiple of 8); square: every image is resized to a square",
+            "input",
+        ),
+    )
+    color_mode: ColorChoice = field(
+        default="auto", metadata=_option("auto: greyscale if every image is, else RGB", "input")
+    )
+    resize: ResizeMethod = field(default="bilinear", metadata=_option("resampling filter", "input"))
+    # Model.
+    width: int = field(default=32, metadata=_option("channels of the VAE's first level", "model"))
+    max_width: int = field(default=128, metadata=_option("most channels of a VAE level", "model"))
+    res_blocks: int = field(default=1, metadata=_option("residual blocks per level", "model"))
+    latent_channels: int = field(
+        default=8, metadata=_option("latent channels per cell of the latent grid", "model")
+    )
+    latent_stride: int = field(
+        default=8, metadata=_option("input pixels per latent cell, along each side", "model")
+    )
+    head_width: int = field(
+        default=16,
+        metadata=_option("channels of the defect head's first level", "model"),
+    )
+    beta: float = field(
+        default=1.0, metadata=_option("weight of the KL term (1: the ELBO)", "model")
+    )
+    # Training budget and optimisation: a budget in steps, so the same data and seed give the
+    # same model on a quiet or a busy machine.
+    crop_size: int = field(
+        default=128,
+        metadata=_option("side of the square training crops (multiple of 8)", "training"),
+    )
+    epochs: int = field(
+        default=150,
+        metadata=_option(
+            "passes over the training images (one crop of each per pass); capped by --max-steps",
+            "training",
+        ),
+    )
+    max_steps: int = field(
+        default=1600, metadata=_option("most optimiser steps, whatever the data size", "training")
+    )
+    batch_size: int = field(default=16, metadata=_option("crops per step", "training"))
+    learning_rate: float = field(default=2e-3, metadata=_option("peak learning rate", "training"))
+    weight_decay: float = field(default=1e-5, metadata=_option("AdamW weight decay", "training"))
+    corruption: float = field(
+        default=0.5,
+        metadata=_option(
+            "share of training crops given a synthetic defect to repair and to segment",
+            "training",
+        ),
+    )
+    jitter: float = field(
+        default=0.1,
+        metadata=_option(
+            "largest random change of brightness and contrast of a training crop, so that "
+            "lighting changes are not defects (0: none)",
+            "training",
+        ),
+    )
+    time_limit_minutes: float | None = field(
+        default=None,
+        metadata=_option(
+            "optional wall-clock budget; the schedule anneals to whichever budget ends first "
+            "(the model then depends on the machine's speed)",
+            "training",
+            flag="--time-limit",
+            metavar="MINUTES",
+        ),
+    )
+    holdout_fraction: float = field(
+        default=0.2,
+        metadata=_option("share of the images held out for calibration and validation", "training"),
+    )
+    min_holdout: int = field(default=4, metadata=_option("fewest held-out images", "training"))
+    seed: int = field(default=0, metadata=_option("random seed", "training"))
+    device: Device = field(default="auto", metadata=_option("where torch trains", "training"))
+    threads: int | None = field(default=None, metadata=_option("CPU threads of torch", "training"))
+    # Decision: None chooses the window and the score weights on synthetic defects.
+    target_false_alarm_rate: float = field(
+        default=0.01, metadata=_option("false-alarm rate of the default threshold", "decision")
+    )
+    local_window: int | None = field(
+        default=None,
+        metadata=_option(
+            "side of the window of the local scores in pixels (default: chosen on synthetic "
+            "defects)",
+            "decision",
+        ),
+    )
+    weights: Mapping[str, float] | None = field(
+        default=None,
+        metadata=_option(
+            "combined-score weights, e.g. defect_probability=1,local_error=1 (default: chosen on "
+            "synthetic defects)",
+            "decision",
+            metavar="NAME=W,...",
+        ),
+    )
     # Data handling and output.
-    skip_bad_images: bool = False
-    model_version: str = "1"
-    progress: bool = True
+    skip_bad_images: bool = field(
+        default=False,
+        metadata=_option("skip and count unreadable images instead of stopping", "output"),
+    )
+    model_version: str = field(default="1", metadata=_option("human version string", "output"))
+    progress: bool = field(default=True, metadata=_option("show a progress bar", "output"))
 
     def __post_init__(self) -> None:
-        positive_ints = ("image_size", "latent_dim", "width", "max_width", "epochs", "batch_size")
-        for name in positive_ints:
+        for name in ("image_size", "crop_size", "epochs", "max_steps", "batch_size", "head_width"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"option {name} has value {value!r}; expected an integer >= 1")
-        if self.image_size < 16 or self.image_size % 8:
+        hints = typing.get_type_hints(FitConfig)
+        for f in fields(self):
+            choices = _literal_choices(hints[f.name])
+            if choices and getattr(self, f.name) not in choices:
+                raise ConfigError(
+                    f"option {f.name} has value {getattr(self, f.name)!r}; expected one of "
+                    f"{list(choices)}"
+                )
+        if self.min_holdout < 2:
+            raise ConfigError(f"option min_holdout has value {self.min_holdout}; expected >= 2")
+        try:
+            model = self.model_config(channels=1)
+        except ValueError as exc:
+            raise ConfigError(f"model options: {exc}") from exc
+        if self.crop_size % model.size_multiple:
             raise ConfigError(
-                f"option image_size has value {self.image_size}; expected a multiple of 8, >= 16"
+                f"option crop_size has value {self.crop_size}; expected a multiple of "
+                f"{model.size_multiple}"
             )
-        _check_choice("color_mode", self.color_mode, COLOR_CHOICES)
-        _check_choice("resize", self.resize, RESIZE_METHODS)
-        _check_choice("augment", self.augment, AUGMENTS)
-        _check_choice("device", self.device, DEVICES)
-        if self.res_blocks < 0 or self.latent_channels < 0:
+        if self.image_size % model.size_multiple:
             raise ConfigError(
-                f"options res_blocks={self.res_blocks}, latent_channels={self.latent_channels}; "
-                "expected integers >= 0"
-            )
-        if self.patience < 1 or self.min_holdout < 2:
-            raise ConfigError(
-                f"options patience={self.patience}, min_holdout={self.min_holdout}; "
-                "expected >= 1 and >= 2"
-            )
-        if self.latent_channels and (
-            self.latent_stride not in (2, 4, 8, 16, 32) or self.image_size % self.latent_stride
-        ):
-            raise ConfigError(
-                f"option latent_stride has value {self.latent_stride}; expected a power of 2 "
-                f"from 2 to 32 that divides image_size {self.image_size}"
+                f"option image_size has value {self.image_size}; expected a multiple of "
+                f"{model.size_multiple}"
             )
         _check_open_unit("holdout_fraction", self.holdout_fraction)
-        if not (math.isfinite(self.corruption) and 0.0 <= self.corruption <= 1.0):
-            raise ConfigError(
-                f"option corruption has value {self.corruption!r}; expected a number in [0, 1]"
-            )
         _check_open_unit("target_false_alarm_rate", self.target_false_alarm_rate)
+        for name, low, high in (("corruption", 0.0, 1.0), ("jitter", 0.0, 0.5)):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and low <= value <= high):
+                raise ConfigError(
+                    f"option {name} has value {value!r}; expected a number in [{low}, {high}]"
+                )
         for name in ("beta", "learning_rate"):
             value = getattr(self, name)
             if not math.isfinite(value) or value <= 0:
@@ -115,7 +201,7 @@ class FitConfig:
             )
         if self.time_limit_minutes is not None and not self.time_limit_minutes > 0:
             raise ConfigError(
-                f"option time_limit_minutes has value {self.time_limit_minutes!r}; expected > 0"
+                f"option time_limit has value {self.time_limit_minutes!r}; expected minutes > 0"
             )
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"option threads has value {self.threads!r}; expected >= 1")
@@ -126,11 +212,81 @@ class FitConfig:
         if self.weights is not None:
             _check_weights(self.weights)
 
+    def model_config(self, *, channels: int) -> VAEConfig:
+        """The network configuration these options describe, for ``channels`` input channels."""
+        return VAEConfig(
+            channels=channels,
+            width=self.width,
+            max_width=self.max_width,
+            res_blocks=self.res_blocks,
+            latent_channels=self.latent_channels,
+            latent_stride=self.latent_stride,
+            head_width=self.head_width,
+        )
+
+    def steps_for(self, n_train: int) -> int:
+        """The step budget for ``n_train`` training images: ``epochs`` passes, at most max_steps."""
+        per_pass = max(1, math.ceil(n_train / self.batch_size))
+        return min(self.epochs * per_pass, self.max_steps)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form, as written into the manifest's training section."""
         data = asdict(self)
         data["weights"] = dict(self.weights) if self.weights is not None else None
         return data
+
+    @classmethod
+    def from_namespace(cls, args: argparse.Namespace) -> FitConfig:
+        """The FitConfig of the flags that :func:`add_fit_arguments` added."""
+        values = {f.name: getattr(args, f.name) for f in fields(cls)}
+        if values["weights"] is not None:
+            values["weights"] = parse_weights(values["weights"])
+        return cls(**values)
+
+
+def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per FitConfig field, in groups, with its default and help."""
+    groups: dict[str, Any] = {}
+    hints = typing.get_type_hints(FitConfig)
+    for f in fields(FitConfig):
+        meta = f.metadata
+        group = groups.get(meta["group"]) or parser.add_argument_group(meta["group"])
+        groups[meta["group"]] = group
+        flag = meta["flag"] or "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not MISSING else None
+        kind = hints[f.name]
+        options: dict[str, Any] = {"dest": f.name, "help": meta["help"], "default": default}
+        if meta["metavar"]:
+            options["metavar"] = meta["metavar"]
+        if kind is bool:
+            if default:
+                group.add_argument(
+                    "--no-" + f.name.replace("_", "-"), action="store_false", **options
+                )
+            else:
+                group.add_argument(flag, action="store_true", **options)
+            continue
+        choices = _literal_choices(kind)
+        if choices:
+            options["choices"] = choices
+        elif f.name != "weights":
+            options["type"] = _scalar_type(kind)
+        group.add_argument(flag, **options)
+
+
+def _literal_choices(kind: Any) -> tuple[str, ...] | None:
+    if typing.get_origin(kind) is Literal:
+        return tuple(typing.get_args(kind))
+    return None
+
+
+def _scalar_type(kind: Any) -> type:
+    """``int``, ``float`` or ``str`` for a field typed as one of them, optionally ``| None``."""
+    options = [k for k in typing.get_args(kind) if k is not type(None)] or [kind]
+    (scalar,) = options
+    if scalar not in (int, float, str):
+        raise TypeError(f"no command-line type for {kind!r}")
+    return scalar  # type: ignore[no-any-return]
 
 
 def parse_weights(text: str) -> dict[str, float]:
@@ -155,11 +311,6 @@ def _check_weights(weights: Mapping[str, float], text: str | None = None) -> Non
             f"option weights has value {shown!r}; expected name=value pairs with names among "
             f"{', '.join(SCORE_NAMES)}, values >= 0 and at least one > 0"
         )
-
-
-def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"option {name} has value {value!r}; expected one of {list(choices)}")
 
 
 def _check_open_unit(name: str, value: float) -> None:

@@ -20,7 +20,7 @@ from service.preprocessing import (
     preprocess_bytes,
     stack,
 )
-from training.config import ColorChoice
+from training.config import Aspect, ColorChoice
 from training.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -83,6 +83,36 @@ def resolve_color_mode(paths: list[Path], choice: ColorChoice) -> ColorMode:
         if mode not in _GREY_MODES:
             return "RGB"
     return "L"
+
+
+def resolve_input_size(
+    paths: list[Path], max_side: int, aspect: Aspect, multiple: int
+) -> tuple[int, int]:
+    """Model input ``(height, width)`` for images of the sizes in ``paths`` (read from headers).
+
+    The longer side is the images' median longer side, at most ``max_side`` (images are never
+    enlarged), rounded down to a multiple of ``multiple``. With ``aspect="auto"`` the shorter
+    side keeps the images' median aspect ratio, rounded to a multiple of ``multiple``; every
+    image is then resized to that size, so an image of another shape is stretched to it.
+    ``"square"`` makes both sides the longer one.
+    """
+    sizes: list[tuple[int, int]] = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                width, height = image.size
+        except (OSError, ValueError):
+            continue  # unreadable files are reported by load_images
+        if width > 0 and height > 0:
+            sizes.append((height, width))
+    heights, widths = np.array(sizes, dtype=np.float64).reshape(-1, 2).T
+    longest = float(np.median(np.maximum(heights, widths))) if sizes else float(max_side)
+    long_side = max(multiple, int(min(max_side, longest)) // multiple * multiple)
+    if aspect == "square":
+        return long_side, long_side
+    ratio = float(np.median(heights / widths)) if sizes else 1.0
+    short = max(multiple, round(long_side * min(ratio, 1 / ratio) / multiple) * multiple)
+    return (long_side, short) if ratio > 1 else (short, long_side)
 
 
 def load_images(paths: list[Path], spec: InputSpec, *, skip_bad: bool) -> ImageSet:

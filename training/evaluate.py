@@ -26,6 +26,14 @@ log = logging.getLogger(__name__)
 
 F32Array = npt.NDArray[np.float32]
 NORMAL = "good"
+# The key of each score's image AUROC in the metrics (auroc_latent: the latent-only score).
+AUROC_KEYS: dict[str, str] = {
+    "recon_error": "auroc_recon",
+    "kl": "auroc_kl",
+    "local_error": "auroc_local",
+    "latent_distance": "auroc_latent",
+    "defect_probability": "auroc_defect",
+}
 
 
 @dataclass(frozen=True)
@@ -144,9 +152,7 @@ def run_evaluation(
     stats = threshold_stats(flagged, labels)
     pixel = _pixel_auroc(test, maps)
     metrics: dict[str, Any] = {
-        "auroc_recon": auroc(scores["recon_error"], labels),
-        "auroc_kl": auroc(scores["kl"], labels),
-        "auroc_local": auroc(scores["local_error"], labels),
+        **{key: auroc(scores[name], labels) for name, key in AUROC_KEYS.items()},
         "auroc_combined": auroc(scores["combined"], labels),
         "aupr_combined": average_precision(scores["combined"], labels),
         "f1_at_threshold": stats.f1,

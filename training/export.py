@@ -1,7 +1,9 @@
-"""ONNX export that proves itself: export, check the graph, compare ONNX Runtime with PyTorch.
+"""ONNX export that proves itself: export, check the graphs, compare ONNX Runtime with PyTorch.
 
-A model whose ONNX Runtime outputs differ from PyTorch's beyond :data:`PARITY_TOLERANCE` on real
-inputs is refused: :func:`export_model` raises :class:`ExportError` and nothing is written.
+The encoder, decoder and defect head are exported at the bundle's input size. A model whose
+ONNX Runtime outputs (through the service's own :class:`OnnxGraphs`) differ from PyTorch's beyond
+:data:`PARITY_TOLERANCE` on real inputs is refused: :func:`export_model` raises
+:class:`ExportError` and nothing is written.
 """
 
 from __future__ import annotations
@@ -9,14 +11,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import warnings
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 import onnx
-import onnxruntime as ort
 import torch
 
 from service.bundle import (
@@ -26,10 +27,15 @@ from service.bundle import (
     ENCODER,
     ENCODER_INPUT,
     ENCODER_OUTPUTS,
+    HEAD,
+    HEAD_INPUTS,
+    HEAD_OUTPUT,
     Tolerance,
 )
+from service.scorer import OnnxGraphs, output_differences
+from service.scoring import ModelOutputs
 from training.errors import ExportError
-from training.model import VAE
+from training.model import VAE, FlatDecoder, FlatEncoder, ProbabilityHead
 
 F32Array = npt.NDArray[np.float32]
 
@@ -39,15 +45,6 @@ PARITY_TOLERANCE = Tolerance(atol=1e-4, rtol=1e-3)
 # differ from fp32 by about 1e-3 relative); a changed model or graph misses it by far more.
 GOLDEN_TOLERANCE = Tolerance(atol=2e-3, rtol=1e-2)
 OPSET = 18
-
-
-@dataclass(frozen=True)
-class OnnxOutputs:
-    """Encoder and decoder outputs of ONNX Runtime for one batch."""
-
-    mu: F32Array
-    logvar: F32Array
-    recon: F32Array
 
 
 @dataclass(frozen=True)
@@ -65,29 +62,6 @@ class ParityReport:
             "tolerance": self.tolerance.to_dict(),
             "n_inputs": self.n_inputs,
         }
-
-
-class OnnxModel:
-    """The exported encoder and decoder under ONNX Runtime on CPU."""
-
-    def __init__(self, encoder_path: Path, decoder_path: Path, *, threads: int | None = None):
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        if threads:
-            options.intra_op_num_threads = threads
-        providers = ["CPUExecutionProvider"]
-        self._encoder = ort.InferenceSession(str(encoder_path), options, providers=providers)
-        self._decoder = ort.InferenceSession(str(decoder_path), options, providers=providers)
-
-    def run(self, images: F32Array, batch_size: int = 32) -> OnnxOutputs:
-        """Encoder, then decoder on the latent mean, in batches."""
-        parts: list[tuple[F32Array, F32Array, F32Array]] = []
-        for start in range(0, images.shape[0], batch_size):
-            batch = np.ascontiguousarray(images[start : start + batch_size])
-            mu, logvar = self._encoder.run(list(ENCODER_OUTPUTS), {ENCODER_INPUT: batch})
-            (recon,) = self._decoder.run([DECODER_OUTPUT], {DECODER_INPUT: mu})
-            parts.append((mu, logvar, recon))
-        return OnnxOutputs(*(np.concatenate([p[i] for p in parts]) for i in range(3)))
 
 
 @contextlib.contextmanager
@@ -109,78 +83,90 @@ def _quiet_exporter() -> Iterator[None]:
 
 def _export_one(
     module: torch.nn.Module,
-    example: torch.Tensor,
+    examples: tuple[torch.Tensor, ...],
     path: Path,
-    input_name: str,
-    output_names: list[str],
+    input_names: Sequence[str],
+    output_names: Sequence[str],
 ) -> None:
     # The TorchScript exporter: these are static convolutional graphs that it traces exactly, in
     # well under a second, where the torch.export-based one takes 5-20 s per graph on a small
     # CPU. Either way the graph must pass the checker and the parity test below.
     torch.onnx.export(
         module,
-        (example,),
+        examples,
         str(path),
-        input_names=[input_name],
-        output_names=output_names,
-        dynamic_axes={name: {0: "batch"} for name in (input_name, *output_names)},
+        input_names=list(input_names),
+        output_names=list(output_names),
+        dynamic_axes={name: {0: "batch"} for name in (*input_names, *output_names)},
         opset_version=OPSET,
         do_constant_folding=True,
         dynamo=False,
     )
 
 
+def torch_outputs(model: VAE, images: F32Array, batch_size: int = 16) -> ModelOutputs:
+    """What the exported graphs must give: the model's inference path in PyTorch, on CPU."""
+    assert model.head is not None, "a bundle needs the defect head"
+    parts: list[ModelOutputs] = []
+    with torch.no_grad():
+        for start in range(0, images.shape[0], batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size]))
+            mu, logvar = model.encoder(x)
+            recon = model.decoder(mu)
+            defect = ProbabilityHead(model.head)(x, recon)
+            parts.append(
+                ModelOutputs(
+                    *(t.numpy() for t in (mu.flatten(1), logvar.flatten(1), recon, defect))
+                )
+            )
+    return ModelOutputs(
+        *(np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(ModelOutputs))
+    )
+
+
 def export_model(
     model: VAE, out_dir: Path, examples: F32Array, *, threads: int | None = None
-) -> tuple[OnnxModel, ParityReport]:
-    """Write ``encoder.onnx`` and ``decoder.onnx`` into ``out_dir``, check them, prove parity.
+) -> tuple[OnnxGraphs, ParityReport]:
+    """Write the three graphs into ``out_dir``, check them, and prove parity with PyTorch.
 
-    ``examples`` are real preprocessed images (at least two, so the batch axis is exercised).
+    ``examples`` are real preprocessed images ``(N, C, H, W)`` at the bundle's input size (at
+    least two, so the batch axis is exercised); the graphs are fixed to that size.
     """
     model = model.cpu().eval()
-    encoder_path, decoder_path = out_dir / ENCODER, out_dir / DECODER
-    x = torch.from_numpy(np.ascontiguousarray(examples))
-    with torch.no_grad():
-        mu, logvar = model.encoder(x)
-        recon = model.decoder(mu)
+    if model.head is None:
+        raise ExportError("the model has no defect head; a bundle needs one")
+    _, _, height, width = examples.shape
+    grid = model.cfg.grid(height, width)
+    paths = (out_dir / ENCODER, out_dir / DECODER, out_dir / HEAD)
+    expected = torch_outputs(model, examples)
+    x = torch.from_numpy(np.ascontiguousarray(examples[:2]))
+    mu = torch.from_numpy(expected.mu[:2])
+    recon = torch.from_numpy(expected.recon[:2])
     try:
         with _quiet_exporter():
-            _export_one(model.encoder, x[:2], encoder_path, ENCODER_INPUT, list(ENCODER_OUTPUTS))
-            _export_one(model.decoder, mu[:2], decoder_path, DECODER_INPUT, [DECODER_OUTPUT])
-    except ExportError:
-        raise
+            # Wrappers start in training mode, which the exporter restores onto the wrapped
+            # modules after tracing; in eval mode they leave the model as it was.
+            encoder = FlatEncoder(model.encoder).eval()
+            _export_one(encoder, (x,), paths[0], [ENCODER_INPUT], ENCODER_OUTPUTS)
+            decoder = FlatDecoder(model.decoder, model.cfg.latent_channels, grid).eval()
+            _export_one(decoder, (mu,), paths[1], [DECODER_INPUT], [DECODER_OUTPUT])
+            head = ProbabilityHead(model.head).eval()
+            _export_one(head, (x, recon), paths[2], HEAD_INPUTS, [HEAD_OUTPUT])
     except Exception as exc:  # the exporter raises many types
         raise ExportError(f"ONNX export failed: {type(exc).__name__}: {exc}") from exc
-    for path in (encoder_path, decoder_path):
+    for path in paths:
         try:
             onnx.checker.check_model(onnx.load(str(path)), full_check=True)
         except Exception as exc:
             raise ExportError(f"the ONNX checker rejects {path}: {exc}") from exc
-    onnx_model = OnnxModel(encoder_path, decoder_path, threads=threads)
+    graphs = OnnxGraphs(*paths, device="cpu", threads=threads)
     # Batches of several sizes: the dynamic axis must really be dynamic.
-    outputs = onnx_model.run(examples, batch_size=max(1, examples.shape[0] // 2 + 1))
-    expected = {"mu": mu.numpy(), "logvar": logvar.numpy(), "recon": recon.numpy()}
-    report = compare(expected, outputs, PARITY_TOLERANCE, n_inputs=examples.shape[0])
-    return onnx_model, report
-
-
-def compare(
-    expected: dict[str, F32Array], actual: OnnxOutputs, tolerance: Tolerance, *, n_inputs: int
-) -> ParityReport:
-    """Check ``|actual - expected| <= atol + rtol * |expected|`` elementwise, else ExportError."""
-    diffs: dict[str, float] = {}
-    for name, want in expected.items():
-        got = getattr(actual, name)
-        if got.shape != want.shape:
-            raise ExportError(
-                f"ONNX Runtime output {name} has shape {got.shape}; PyTorch gives {want.shape}"
-            )
-        diff = np.abs(got - want)
-        diffs[name] = float(diff.max())
-        if np.any(diff > tolerance.atol + tolerance.rtol * np.abs(want)):
-            raise ExportError(
-                f"ONNX Runtime output {name} differs from PyTorch by up to {diffs[name]:.3g} on "
-                f"{n_inputs} real inputs, beyond the tolerance atol={tolerance.atol}, "
-                f"rtol={tolerance.rtol}; refusing to write the bundle"
-            )
-    return ParityReport(diffs, tolerance, n_inputs)
+    actual = graphs.run_in_batches(examples, batch_size=max(1, examples.shape[0] // 2 + 1))
+    try:
+        diffs = output_differences(expected, actual, PARITY_TOLERANCE)
+    except ValueError as exc:
+        raise ExportError(
+            f"ONNX Runtime differs from PyTorch on {examples.shape[0]} real inputs: {exc}; "
+            "refusing to write the bundle"
+        ) from exc
+    return graphs, ParityReport(diffs, PARITY_TOLERANCE, examples.shape[0])

@@ -28,20 +28,20 @@ import PIL
 import torch
 
 from service.bundle import (
-    DECODER,
-    ENCODER,
+    BUNDLE_FILES,
     GOLDEN,
-    MANIFEST,
+    LATENT_REFERENCE,
     Golden,
     Manifest,
     compute_model_id,
     load_bundle,
     write_golden,
+    write_latent_reference,
     write_manifest,
 )
 from service.preprocessing import InputSpec
-from service.scorer import Scorer
-from service.scoring import Calibration
+from service.scorer import OnnxGraphs, Scorer
+from service.scoring import Calibration, LatentGrid, LatentReference
 from training.calibrate import RuleChoice, calibrate, choose_rule
 from training.config import FitConfig
 from training.data import (
@@ -49,11 +49,12 @@ from training.data import (
     holdout_split,
     load_images,
     resolve_color_mode,
+    resolve_input_size,
     training_folder,
 )
 from training.errors import ExportError, TrainingError
-from training.export import GOLDEN_TOLERANCE, OPSET, OnnxModel, export_model
-from training.model import VAE, VAEConfig
+from training.export import GOLDEN_TOLERANCE, OPSET, export_model
+from training.model import VAE
 from training.train import select_device, train_vae
 
 __all__ = ["FitConfig", "fit_bundle"]
@@ -63,7 +64,6 @@ log = logging.getLogger(__name__)
 F32Array = npt.NDArray[np.float32]
 
 GOLDEN_IMAGES = 4
-BUNDLE_FILES = frozenset({MANIFEST, ENCODER, DECODER, GOLDEN})
 
 
 def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
@@ -76,10 +76,10 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
         return
     if not overwrite:
         raise TrainingError(f"output folder {out_dir} is not empty; pass --overwrite to replace it")
-    if not contents <= BUNDLE_FILES:
+    if not contents <= set(BUNDLE_FILES):
         raise TrainingError(
             f"output folder {out_dir} holds files other than a bundle's "
-            f"({sorted(contents - BUNDLE_FILES)[:3]}); refusing to replace it"
+            f"({sorted(contents - set(BUNDLE_FILES))[:3]}); refusing to replace it"
         )
 
 
@@ -124,9 +124,11 @@ def _fit(data_dir: Path, out_dir: Path, config: FitConfig, overwrite: bool) -> N
 
     folder = training_folder(data_dir)
     paths = find_images(folder)
+    multiple = config.model_config(channels=1).size_multiple
+    height, width = resolve_input_size(paths, config.image_size, config.aspect, multiple)
     spec = InputSpec(
-        height=config.image_size,
-        width=config.image_size,
+        height=height,
+        width=width,
         color_mode=resolve_color_mode(paths, config.color_mode),
         resize=config.resize,
     )
@@ -138,33 +140,15 @@ def _fit(data_dir: Path, out_dir: Path, config: FitConfig, overwrite: bool) -> N
         seed=config.seed,
     )
     log.info(
-        "%d images from %s (%s, %d skipped): training on %d, holding out %d; device %s",
-        len(images.paths),
-        folder,
-        spec.color_mode,
-        len(images.skipped),
-        len(train_idx),
-        len(holdout_idx),
-        device,
-    )
+        "%d images from %s (%s, %d skipped), input %dx%d: training on %d, holding out %d; "
+        "%d steps on %s",
+        len(images.paths), folder, spec.color_mode, len(images.skipped), spec.width,
+        spec.height, len(train_idx), len(holdout_idx), config.steps_for(len(train_idx)), device,
+    )  # fmt: skip
     holdout = images.images[holdout_idx]
-    vae_config = VAEConfig(
-        channels=spec.channels,
-        image_size=config.image_size,
-        latent_dim=config.latent_dim,
-        latent_channels=config.latent_channels,
-        latent_stride=config.latent_stride,
-        width=config.width,
-        max_width=config.max_width,
-        res_blocks=config.res_blocks,
-    )
-    result = train_vae(VAE(vae_config), images.images[train_idx], holdout, config, device)
-    log.info(
-        "training: %s after %d epochs (best %d)",
-        result.stop_reason,
-        len(result.history),
-        result.best_epoch,
-    )
+    model = VAE(config.model_config(channels=spec.channels))
+    result = train_vae(model, images.images[train_idx], holdout, config, device)
+    log.info("training: %s", result.stop_reason)
     facts = {
         "data": {
             "folder": str(folder.resolve()),
@@ -175,7 +159,7 @@ def _fit(data_dir: Path, out_dir: Path, config: FitConfig, overwrite: bool) -> N
             "holdout_files": [images.paths[i].name for i in holdout_idx],
             "skipped": [{"file": str(p), "reason": r} for p, r in images.skipped],
         },
-        "split": "one held-out split of the normal images serves early stopping, the choice "
+        "split": "one held-out split of the normal images serves validation, the choice "
         "of the decision rule and calibration; it is never trained on",
         "loss": "negative ELBO: Gaussian pixel NLL with the batch's maximum-likelihood sigma "
         f"(calibrated decoder) + beta * KL, beta={config.beta}",
@@ -183,13 +167,21 @@ def _fit(data_dir: Path, out_dir: Path, config: FitConfig, overwrite: bool) -> N
         "device_trained_on": str(device),
     }
     build_bundle(
-        result.model, holdout, spec, out_dir, config=config, facts=facts, overwrite=overwrite
+        result.model,
+        images.images[train_idx],
+        holdout,
+        spec,
+        out_dir,
+        config=config,
+        facts=facts,
+        overwrite=overwrite,
     )
     log.info("wrote bundle %s in %.0f s", out_dir, time.monotonic() - started)
 
 
 def build_bundle(
     model: VAE,
+    train: F32Array,
     holdout: F32Array,
     spec: InputSpec,
     out_dir: Path,
@@ -198,7 +190,8 @@ def build_bundle(
     facts: Mapping[str, Any],
     overwrite: bool = False,
 ) -> Path:
-    """Export ``model``, choose the rule, calibrate on ``holdout`` and write a checked bundle.
+    """Export ``model``, fit the latent reference on ``train``, choose the rule, calibrate on
+    ``holdout`` and write a checked bundle.
 
     The bundle is assembled in a staging folder next to ``out_dir`` and moved into place only
     after it has passed the service's own loading and self-test; on any failure nothing is left.
@@ -208,11 +201,14 @@ def build_bundle(
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     staging.chmod(0o755)  # mkdtemp makes it private; a bundle is meant to be shared
     try:
-        onnx_model, parity = export_model(model, staging, holdout, threads=config.threads)
+        graphs, parity = export_model(model, staging, holdout, threads=config.threads)
+        grid = LatentGrid(model.cfg.latent_channels, *model.cfg.grid(spec.height, spec.width))
+        reference = LatentReference.fit(graphs.run_in_batches(train).mu, grid)
+        write_latent_reference(staging / LATENT_REFERENCE, reference)
         choice = choose_rule(
-            onnx_model,
+            graphs,
+            reference,
             holdout,
-            image_size=spec.width,
             seed=config.seed,
             local_window=config.local_window,
             weights=config.weights,
@@ -224,7 +220,11 @@ def build_bundle(
             choice.synthetic_auroc,
         )
         calibration = calibrate(
-            onnx_model, holdout, choice, target_false_alarm_rate=config.target_false_alarm_rate
+            graphs,
+            reference,
+            holdout,
+            choice,
+            target_false_alarm_rate=config.target_false_alarm_rate,
         )
         training = {
             "config": config.to_dict(),
@@ -236,14 +236,7 @@ def build_bundle(
             "versions": _versions(),
         }
         _write_bundle(
-            staging,
-            onnx_model,
-            holdout,
-            spec,
-            model.cfg,
-            calibration,
-            training,
-            config.model_version,
+            staging, graphs, holdout, spec, grid, calibration, training, config.model_version
         )
         _self_check(staging, holdout, calibration, choice)
         if out_dir.exists():
@@ -257,23 +250,23 @@ def build_bundle(
 
 def _write_bundle(
     staging: Path,
-    onnx_model: OnnxModel,
+    graphs: OnnxGraphs,
     holdout: F32Array,
     spec: InputSpec,
-    vae_config: VAEConfig,
+    grid: LatentGrid,
     calibration: Calibration,
     training: dict[str, Any],
     model_version: str,
 ) -> None:
     inputs = np.ascontiguousarray(holdout[:GOLDEN_IMAGES])
-    out = onnx_model.run(inputs)
-    write_golden(staging / GOLDEN, Golden(inputs, out.mu, out.logvar, out.recon))
+    out = graphs.run(inputs)
+    write_golden(staging / GOLDEN, Golden(inputs, out.mu, out.logvar, out.recon, out.defect_map))
     manifest = Manifest(
-        model_id=compute_model_id(staging / ENCODER, staging / DECODER),
+        model_id=compute_model_id(staging),
         model_version=model_version,
         created_at=datetime.now(UTC).isoformat(timespec="seconds"),
         input=spec,
-        latent_dim=vae_config.latent_size,
+        latent=grid,
         calibration=calibration,
         golden_tolerance=GOLDEN_TOLERANCE,
         training=training,

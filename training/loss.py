@@ -1,4 +1,5 @@
-"""The ELBO loss of the VAE, with a Gaussian decoder whose noise level is calibrated."""
+"""The losses: the ELBO of the VAE (a Gaussian decoder whose noise level is calibrated) and the
+defect head's focal loss."""
 
 from __future__ import annotations
 
@@ -55,5 +56,17 @@ class ELBOLoss(nn.Module):
 
 
 def kl_divergence(mu: Tensor, logvar: Tensor) -> Tensor:
-    """KL(N(mu, exp(logvar)) || N(0, I)) per image, in nats: ``(B, D) -> (B,)``."""
-    return 0.5 * torch.sum(mu.pow(2) + logvar.exp() - logvar - 1.0, dim=1)
+    """KL(N(mu, exp(logvar)) || N(0, I)) per image, in nats: ``(B, ...) -> (B,)``."""
+    return 0.5 * torch.sum((mu.pow(2) + logvar.exp() - logvar - 1.0).flatten(1), dim=1)
+
+
+def focal_loss(logits: Tensor, target: Tensor, gamma: float = 2.0) -> Tensor:
+    """Mean binary focal loss (Lin et al., 2017) of per-pixel logits against a 0/1 mask.
+
+    Defects cover a small share of the pixels; the focal term lets the many easy normal pixels
+    count for little, so the rare defect pixels are learned (as DRAEM trains its head).
+    """
+    target = target.to(logits.dtype)
+    bce = nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    p_true = torch.exp(-bce)
+    return ((1.0 - p_true).pow(gamma) * bce).mean()

@@ -1,18 +1,20 @@
-"""The convolutional VAE: pure ``nn.Module``s, no training logic.
+"""The networks: a fully convolutional VAE and the defect head. Pure ``nn.Module``s, no training.
 
-Encoder: a stride-1 stem, then ``levels`` stride-2 downsamplings (each optionally followed by
-residual blocks) to a ``bottom x bottom`` feature map. The latent is either
+VAE. The encoder is a stride-1 stem and ``levels`` stride-2 downsamplings (residual blocks from
+the second level on) to a grid of cells, one per ``latent_stride x latent_stride`` pixels; a 1x1
+convolution gives ``latent_channels`` posterior means and log-variances per cell. The decoder
+mirrors it with transposed convolutions and ends in a sigmoid, so reconstructions live in the
+[0, 1] pixel range of the input. Nothing depends on the image size: the model is trained on crops
+and applied to whole images, and each cell describes only its neighbourhood, so fine detail
+survives while the KL term still limits how much a cell can say.
 
-- a vector (``latent_channels == 0``): the map, downsampled to 4x4, goes through a linear layer
-  to ``latent_dim`` means and log-variances; or
-- a spatial grid (``latent_channels > 0``): a 1x1 convolution turns the map at 1/``latent_stride``
-  of the input size into ``latent_channels`` means and log-variances per cell, flattened to
-  ``(B, D)`` with ``D = latent_channels * bottom^2``. Each cell describes its neighbourhood, so
-  fine detail survives and reconstructions are sharp, while the KL term still limits how much
-  the code can say.
+Defect head. A small U-Net that reads the input beside its reconstruction and gives a per-pixel
+anomaly logit (DRAEM, Zavrtanik et al., 2021): it learns, from synthetic defects, which
+differences between an image and its reconstruction are defects and which are the ordinary
+imperfections of the reconstruction.
 
-The decoder mirrors the encoder with transposed convolutions and ends in a sigmoid, so
-reconstructions live in the [0, 1] pixel range of the input.
+The exported graphs (:class:`FlatEncoder`, :class:`FlatDecoder`, :class:`ProbabilityHead`) hold
+only the inference path at one input size, with the latent flattened to ``(N, D)``.
 """
 
 from __future__ import annotations
@@ -23,67 +25,58 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-MIN_BOTTOM = 4
+STRIDES = (2, 4, 8, 16, 32)
 
 
 @dataclass(frozen=True)
 class VAEConfig:
-    """Everything that rebuilds the network; stored in the bundle's manifest."""
+    """Everything that rebuilds the networks; stored in the bundle's manifest."""
 
     channels: int = 3
-    image_size: int = 128
-    latent_dim: int = 128
     width: int = 32
-    max_width: int = 256
+    max_width: int = 128
     res_blocks: int = 1
-    latent_channels: int = 0
+    latent_channels: int = 8
     latent_stride: int = 8
+    head_width: int = 16  # 0: no defect head
 
     def __post_init__(self) -> None:
         if self.channels not in (1, 3):
             raise ValueError(f"channels is {self.channels}; expected 1 or 3")
-        if self.image_size < 16 or self.image_size % 8:
-            raise ValueError(f"image_size is {self.image_size}; expected a multiple of 8, >= 16")
-        for name in ("latent_dim", "width", "max_width"):
+        for name in ("width", "max_width", "latent_channels"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} is {getattr(self, name)}; expected a positive integer")
-        if self.res_blocks < 0 or self.latent_channels < 0:
+                raise ValueError(f"{name} is {getattr(self, name)}; expected an integer >= 1")
+        if self.res_blocks < 0 or self.head_width < 0:
             raise ValueError(
-                f"res_blocks is {self.res_blocks} and latent_channels {self.latent_channels}; "
-                "expected 0 or more"
+                f"res_blocks is {self.res_blocks} and head_width {self.head_width}; "
+                "expected integers >= 0"
             )
-        if self.spatial and (
-            self.latent_stride not in (2, 4, 8, 16, 32) or self.image_size % self.latent_stride
-        ):
+        if self.latent_stride not in STRIDES:
             raise ValueError(
-                f"latent_stride is {self.latent_stride}; expected a power of 2 from 2 to 32 that "
-                f"divides image_size {self.image_size}"
+                f"latent_stride is {self.latent_stride}; expected one of {list(STRIDES)}"
             )
-
-    @property
-    def spatial(self) -> bool:
-        """Whether the latent is a grid of cells rather than one vector."""
-        return self.latent_channels > 0
-
-    @property
-    def latent_size(self) -> int:
-        """``D``: the length of ``mu``, ``logvar`` and ``z``."""
-        return self.latent_channels * self.bottom**2 if self.spatial else self.latent_dim
 
     @property
     def levels(self) -> int:
-        """Stride-2 stages: to 1/``latent_stride`` (spatial), or halving down to 4x4 (vector)."""
-        if self.spatial:
-            return self.latent_stride.bit_length() - 1
-        levels, size = 0, self.image_size
-        while size % 2 == 0 and size // 2 >= MIN_BOTTOM and levels < 6:
-            levels, size = levels + 1, size // 2
-        return levels
+        """Stride-2 stages from the input to the latent grid."""
+        return self.latent_stride.bit_length() - 1
 
     @property
-    def bottom(self) -> int:
-        """Side of the deepest feature map."""
-        return self.image_size >> self.levels
+    def size_multiple(self) -> int:
+        """Input sides must be multiples of this: the latent stride, and the head's 8."""
+        return max(self.latent_stride, HEAD_STRIDE if self.head_width else 1)
+
+    def grid(self, height: int, width: int) -> tuple[int, int]:
+        """Latent cells ``(rows, columns)`` of a ``height x width`` input."""
+        m = self.size_multiple
+        if height < m or width < m or height % m or width % m:
+            raise ValueError(f"input {height}x{width}: each side must be a multiple of {m}")
+        return height // self.latent_stride, width // self.latent_stride
+
+    def latent_size(self, height: int, width: int) -> int:
+        """``D``, the length of the flattened ``mu``, ``logvar`` and ``z`` of one image."""
+        rows, columns = self.grid(height, width)
+        return self.latent_channels * rows * columns
 
     def level_widths(self) -> list[int]:
         """Channels after each downsampling, shallow to deep."""
@@ -94,6 +87,28 @@ class VAEConfig:
         return asdict(self)
 
 
+def _act() -> nn.Module:
+    return nn.LeakyReLU(0.2)
+
+
+def _conv(c_in: int, c_out: int, kernel: int = 3, stride: int = 1) -> nn.Sequential:
+    """Convolution, batch norm, activation; kernel 3 keeps the size, kernel 4 stride 2 halves it."""
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=1, bias=False),
+        nn.BatchNorm2d(c_out),
+        _act(),
+    )
+
+
+def _up(c_in: int, c_out: int) -> nn.Sequential:
+    """Transposed convolution doubling the size, batch norm, activation."""
+    return nn.Sequential(
+        nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1, bias=False),
+        nn.BatchNorm2d(c_out),
+        _act(),
+    )
+
+
 class ResBlock(nn.Module):
     """Two 3x3 convolutions with a residual connection; keeps shape ``(B, C, H, W)``."""
 
@@ -102,112 +117,105 @@ class ResBlock(nn.Module):
         self.body = nn.Sequential(
             nn.Conv2d(channels, channels, 3, padding=1, bias=False),
             nn.BatchNorm2d(channels),
-            nn.LeakyReLU(0.2),
+            _act(),
             nn.Conv2d(channels, channels, 3, padding=1, bias=False),
             nn.BatchNorm2d(channels),
         )
-        self.act = nn.LeakyReLU(0.2)
+        self.act = _act()
 
     def forward(self, x: Tensor) -> Tensor:
         out: Tensor = self.act(x + self.body(x))
         return out
 
 
-def _down(c_in: int, c_out: int) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(c_in, c_out, 4, stride=2, padding=1, bias=False),
-        nn.BatchNorm2d(c_out),
-        nn.LeakyReLU(0.2),
-    )
-
-
-def _up(c_in: int, c_out: int) -> nn.Sequential:
-    return nn.Sequential(
-        nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1, bias=False),
-        nn.BatchNorm2d(c_out),
-        nn.LeakyReLU(0.2),
-    )
-
-
-def _res_blocks(channels: int, count: int) -> list[nn.Module]:
-    return [ResBlock(channels) for _ in range(count)]
-
-
 class Encoder(nn.Module):
-    """``(B, C, H, W)`` in [0, 1] -> ``mu (B, D)``, ``logvar (B, D)``."""
+    """``(B, C, H, W)`` in [0, 1] -> ``mu``, ``logvar``, each ``(B, k, H/s, W/s)``."""
 
     def __init__(self, cfg: VAEConfig) -> None:
         super().__init__()
         widths = cfg.level_widths()
         stem = max(widths[0] // 2, 8)
-        layers: list[nn.Module] = [nn.Conv2d(cfg.channels, stem, 3, padding=1), nn.LeakyReLU(0.2)]
+        layers: list[nn.Module] = [nn.Conv2d(cfg.channels, stem, 3, padding=1), _act()]
         c_in = stem
         for i, c_out in enumerate(widths):
-            layers.append(_down(c_in, c_out))
-            # The first, full-resolution-ish level is the costliest; blocks start one level deeper.
-            layers += _res_blocks(c_out, cfg.res_blocks if i > 0 else 0)
+            layers.append(_conv(c_in, c_out, kernel=4, stride=2))
+            # The first level runs at half resolution, the costliest; blocks start one deeper.
+            layers += [ResBlock(c_out) for _ in range(cfg.res_blocks if i > 0 else 0)]
             c_in = c_out
         self.features = nn.Sequential(*layers)
-        self.spatial = cfg.spatial
-        self.head: nn.Module = (
-            nn.Conv2d(c_in, 2 * cfg.latent_channels, 1)
-            if cfg.spatial
-            else nn.Linear(c_in * cfg.bottom * cfg.bottom, 2 * cfg.latent_dim)
-        )
+        self.head = nn.Conv2d(c_in, 2 * cfg.latent_channels, 1)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        h = self.features(x)  # (B, C', b, b)
-        if self.spatial:
-            mu, logvar = self.head(h).chunk(2, dim=1)  # (B, k, b, b) each
-            return mu.flatten(1), logvar.flatten(1)  # (B, D) each
-        mu, logvar = self.head(h.flatten(1)).chunk(2, dim=1)  # (B, D) each
+        mu, logvar = self.head(self.features(x)).chunk(2, dim=1)  # (B, k, h, w) each
         return mu, logvar
 
 
 class Decoder(nn.Module):
-    """``z (B, D)`` -> reconstruction ``(B, C, H, W)`` in [0, 1]."""
+    """``z (B, k, h, w)`` -> reconstruction ``(B, C, h*s, w*s)`` in [0, 1]."""
 
     def __init__(self, cfg: VAEConfig) -> None:
         super().__init__()
         widths = cfg.level_widths()[::-1]
-        self.bottom = cfg.bottom
-        self.top_channels = widths[0]
-        self.latent_channels = cfg.latent_channels
-        self.head: nn.Module = (
-            nn.Conv2d(cfg.latent_channels, widths[0], 1)
-            if cfg.spatial
-            else nn.Linear(cfg.latent_dim, widths[0] * cfg.bottom * cfg.bottom)
-        )
-        layers: list[nn.Module] = [nn.LeakyReLU(0.2)]
         outs = [*widths[1:], max(widths[-1] // 2, 8)]
+        layers: list[nn.Module] = [nn.Conv2d(cfg.latent_channels, widths[0], 1), _act()]
         for i, (c_in, c_out) in enumerate(zip(widths, outs, strict=True)):
-            layers += _res_blocks(c_in, cfg.res_blocks if i < len(widths) - 1 else 0)
+            layers += [ResBlock(c_in) for _ in range(cfg.res_blocks if i < len(widths) - 1 else 0)]
             layers.append(_up(c_in, c_out))
         layers += [nn.Conv2d(outs[-1], cfg.channels, 3, padding=1), nn.Sigmoid()]
         self.features = nn.Sequential(*layers)
 
     def forward(self, z: Tensor) -> Tensor:
-        if self.latent_channels:
-            grid = z.view(-1, self.latent_channels, self.bottom, self.bottom)  # (B, k, b, b)
-            h = self.head(grid)  # (B, C', b, b)
-        else:
-            h = self.head(z).view(-1, self.top_channels, self.bottom, self.bottom)
-        out: Tensor = self.features(h)  # (B, C, H, W)
+        out: Tensor = self.features(z)
         return out
 
 
+HEAD_STRIDE = 8  # the defect head's U-Net halves the size three times
+
+
+class DefectHead(nn.Module):
+    """``(image, recon)``, each ``(B, C, H, W)`` -> per-pixel anomaly logits ``(B, 1, H, W)``."""
+
+    def __init__(self, cfg: VAEConfig) -> None:
+        super().__init__()
+        w = cfg.head_width
+        # Input: the image, its reconstruction and their squared difference.
+        self.down = nn.ModuleList(
+            [
+                nn.Sequential(_conv(3 * cfg.channels, w), _conv(w, w)),
+                nn.Sequential(_conv(w, 2 * w, 4, 2), _conv(2 * w, 2 * w)),
+                nn.Sequential(_conv(2 * w, 4 * w, 4, 2), _conv(4 * w, 4 * w)),
+                nn.Sequential(_conv(4 * w, 8 * w, 4, 2), _conv(8 * w, 8 * w)),
+            ]
+        )
+        self.up = nn.ModuleList([_up(8 * w, 4 * w), _up(4 * w, 2 * w), _up(2 * w, w)])
+        self.merge = nn.ModuleList([_conv(8 * w, 4 * w), _conv(4 * w, 2 * w), _conv(2 * w, w)])
+        self.out = nn.Conv2d(w, 1, 1)
+
+    def forward(self, image: Tensor, recon: Tensor) -> Tensor:
+        h = torch.cat([image, recon, (image - recon).pow(2)], dim=1)
+        skips: list[Tensor] = []
+        for block in self.down:
+            h = block(h)
+            skips.append(h)
+        for up, merge, skip in zip(self.up, self.merge, skips[-2::-1], strict=True):
+            h = merge(torch.cat([up(h), skip], dim=1))
+        logits: Tensor = self.out(h)
+        return logits
+
+
 class VAE(nn.Module):
-    """Encoder, reparameterisation and decoder."""
+    """Encoder, reparameterisation, decoder, and (when configured) the defect head."""
 
     def __init__(self, cfg: VAEConfig) -> None:
         super().__init__()
         self.cfg = cfg
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
+        self.head = DefectHead(cfg) if cfg.head_width else None
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Reconstruction from a sampled latent in training, from ``mu`` in eval mode."""
-        mu, logvar = self.encoder(x)  # (B, D) each
+        mu, logvar = self.encoder(x)
         z = reparameterise(mu, logvar) if self.training else mu
         return self.decoder(z), mu, logvar
 
@@ -215,3 +223,42 @@ class VAE(nn.Module):
 def reparameterise(mu: Tensor, logvar: Tensor) -> Tensor:
     """Sample ``z = mu + sigma * eps`` differentiably."""
     return mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+
+
+class FlatEncoder(nn.Module):
+    """The exported encoder: ``image (N, C, H, W)`` -> ``mu``, ``logvar`` flattened to ``(N, D)``.
+
+    ``D`` is ordered channel-major, then row, then column: ``mu.view(N, k, rows, columns)``.
+    """
+
+    def __init__(self, encoder: Encoder) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, image: Tensor) -> tuple[Tensor, Tensor]:
+        mu, logvar = self.encoder(image)
+        return mu.flatten(1), logvar.flatten(1)
+
+
+class FlatDecoder(nn.Module):
+    """The exported decoder: ``z (N, D)`` -> ``recon (N, C, H, W)`` at one input size."""
+
+    def __init__(self, decoder: Decoder, latent_channels: int, grid: tuple[int, int]) -> None:
+        super().__init__()
+        self.decoder = decoder
+        self.shape = (latent_channels, *grid)
+
+    def forward(self, z: Tensor) -> Tensor:
+        out: Tensor = self.decoder(z.view(-1, *self.shape))
+        return out
+
+
+class ProbabilityHead(nn.Module):
+    """The exported defect head: ``(image, recon)`` -> anomaly probability ``(N, H, W)``."""
+
+    def __init__(self, head: DefectHead) -> None:
+        super().__init__()
+        self.head = head
+
+    def forward(self, image: Tensor, recon: Tensor) -> Tensor:
+        return torch.sigmoid(self.head(image, recon)).squeeze(1)

@@ -1,12 +1,16 @@
-"""The training loop.
+"""The training loop: crops, synthetic defects, the VAE's ELBO and the defect head's focal loss.
 
-AdamW with warm-up and cosine annealing over the step or time budget, validation on the held-out
-images every epoch, early stopping, and the weights of the best validation epoch kept.
+Each step draws random crops of the training images, changes their brightness and contrast a
+little (lighting is not a defect), gives some of them a synthetic defect (:mod:`training.synth`),
+and trains the VAE to reconstruct the clean crop from the corrupted one (a denoising VAE) and the
+defect head to find the defect's pixels from the corrupted crop and its reconstruction. The
+budget is a number of steps (:meth:`FitConfig.steps_for`); AdamW's learning rate warms up and
+anneals over it, and the final weights are kept. Held-out images are scored at full size a few
+times along the way for the history; they never steer the training.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import time
@@ -19,25 +23,27 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from training.config import Augment, Device, FitConfig
+from training.config import Device, FitConfig
 from training.errors import ConfigError
-from training.loss import ELBOLoss
+from training.loss import ELBOLoss, focal_loss
 from training.model import VAE
 from training.synth import corrupt
 
 log = logging.getLogger(__name__)
 
-LOG_EVERY = 10  # epochs between log lines when there is no progress bar
+F32Array = npt.NDArray[np.float32]
+VALIDATIONS = 10  # full-size validation passes over a run, for the history
 
 
 @dataclass(frozen=True)
-class EpochStats:
-    """Per-image losses of one epoch."""
+class StepStats:
+    """Training losses averaged since the last record, and the held-out losses at the record."""
 
-    epoch: int
+    step: int
     train_loss: float
     train_mse: float
     train_kl: float
+    head_loss: float
     val_loss: float
     val_mse: float
     val_kl: float
@@ -45,23 +51,23 @@ class EpochStats:
 
 @dataclass(frozen=True)
 class TrainResult:
-    """The trained model (weights of the best validation epoch) and its history."""
+    """The trained model (final weights) and its history."""
 
     model: VAE
-    history: tuple[EpochStats, ...]
-    best_epoch: int
+    history: tuple[StepStats, ...]
+    steps: int
+    planned_steps: int
     stop_reason: str
     seconds: float
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready facts for the manifest."""
-        best = self.history[self.best_epoch - 1]
         return {
-            "epochs_run": len(self.history),
-            "best_epoch": self.best_epoch,
+            "steps": self.steps,
+            "planned_steps": self.planned_steps,
             "stop_reason": self.stop_reason,
             "seconds": round(self.seconds, 1),
-            "best": asdict(best),
+            "final": asdict(self.history[-1]) if self.history else None,
             "history": [
                 {k: float(f"{v:.5g}") if isinstance(v, float) else v for k, v in asdict(s).items()}
                 for s in self.history
@@ -80,37 +86,11 @@ def select_device(choice: Device) -> torch.device:
     return torch.device("cpu")
 
 
-def augment_batch(x: Tensor, mode: Augment, generator: torch.Generator) -> Tensor:
-    """Random flips and/or small shifts (up to 1/16 of the side, reflected borders)."""
-    if mode in ("flip", "flip+shift"):
-        flips = torch.rand(2, x.shape[0], generator=generator)
-        x = torch.where((flips[0] < 0.5).view(-1, 1, 1, 1).to(x.device), x.flip(3), x)
-        x = torch.where((flips[1] < 0.5).view(-1, 1, 1, 1).to(x.device), x.flip(2), x)
-    if mode in ("shift", "flip+shift"):
-        pad = max(1, x.shape[-1] // 16)
-        padded = torch.nn.functional.pad(x, (pad, pad, pad, pad), mode="reflect")
-        dy, dx = (int(v) for v in torch.randint(0, 2 * pad + 1, (2,), generator=generator))
-        x = padded[:, :, dy : dy + x.shape[2], dx : dx + x.shape[3]]
-    return x
-
-
-def _evaluate(model: VAE, loss_fn: ELBOLoss, x: Tensor, batch_size: int) -> tuple[float, ...]:
-    model.eval()
-    totals = np.zeros(3)
-    with torch.no_grad():
-        for start in range(0, x.shape[0], batch_size):
-            batch = x[start : start + batch_size]
-            recon, mu, logvar = model(batch)
-            _, parts = loss_fn(recon, batch, mu, logvar)
-            totals += np.array([parts.total, parts.mse, parts.kl]) * batch.shape[0]
-    return tuple(float(v) for v in totals / x.shape[0])
-
-
 class Budget:
-    """Training progress in [0, 1]: the larger of the share of steps and of the time budget.
+    """Training progress in [0, 1]: the share of steps done, or of the time limit if larger.
 
-    The learning rate follows this progress, so a run cut short by its time budget still
-    warms up and anneals completely instead of stopping at a high learning rate.
+    The learning rate follows this progress, so a run cut short by a time limit still warms up
+    and anneals completely instead of stopping at a high learning rate.
     """
 
     def __init__(self, total_steps: int, time_limit_s: float | None) -> None:
@@ -138,89 +118,113 @@ def learning_rate(peak: float, progress: float, warmup: float = 0.05) -> float:
     return peak * (0.01 + 0.99 * cosine)
 
 
+def random_crops(
+    images: Tensor, count: int, size: tuple[int, int], rng: np.random.Generator
+) -> Tensor:
+    """``count`` crops of ``size = (h, w)`` at random places of random images ``(N, C, H, W)``."""
+    n, _, height, width = images.shape
+    h, w = size
+    picks = rng.integers(0, n, count)
+    ys = rng.integers(0, height - h + 1, count)
+    xs = rng.integers(0, width - w + 1, count)
+    return torch.stack(
+        [images[i, :, y : y + h, x : x + w] for i, y, x in zip(picks, ys, xs, strict=True)]
+    )
+
+
+def jitter_intensity(x: F32Array, amount: float, rng: np.random.Generator) -> F32Array:
+    """Random brightness and contrast changes of up to ``amount`` per image ``(N, C, H, W)``."""
+    if amount <= 0:
+        return x
+    n = x.shape[0]
+    gain = rng.uniform(1 - amount, 1 + amount, (n, 1, 1, 1)).astype(np.float32)
+    contrast = rng.uniform(1 - amount, 1 + amount, (n, 1, 1, 1)).astype(np.float32)
+    mean = x.mean(axis=(1, 2, 3), keepdims=True)
+    return np.asarray(np.clip((x - mean) * contrast + mean * gain, 0.0, 1.0), dtype=np.float32)
+
+
+def _validate(model: VAE, loss_fn: ELBOLoss, x: Tensor, batch_size: int) -> tuple[float, ...]:
+    model.eval()
+    totals = np.zeros(3)
+    with torch.no_grad():
+        for start in range(0, x.shape[0], batch_size):
+            batch = x[start : start + batch_size]
+            recon, mu, logvar = model(batch)
+            _, parts = loss_fn(recon, batch, mu, logvar)
+            totals += np.array([parts.total, parts.mse, parts.kl]) * batch.shape[0]
+    model.train()
+    return tuple(float(v) for v in totals / x.shape[0])
+
+
 def train_vae(
     model: VAE,
-    train_images: npt.NDArray[np.float32],
-    val_images: npt.NDArray[np.float32],
+    train_images: F32Array,
+    val_images: F32Array,
     config: FitConfig,
     device: torch.device,
 ) -> TrainResult:
-    """Train ``model`` on ``train_images``; keep the weights with the lowest validation loss.
-
-    With ``config.corruption > 0`` it is trained as a denoising VAE: that share of the inputs
-    carries a synthetic defect, and the loss compares the reconstruction with the clean image.
-    """
-    generator = torch.Generator().manual_seed(config.seed)
+    """Train ``model`` (and its defect head) on crops of ``train_images`` for the step budget."""
     rng = np.random.default_rng(config.seed)
-    model.to(device)
-    x_train = torch.from_numpy(train_images).to(device)
+    model.to(device).train()
+    x_train = torch.from_numpy(train_images)
     x_val = torch.from_numpy(val_images).to(device)
+    _, _, height, width = train_images.shape
+    crop = (min(config.crop_size, height), min(config.crop_size, width))
     loss_fn = ELBOLoss(config.beta)
-    n = x_train.shape[0]
-    batch_size = min(config.batch_size, n)
-    steps_per_epoch = max(1, n // batch_size)  # full batches only: BatchNorm needs 2+ images
     optimiser = torch.optim.AdamW(
         model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
     )
+    total = config.steps_for(train_images.shape[0])
     limit = None if config.time_limit_minutes is None else 60 * config.time_limit_minutes
-    budget = Budget(config.epochs * steps_per_epoch, limit)
-    history: list[EpochStats] = []
-    best_loss, best_epoch, best_state = math.inf, 0, copy.deepcopy(model.state_dict())
-    stop_reason = "completed all epochs"
+    budget = Budget(total, limit)
+    record_every = max(1, total // VALIDATIONS)
+    history: list[StepStats] = []
+    sums, count = np.zeros(4), 0
+    stop_reason = f"completed {total} steps"
+    bar = tqdm(total=total, desc="fit", unit="step", disable=not config.progress)
     step = 0
-    bar = tqdm(range(1, config.epochs + 1), desc="fit", unit="epoch", disable=not config.progress)
-    for epoch in bar:
-        model.train()
-        order = torch.randperm(n, generator=generator).to(device)
-        sums = np.zeros(3)
-        for i in range(steps_per_epoch):
-            for group in optimiser.param_groups:
-                group["lr"] = learning_rate(config.learning_rate, budget.progress(step))
-            target = augment_batch(
-                x_train[order[i * batch_size : (i + 1) * batch_size]], config.augment, generator
-            )
-            inputs = _corrupt(target, config.corruption, rng)
-            recon, mu, logvar = model(inputs)
-            loss, parts = loss_fn(recon, target, mu, logvar)
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            step += 1
-            sums += np.array([parts.total, parts.mse, parts.kl])
-        train = sums / steps_per_epoch
-        val = _evaluate(model, loss_fn, x_val, batch_size)
-        history.append(EpochStats(epoch, *(float(v) for v in train), *val))
-        if val[0] < best_loss:
-            best_loss, best_epoch = val[0], epoch
-            best_state = copy.deepcopy(model.state_dict())
-        bar.set_postfix(
-            loss=f"{train[0]:.0f}",
-            mse=f"{train[1]:.2e}",
-            kl=f"{train[2]:.1f}",
-            val=f"{val[0]:.0f}",
-            val_mse=f"{val[1]:.2e}",
-            best=best_epoch,
+    while step < total:
+        for group in optimiser.param_groups:
+            group["lr"] = learning_rate(config.learning_rate, budget.progress(step))
+        clean = jitter_intensity(
+            random_crops(x_train, config.batch_size, crop, rng).numpy(), config.jitter, rng
         )
-        if not config.progress and (epoch % LOG_EVERY == 0 or epoch == config.epochs):
-            log.info(
-                "epoch %d/%d: loss %.1f (mse %.2e, kl %.1f), val loss %.1f (mse %.2e), "
-                "best epoch %d, %.0f s",
-                epoch, config.epochs, *train, val[0], val[1], best_epoch, budget.elapsed(),
-            )  # fmt: skip
-        if epoch - best_epoch >= config.patience:
-            stop_reason = f"early stop: no validation improvement for {config.patience} epochs"
-            break
-        if budget.progress(step) >= 1.0 and epoch < config.epochs:
-            stop_reason = f"time budget of {config.time_limit_minutes} minutes used"
+        corrupted, masks = corrupt(clean, config.corruption, rng)
+        target = torch.from_numpy(clean).to(device)
+        inputs = torch.from_numpy(corrupted).to(device)
+        recon, mu, logvar = model(inputs)
+        loss, parts = loss_fn(recon, target, mu, logvar)
+        head_loss = torch.zeros(())
+        if model.head is not None:
+            logits = model.head(inputs, recon.detach())
+            head_loss = focal_loss(logits, torch.from_numpy(masks).to(device).unsqueeze(1))
+            loss = loss + head_loss
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        step += 1
+        sums += (parts.total, parts.mse, parts.kl, float(head_loss.detach()))
+        count += 1
+        bar.update(1)
+        out_of_time = limit is not None and budget.elapsed() >= limit and step < total
+        if step % record_every == 0 or step == total or out_of_time:
+            val = _validate(model, loss_fn, x_val, config.batch_size)
+            history.append(StepStats(step, *(float(v) for v in sums / count), *val))
+            sums, count = np.zeros(4), 0
+            bar.set_postfix(
+                mse=f"{history[-1].train_mse:.2e}",
+                head=f"{history[-1].head_loss:.3f}",
+                val_mse=f"{val[1]:.2e}",
+            )
+            if not config.progress:
+                log.info(
+                    "step %d/%d: mse %.2e, kl %.1f, head loss %.4f; held-out mse %.2e, %.0f s",
+                    step, total, history[-1].train_mse, history[-1].train_kl,
+                    history[-1].head_loss, val[1], budget.elapsed(),
+                )  # fmt: skip
+        if out_of_time:
+            stop_reason = f"time limit of {config.time_limit_minutes} minutes reached"
             break
     bar.close()
-    model.load_state_dict(best_state)
     model.eval()
-    return TrainResult(model, tuple(history), best_epoch, stop_reason, budget.elapsed())
-
-
-def _corrupt(batch: Tensor, probability: float, rng: np.random.Generator) -> Tensor:
-    if probability <= 0:
-        return batch
-    images = batch.detach().cpu().numpy()
-    return torch.from_numpy(corrupt(images, probability, rng)).to(batch.device)
+    return TrainResult(model, tuple(history), step, total, stop_reason, budget.elapsed())

@@ -10,15 +10,12 @@ from types import TracebackType
 from typing import IO, Any
 
 from service.client.client import Result
+from service.scoring import SCORE_NAMES
 
 SCORE_FIELDS = (
-    "recon_error",
-    "kl",
-    "local_error",
+    *SCORE_NAMES,
     "combined",
-    "recon_error_p_value",
-    "kl_p_value",
-    "local_error_p_value",
+    *(f"{name}_p_value" for name in SCORE_NAMES),
     "combined_p_value",
     "threshold",
 )

@@ -1,0 +1,218 @@
+"""benchmark (training/benchmark.py): the quality suite's rows, mean, table and command line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import training.benchmark
+from service.bundle import load_bundle
+from tests.conftest import DEMO_SIZE, TINY_FIT
+from tests.training_helpers import fit_flags
+from training.benchmark import (
+    MEAN,
+    dataset_names,
+    markdown_table,
+    mean_row,
+    run_benchmark,
+)
+from training.config import FitConfig
+from training.demo_data import DEFECT_TYPES
+from training.errors import DataError
+
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
+ROOT = Path(__file__).resolve().parent.parent
+# The keys of a row, as the issue asks for them; the mean row has exactly these.
+ISSUE_KEYS = [
+    "dataset",
+    "auroc_combined",
+    "auroc_recon",
+    "auroc_kl",
+    "auroc_latent",
+    "pixel_auroc",
+    "tpr_at_threshold",
+    "fpr_at_threshold",
+    "fit_seconds",
+    "epochs",
+]
+HEADINGS = "| dataset | image AUROC | recon AUROC | KL AUROC | latent AUROC | pixel AUROC |"
+
+
+@pytest.fixture(scope="module")
+def suite(
+    demo_data: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[list[dict[str, Any]], Path]:
+    """The suite run on two copies of the demo data (same folder name, different parents)."""
+    root = tmp_path_factory.mktemp("suite")
+    for parent in ("line_a", "line_b"):
+        shutil.copytree(demo_data, root / parent / "flange")
+    out = root / "out"
+    rows = run_benchmark(
+        [root / "line_a" / "flange", root / "line_b" / "flange"], out, FitConfig(**TINY_FIT)
+    )
+    return rows, out
+
+
+def test_the_json_has_a_row_per_dataset_and_the_mean(
+    suite: tuple[list[dict[str, Any]], Path],
+) -> None:
+    rows, out = suite
+    table = json.loads((out / "benchmark.json").read_text(encoding="utf-8"))
+    assert table == json.loads(json.dumps(rows))
+    assert [row["dataset"] for row in table] == ["line_a/flange", "line_b/flange", MEAN]
+    assert list(table[-1]) == ISSUE_KEYS
+    for row in table[:-1]:
+        assert list(row)[: len(ISSUE_KEYS)] == ISSUE_KEYS
+        for key in ("auroc_combined", "auroc_recon", "auroc_kl", "auroc_latent", "pixel_auroc"):
+            assert 0.0 <= row[key] <= 1.0, key
+        assert 0.0 <= row["tpr_at_threshold"] <= 1.0 and 0.0 <= row["fpr_at_threshold"] <= 1.0
+        assert row["fit_seconds"] > 0
+        # 20 steps of 8 crops over the 19 training images: 8.4 passes.
+        n_train = DEMO_SIZE["n_train"] - 5
+        assert row["epochs"] == round(20 * 8 / n_train, 1) == 8.4
+        assert set(row["auroc_by_type"]) == set(DEFECT_TYPES)
+    for key in ISSUE_KEYS[1:]:
+        expected = (table[0][key] + table[1][key]) / 2
+        assert table[-1][key] == pytest.approx(expected, abs=1e-4), key
+
+
+def test_each_dataset_gets_its_own_bundle_and_report(
+    suite: tuple[list[dict[str, Any]], Path],
+) -> None:
+    _, out = suite
+    for name in ("line_a/flange", "line_b/flange"):
+        manifest = load_bundle(out / name / "bundle").manifest
+        assert manifest.training["config"] == FitConfig(**TINY_FIT).to_dict()
+        assert (out / name / "report" / "roc.png").is_file()
+
+
+def test_the_markdown_has_a_row_per_dataset_and_the_mean(
+    suite: tuple[list[dict[str, Any]], Path],
+) -> None:
+    rows, out = suite
+    text = (out / "benchmark.md").read_text(encoding="utf-8")
+    assert text.startswith("# Quality suite (settings: ")
+    assert "image_size=32" in text and "max_steps=20" in text and "progress" not in text
+    lines = [line for line in text.splitlines() if line.startswith("|")]
+    assert lines[0].startswith(HEADINGS)
+    assert len(lines) == 2 + 3
+    assert lines[2].startswith("| line_a/flange | ") and lines[3].startswith("| line_b/flange | ")
+    assert lines[4].startswith(f"| **{MEAN}** | ")
+    assert f"{rows[0]['auroc_combined']:.3f}" in lines[2]
+
+
+def _row(name: str, auroc: float, pixel: float | None) -> dict[str, Any]:
+    return {
+        "dataset": name,
+        "auroc_combined": auroc,
+        "auroc_recon": 0.5,
+        "auroc_kl": 0.25,
+        "auroc_latent": auroc / 2,
+        "pixel_auroc": pixel,
+        "tpr_at_threshold": 1.0,
+        "fpr_at_threshold": 0.0,
+        "fit_seconds": 12.0,
+        "epochs": 10.0,
+        "steps": 100,
+        "auroc_by_type": {"scratch": auroc},
+    }
+
+
+def test_mean_row_skips_missing_pixel_aurocs() -> None:
+    rows = [_row("a", 0.9, None), _row("b", 0.7, 0.8), _row("c", 0.8, None)]
+    mean = mean_row(rows)
+    assert list(mean) == ISSUE_KEYS
+    assert mean["dataset"] == MEAN
+    assert mean["auroc_combined"] == pytest.approx(0.8)
+    assert mean["auroc_latent"] == pytest.approx(0.4)
+    assert mean["pixel_auroc"] == 0.8  # the one dataset with masks
+    assert mean["fit_seconds"] == 12.0
+    assert mean_row([_row("a", 0.9, None)])["pixel_auroc"] is None
+
+
+def test_markdown_table_formats_figures_and_dashes_missing_ones() -> None:
+    rows = [_row("a", 0.9, None), _row("b", 0.7, 0.8)]
+    text = markdown_table([*rows, mean_row(rows)])
+    lines = text.splitlines()
+    assert lines[0] == (f"{HEADINGS} TPR at threshold | FPR at threshold | fit (s) | epochs |")
+    assert lines[1] == "|" + "|".join([" --- "] * len(ISSUE_KEYS)) + "|"
+    assert lines[2] == "| a | 0.900 | 0.500 | 0.250 | 0.450 | – | 1.000 | 0.000 | 12 | 10.0 |"
+    assert lines[3] == "| b | 0.700 | 0.500 | 0.250 | 0.350 | 0.800 | 1.000 | 0.000 | 12 | 10.0 |"
+    assert lines[4].startswith("| **mean** | **0.800** | **0.500** |")
+    assert "| **0.800** | **1.000** |" in lines[4]  # the mean pixel AUROC of "b" alone
+    nan_row = {**_row("c", 0.5, None), "auroc_kl": math.nan}
+    assert "| 0.500 | – | 0.250 |" in markdown_table([nan_row])
+
+
+def test_dataset_names_are_unique() -> None:
+    assert dataset_names([Path("x/bottle"), Path("y/cable")]) == ["bottle", "cable"]
+    assert dataset_names([Path("x/bottle"), Path("y/bottle")]) == ["x/bottle", "y/bottle"]
+    # Each dataset gets its own output folder, OUT/<name>: different folders never share one.
+    names = dataset_names([Path("v1/mvtec/bottle"), Path("v2/mvtec/bottle")])
+    assert len(set(names)) == 2, names
+
+
+def test_a_folder_without_test_is_refused_before_any_fit(
+    demo_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_fit(*args: object, **kwargs: object) -> Path:
+        raise AssertionError("fit_bundle ran before the datasets were checked")
+
+    monkeypatch.setattr(training.benchmark, "fit_bundle", no_fit)
+    plain = tmp_path / "plain"
+    shutil.copytree(demo_data / "train" / "good", plain)
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match=rf"{plain} has no test/ folder"):
+        run_benchmark([demo_data, plain], out, FitConfig(**TINY_FIT))
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_the_command_runs_the_suite_and_prints_progress(demo_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "suite"
+    done = subprocess.run(
+        [sys.executable, "-m", "training", "benchmark", str(demo_data), "--out", str(out),
+         *fit_flags(TINY_FIT)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    name = demo_data.name
+    for step in ("fitting", "evaluating", "image AUROC"):
+        assert f"[1/1] {name}: {step}" in done.stderr
+    assert f"wrote {out / 'benchmark.md'}" in done.stderr
+    table = json.loads((out / "benchmark.json").read_text(encoding="utf-8"))
+    assert [row["dataset"] for row in table] == [name, MEAN]
+    assert load_bundle(out / name / "bundle").manifest.training["config"]["max_steps"] == 20
+
+
+def test_the_command_refuses_a_folder_without_test_in_one_line(
+    demo_data: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from training.cli import main
+
+    # main() gives the "training" logger a handler on the sys.stderr of its first call: here
+    # capsys's, closed after this test. Keep it from outliving the test.
+    logger = logging.getLogger("training")
+    monkeypatch.setattr(logger, "handlers", [])
+    monkeypatch.setattr(logger, "propagate", logger.propagate)
+    monkeypatch.setattr(logger, "level", logger.level)
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    assert main(["benchmark", str(demo_data), str(plain), "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {plain} has no test/ folder; the suite needs MVTec-layout datasets"]

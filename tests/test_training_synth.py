@@ -1,0 +1,143 @@
+"""Synthetic defects (training/synth.py): masks of exactly the changed pixels, two families."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+
+from service.preprocessing import InputSpec, list_image_files, load_image_file, stack
+from training.synth import (
+    CHANGED,
+    HELD_OUT_DEFECTS,
+    TRAINING_DEFECTS,
+    Defect,
+    corrupt,
+    perlin_mask,
+    perlin_noise,
+    perlin_texture,
+    synthesise_anomalies,
+)
+
+F32Array = npt.NDArray[np.float32]
+ALL_DEFECTS: tuple[Defect, ...] = tuple(dict.fromkeys((*TRAINING_DEFECTS, *HELD_OUT_DEFECTS)))
+SIZES = [(32, 32), (48, 64)]
+DRAWS = 20
+
+
+@pytest.fixture(scope="module")
+def demo_images(demo_data: Path) -> dict[tuple[int, int], F32Array]:
+    """Four demo training images at each of SIZES: real parts, as the training sees them."""
+    files = list_image_files(demo_data / "train" / "good")[:4]
+    return {
+        (h, w): stack([load_image_file(p, InputSpec(height=h, width=w)) for p in files])
+        for h, w in SIZES
+    }
+
+
+def _changed(after: F32Array, before: F32Array) -> npt.NDArray[np.bool_]:
+    return np.asarray(np.abs(after - before).max(axis=0) > CHANGED)
+
+
+def test_the_families_are_disjoint_and_complete() -> None:
+    assert set(TRAINING_DEFECTS).isdisjoint(HELD_OUT_DEFECTS)
+    names = {d.__name__ for d in ALL_DEFECTS}
+    assert names == {"perlin_texture", "crack", "paste", "blotch", "noise", "relight"}
+
+
+@pytest.mark.parametrize("size", SIZES, ids=["32x32", "48x64"])
+@pytest.mark.parametrize("defect", ALL_DEFECTS, ids=lambda d: d.__name__)
+def test_each_defect_returns_the_mask_of_exactly_the_pixels_it_changed(
+    demo_images: dict[tuple[int, int], F32Array], defect: Defect, size: tuple[int, int]
+) -> None:
+    images = demo_images[size]
+    changed_some = 0
+    for seed in range(DRAWS):
+        image = images[seed % len(images)].copy()
+        before = image.copy()
+        mask = defect(image, images, np.random.default_rng(seed))
+        assert mask.dtype == np.bool_ and mask.shape == size
+        assert image.dtype == np.float32 and image.min() >= 0.0 and image.max() <= 1.0
+        np.testing.assert_array_equal(mask, _changed(image, before))
+        # Outside the mask nothing moved by more than CHANGED.
+        assert np.abs(image - before).max(axis=0)[~mask].max(initial=0.0) <= CHANGED
+        changed_some += bool(mask.any())
+    # A defect may now and then fall off the image (a crack) or nearly match it (a mild
+    # relighting); nearly always it changes some pixels.
+    assert changed_some >= DRAWS - 2
+
+
+@pytest.mark.parametrize("size", SIZES, ids=["32x32", "48x64"])
+def test_perlin_regions_are_never_empty(
+    demo_images: dict[tuple[int, int], F32Array], size: tuple[int, int]
+) -> None:
+    h, w = size
+    for seed in range(300):
+        assert perlin_mask(h, w, np.random.default_rng(seed)).any(), seed
+    images = demo_images[size]
+    for seed in range(50):
+        image = images[seed % len(images)].copy()
+        assert perlin_texture(image, images, np.random.default_rng(seed)).any(), seed
+
+
+def test_perlin_noise_range_and_lattice() -> None:
+    values = []
+    for seed in range(3):
+        for cells in ((1, 1), (2, 4), (4, 2), (8, 8), (16, 4)):
+            noise = perlin_noise(32, 64, cells, np.random.default_rng(seed))
+            assert noise.shape == (32, 64)
+            # Gradient noise is zero at the lattice points.
+            np.testing.assert_allclose(noise[:: 32 // cells[0], :: 64 // cells[1]], 0.0, atol=1e-12)
+            values.append(noise)
+    every = np.stack(values)
+    # 2-D Perlin noise with unit gradients lies within +-sqrt(1/2).
+    assert np.abs(every).max() <= np.sqrt(0.5) + 1e-9
+    assert every.max() > 0.4 and every.min() < -0.4
+    again = perlin_noise(32, 64, (4, 2), np.random.default_rng(1))
+    np.testing.assert_array_equal(again, values[5 + 2])
+
+
+@pytest.mark.parametrize("size", SIZES, ids=["32x32", "48x64"])
+def test_corrupt_gives_images_and_masks_deterministically_by_seed(
+    demo_images: dict[tuple[int, int], F32Array], size: tuple[int, int]
+) -> None:
+    images = np.concatenate([demo_images[size]] * 4)  # 16 images
+    out, masks = corrupt(images, 1.0, np.random.default_rng(0))
+    assert out.dtype == np.float32 and out.shape == images.shape
+    assert out.min() >= 0.0 and out.max() <= 1.0
+    assert masks.dtype == np.bool_ and masks.shape == (16, *size)
+    for after, before, mask in zip(out, images, masks, strict=True):
+        np.testing.assert_array_equal(mask, _changed(after, before))
+    assert masks.reshape(16, -1).any(axis=1).sum() >= 14
+    again, again_masks = corrupt(images, 1.0, np.random.default_rng(0))
+    np.testing.assert_array_equal(again, out)
+    np.testing.assert_array_equal(again_masks, masks)
+    other, _ = corrupt(images, 1.0, np.random.default_rng(1))
+    assert not np.array_equal(other, out)
+    untouched, none = corrupt(images, 0.0, np.random.default_rng(0))
+    np.testing.assert_array_equal(untouched, images)
+    assert not none.any()
+    half = corrupt(images, 0.5, np.random.default_rng(2))[1].reshape(16, -1).any(axis=1).sum()
+    assert 2 <= half <= 14
+    # The input is never changed in place.
+    np.testing.assert_array_equal(images, np.concatenate([demo_images[size]] * 4))
+
+
+def test_synthetic_anomalies_change_every_image_locally(
+    demo_images: dict[tuple[int, int], F32Array],
+) -> None:
+    images = demo_images[(32, 32)][:3]
+    copies = len(HELD_OUT_DEFECTS)
+    out = synthesise_anomalies(images, copies=copies, seed=0)
+    assert out.shape == (3 * copies, 3, 32, 32)
+    assert out.dtype == np.float32 and out.min() >= 0 and out.max() <= 1
+    source = np.repeat(images, copies, axis=0)
+    changed = np.any(np.abs(out - source) > 1e-6, axis=1).reshape(out.shape[0], -1).mean(axis=1)
+    assert np.all(changed > 0) and np.all(changed < 0.5)
+    np.testing.assert_array_equal(out, synthesise_anomalies(images, copies=copies, seed=0))
+    assert not np.array_equal(out, synthesise_anomalies(images, copies=copies, seed=1))
+    np.testing.assert_array_equal(images, demo_images[(32, 32)][:3])
+    trained_on = synthesise_anomalies(images, copies=2, seed=0, defects=TRAINING_DEFECTS)
+    assert trained_on.shape == (6, 3, 32, 32) and not np.array_equal(trained_on, source[:6])

@@ -1,0 +1,194 @@
+"""The training loop (training/train.py): step budget, reproducibility, time limit, crops."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+import torch
+
+import training.train
+from training.config import FitConfig
+from training.errors import ConfigError
+from training.model import VAE
+from training.synth import corrupt
+from training.train import (
+    Budget,
+    TrainResult,
+    jitter_intensity,
+    learning_rate,
+    random_crops,
+    select_device,
+    train_vae,
+)
+
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
+F32Array = npt.NDArray[np.float32]
+
+
+def _images(n: int = 12, height: int = 16, width: int = 16) -> F32Array:
+    """Grey parts: one smooth pattern with a little noise, like images of good parts."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:height, 0:width]
+    base = 0.5 + 0.2 * np.sin(yy / 3.0) * np.cos(xx / 4.0)
+    noisy = base[None, None] + rng.normal(0, 0.02, (n, 1, height, width))
+    return np.asarray(np.clip(noisy, 0, 1), dtype=np.float32)
+
+
+def _config(**changes: Any) -> FitConfig:
+    options: dict[str, Any] = {
+        "image_size": 16,
+        "crop_size": 16,
+        "width": 4,
+        "max_width": 8,
+        "latent_channels": 2,
+        "head_width": 2,
+        "epochs": 3,
+        "max_steps": 1000,
+        "batch_size": 4,
+        "threads": 1,
+        "progress": False,
+        **changes,
+    }
+    return FitConfig(**options)
+
+
+def _train(config: FitConfig, images: F32Array | None = None) -> TrainResult:
+    images = _images() if images is None else images
+    torch.manual_seed(config.seed)  # as fit does: the reparameterisation noise is torch's
+    model = VAE(config.model_config(channels=images.shape[1]))
+    return train_vae(model, images[:8], images[8:], config, torch.device("cpu"))
+
+
+@pytest.mark.parametrize(
+    ("epochs", "max_steps", "expected"),
+    [(3, 1000, 6), (50, 5, 5)],
+    ids=["epochs", "capped"],
+)
+def test_the_loop_runs_exactly_the_step_budget(
+    monkeypatch: pytest.MonkeyPatch, epochs: int, max_steps: int, expected: int
+) -> None:
+    batches: list[int] = []
+
+    def counting_corrupt(images: F32Array, p: float, rng: np.random.Generator) -> Any:
+        batches.append(images.shape[0])
+        return corrupt(images, p, rng)
+
+    monkeypatch.setattr(training.train, "corrupt", counting_corrupt)
+    config = _config(epochs=epochs, max_steps=max_steps)
+    result = _train(config)
+    assert config.steps_for(8) == expected
+    assert batches == [config.batch_size] * expected
+    assert result.steps == result.planned_steps == expected
+    assert result.stop_reason == f"completed {expected} steps"
+    steps = [s.step for s in result.history]
+    assert steps == sorted(steps) and steps[-1] == expected
+    assert not result.model.training
+
+
+def test_training_lowers_the_held_out_error() -> None:
+    result = _train(_config(epochs=10, learning_rate=5e-3))
+    first, last = result.history[0], result.history[-1]
+    assert last.val_mse < first.val_mse
+    assert all(np.isfinite(s.train_loss) and np.isfinite(s.head_loss) for s in result.history)
+    summary = result.summary()
+    assert summary["steps"] == 20 and summary["final"]["step"] == 20
+    assert len(summary["history"]) == len(result.history)
+
+
+def test_the_same_seed_gives_bit_identical_weights() -> None:
+    first = _train(_config())
+    again = _train(_config())
+    other = _train(_config(seed=1))
+    weights, repeated = first.model.state_dict(), again.model.state_dict()
+    assert weights.keys() == repeated.keys()
+    for name, tensor in weights.items():
+        assert torch.equal(tensor, repeated[name]), name
+    assert [s.train_loss for s in first.history] == [s.train_loss for s in again.history]
+    assert any(
+        not torch.equal(tensor, other.model.state_dict()[name])
+        for name, tensor in weights.items()
+        if tensor.is_floating_point()
+    )
+
+
+def test_a_time_limit_stops_early_and_says_so() -> None:
+    # A limit shorter than one step: the loop stops after its first step.
+    config = _config(epochs=500, time_limit_minutes=1e-9)
+    result = _train(config)
+    assert result.planned_steps == config.steps_for(8) == 1000
+    assert result.steps == 1
+    assert result.stop_reason == "time limit of 1e-09 minutes reached"
+
+
+@pytest.mark.parametrize("time_limit", [None, 1e-9], ids=["completed", "time-limited"])
+def test_the_history_ends_at_the_final_weights(time_limit: float | None) -> None:
+    """The last record (the manifest's ``final``) describes the weights that are kept."""
+    result = _train(_config(epochs=500, time_limit_minutes=time_limit, max_steps=30))
+    assert result.history, "no record of the kept weights"
+    assert result.history[-1].step == result.steps
+    assert result.summary()["final"]["step"] == result.steps
+
+
+def test_training_on_crops_validates_on_whole_images() -> None:
+    # Crops of 8x8 from 16x24 images: the model is fully convolutional.
+    images = _images(height=16, width=24)
+    result = _train(_config(crop_size=8, epochs=1), images)
+    assert result.steps == 2
+    with torch.no_grad():
+        recon, mu, _ = result.model(torch.from_numpy(images[8:]))
+    assert recon.shape == (4, 1, 16, 24) and mu.shape == (4, 2, 2, 3)
+
+
+def test_random_crops_have_the_requested_size_and_come_from_the_images() -> None:
+    images = torch.arange(5 * 2 * 20 * 30, dtype=torch.float32).reshape(5, 2, 20, 30)
+    crops = random_crops(images, 7, (8, 16), np.random.default_rng(0))
+    assert crops.shape == (7, 2, 8, 16)
+    for crop in crops:
+        # Every value is unique: the first one says where the crop was taken.
+        n, _, y, x = np.unravel_index(int(crop[0, 0, 0]), tuple(images.shape))
+        assert torch.equal(crop, images[n, :, y : y + 8, x : x + 16])
+    again = random_crops(images, 7, (8, 16), np.random.default_rng(0))
+    assert torch.equal(crops, again)
+    whole = random_crops(images, 3, (20, 30), np.random.default_rng(1))
+    assert all(any(torch.equal(c, image) for image in images) for c in whole)
+
+
+def test_jitter_stays_in_the_unit_range_and_is_the_identity_at_zero() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 1, (6, 3, 8, 8)).astype(np.float32)
+    x[0], x[1] = 0.0, 1.0
+    np.testing.assert_array_equal(jitter_intensity(x, 0.0, rng), x)
+    for amount in (0.1, 0.5):
+        out = jitter_intensity(x, amount, rng)
+        assert out.dtype == np.float32 and out.shape == x.shape
+        assert out.min() >= 0.0 and out.max() <= 1.0
+        assert not np.array_equal(out, x)
+        # Brightness and contrast: a small change, the same for every pixel of an image.
+        assert np.abs(out - x).max() <= 2 * amount + 1e-6
+    np.testing.assert_array_equal(
+        jitter_intensity(x, 0.2, np.random.default_rng(3)),
+        jitter_intensity(x, 0.2, np.random.default_rng(3)),
+    )
+
+
+def test_learning_rate_warms_up_and_anneals() -> None:
+    assert learning_rate(1.0, 0.0) == pytest.approx(0.1)
+    assert learning_rate(1.0, 0.05) == pytest.approx(1.0)
+    assert learning_rate(1.0, 1.0) == pytest.approx(0.01)
+    rates = [learning_rate(1.0, p) for p in np.linspace(0.05, 1.0, 20)]
+    assert rates == sorted(rates, reverse=True)
+    budget = Budget(total_steps=10, time_limit_s=None)
+    assert [budget.progress(s) for s in (0, 5, 10, 12)] == [0.0, 0.5, 1.0, 1.0]
+    assert Budget(total_steps=10, time_limit_s=1e-9).progress(1) == 1.0
+
+
+def test_device_policy() -> None:
+    assert select_device("cpu").type == "cpu"
+    if not torch.cuda.is_available():
+        assert select_device("auto").type == "cpu"
+        with pytest.raises(ConfigError, match="cuda"):
+            select_device("cuda")

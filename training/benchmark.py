@@ -1,0 +1,153 @@
+"""``benchmark``: the quality suite. Fit each dataset with one configuration, evaluate, tabulate.
+
+For every MVTec-layout folder: ``fit`` into ``OUT/<dataset>/bundle`` (the default settings unless
+options are given), ``evaluate`` on its ``test/`` split, and one row of figures. After each
+dataset ``OUT/benchmark.json`` (a list with one object per dataset, then the mean row) and
+``OUT/benchmark.md`` (the same as a Markdown table) are rewritten, so an interrupted run keeps
+what it finished.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from service.bundle import load_bundle
+from training.config import FitConfig
+from training.errors import DataError
+from training.evaluate import evaluate_bundle
+from training.fit import fit_bundle
+
+log = logging.getLogger(__name__)
+
+MEAN = "mean"
+# Columns of the table: (key, heading, format).
+COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("dataset", "dataset", "{}"),
+    ("auroc_combined", "image AUROC", "{:.3f}"),
+    ("auroc_recon", "recon AUROC", "{:.3f}"),
+    ("auroc_kl", "KL AUROC", "{:.3f}"),
+    ("auroc_latent", "latent AUROC", "{:.3f}"),
+    ("pixel_auroc", "pixel AUROC", "{:.3f}"),
+    ("tpr_at_threshold", "TPR at threshold", "{:.3f}"),
+    ("fpr_at_threshold", "FPR at threshold", "{:.3f}"),
+    ("fit_seconds", "fit (s)", "{:.0f}"),
+    ("epochs", "epochs", "{:.1f}"),
+)
+AVERAGED = tuple(key for key, _, _ in COLUMNS if key != "dataset")
+
+
+def dataset_names(data_dirs: Sequence[Path]) -> list[str]:
+    """A unique name per folder: its own name, numbered (``bottle-2``) where names repeat."""
+    names: list[str] = []
+    for data_dir in data_dirs:
+        name = base = Path(data_dir).resolve().name
+        copy = 1
+        while name in names:
+            copy += 1
+            name = f"{base}-{copy}"
+        names.append(name)
+    return names
+
+
+def _row(
+    name: str, bundle_dir: Path, metrics: dict[str, Any], fit_seconds: float
+) -> dict[str, Any]:
+    training = load_bundle(bundle_dir).manifest.training
+    steps = int(training["training"]["steps"])
+    batch = int(training["config"]["batch_size"])
+    n_train = int(training["data"]["n_train"])
+    return {
+        "dataset": name,
+        "auroc_combined": metrics["auroc_combined"],
+        "auroc_recon": metrics["auroc_recon"],
+        "auroc_kl": metrics["auroc_kl"],
+        "auroc_latent": metrics["auroc_latent"],
+        "pixel_auroc": metrics["pixel_auroc"],
+        "tpr_at_threshold": metrics["tpr_at_threshold"],
+        "fpr_at_threshold": metrics["fpr_at_threshold"],
+        "fit_seconds": round(fit_seconds, 1),
+        "epochs": round(steps * batch / n_train, 1),
+        "steps": steps,
+        "auroc_by_type": metrics["auroc_combined_by_type"],
+    }
+
+
+def mean_row(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The mean of every figure over the datasets that have it (pixel AUROC needs masks)."""
+    mean: dict[str, Any] = {"dataset": MEAN}
+    for key in AVERAGED:
+        values = [row[key] for row in rows if row.get(key) is not None]
+        mean[key] = round(sum(values) / len(values), 4) if values else None
+    return mean
+
+
+def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
+    """The rows as a Markdown table; a missing figure shows as an en dash."""
+    lines = [
+        "| " + " | ".join(heading for _, heading, _ in COLUMNS) + " |",
+        "|" + "|".join(" --- " for _ in COLUMNS) + "|",
+    ]
+    for row in rows:
+        cells = []
+        for key, _, fmt in COLUMNS:
+            value = row.get(key)
+            missing = value is None or (isinstance(value, float) and math.isnan(value))
+            cell = "–" if missing else fmt.format(value)
+            cells.append(f"**{cell}**" if row["dataset"] == MEAN else cell)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _write(out_dir: Path, rows: list[dict[str, Any]], config: FitConfig) -> None:
+    table = [*rows, mean_row(rows)]
+    (out_dir / "benchmark.json").write_text(json.dumps(table, indent=2) + "\n", encoding="utf-8")
+    changed = {
+        k: v
+        for k, v in config.to_dict().items()
+        if v != getattr(FitConfig(), k) and k != "progress"
+    }
+    settings = (
+        "default settings"
+        if not changed
+        else "settings: " + ", ".join(f"{k}={v}" for k, v in changed.items())
+    )
+    text = f"# Quality suite ({settings})\n\n{markdown_table(table)}"
+    (out_dir / "benchmark.md").write_text(text, encoding="utf-8")
+
+
+def run_benchmark(
+    data_dirs: Sequence[Path], out_dir: Path, config: FitConfig | None = None
+) -> list[dict[str, Any]]:
+    """Fit and evaluate every dataset; returns the rows followed by the mean row."""
+    config = config or FitConfig()
+    for data_dir in data_dirs:
+        if not (Path(data_dir) / "test").is_dir():
+            raise DataError(
+                f"{data_dir} has no test/ folder; the suite needs MVTec-layout datasets"
+            )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    names = dataset_names(data_dirs)
+    for i, (data_dir, name) in enumerate(zip(data_dirs, names, strict=True), start=1):
+        bundle_dir = out_dir / name / "bundle"
+        log.info("[%d/%d] %s: fitting %s", i, len(data_dirs), name, data_dir)
+        started = time.monotonic()
+        fit_bundle(Path(data_dir), bundle_dir, config, overwrite=True)
+        fit_seconds = time.monotonic() - started
+        log.info("[%d/%d] %s: evaluating (fit took %.0f s)", i, len(data_dirs), name, fit_seconds)
+        metrics = evaluate_bundle(bundle_dir, Path(data_dir), report_dir=out_dir / name / "report")
+        rows.append(_row(name, bundle_dir, metrics, fit_seconds))
+        log.info(
+            "[%d/%d] %s: image AUROC %.3f, latent AUROC %.3f, TPR %.2f at FPR %.2f",
+            i, len(data_dirs), name, metrics["auroc_combined"], metrics["auroc_latent"],
+            metrics["tpr_at_threshold"], metrics["fpr_at_threshold"],
+        )  # fmt: skip
+        _write(out_dir, rows, config)
+    log.info("wrote %s and %s", out_dir / "benchmark.md", out_dir / "benchmark.json")
+    return [*rows, mean_row(rows)]
