@@ -18,7 +18,7 @@ from prometheus_client import REGISTRY
 
 from service.bundle import BundleError
 from service.config import ConfigError, ServeConfig, load_config
-from service.models import LoadedModel, load_model
+from service.model_slot import LoadedModel, load_model
 from service.scorer import DeviceError
 from service.server import StartupError, create_server
 

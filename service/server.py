@@ -26,9 +26,10 @@ from service._proto import anomaly_pb2 as pb
 from service._proto import anomaly_pb2_grpc as pb_grpc
 from service.batcher import MicroBatcher
 from service.config import ServeConfig
+from service.inference import RawBatch, make_run_batch
 from service.interceptors import interceptors
 from service.metrics import ServiceMetrics
-from service.models import LoadedModel, ModelSlot, ScoredImages, load_model, make_run_batch
+from service.model_slot import LoadedModel, ModelSlot, load_model
 from service.servicer import AnomalyDetectorServicer
 from service.wire import Limits
 
@@ -87,7 +88,7 @@ class AnomalyServer:
         metrics_port: int,
         metrics: ServiceMetrics,
         models: ModelSlot,
-        batcher: MicroBatcher[LoadedModel, ScoredImages],
+        batcher: MicroBatcher[LoadedModel, RawBatch],
         servicer: AnomalyDetectorServicer,
         health_servicer: health.aio.HealthServicer,
         decode_pool: ThreadPoolExecutor,
@@ -178,7 +179,7 @@ async def create_server(
     models = ModelSlot(
         model, metrics, bundle_path=config.bundle, device=config.device, threads=config.threads
     )
-    batcher: MicroBatcher[LoadedModel, ScoredImages] = MicroBatcher(
+    batcher: MicroBatcher[LoadedModel, RawBatch] = MicroBatcher(
         make_run_batch(metrics),
         metrics,
         max_batch_size=config.max_batch_size,

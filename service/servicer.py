@@ -27,10 +27,13 @@ from service.batcher import (
     DeadlineExpiredError,
     FloatArray,
     MicroBatcher,
+    Part,
     QueueFullError,
 )
+from service.inference import RawBatch, count_scored, score_rows
 from service.metrics import ServiceMetrics
-from service.models import LoadedModel, ModelSlot, ScoredImages
+from service.model_slot import LoadedModel, ModelSlot
+from service.scoring import DecisionRule, ScoreBatch
 from service.wire import (
     DEADLINE_EXCEEDED,
     INVALID_ARGUMENT,
@@ -47,7 +50,7 @@ from service.wire import (
 
 log = logging.getLogger(__name__)
 
-Batcher = MicroBatcher[LoadedModel, ScoredImages]
+Batcher = MicroBatcher[LoadedModel, RawBatch]
 SHUTTING_DOWN = "the server is shutting down; send this work to another replica"
 
 
@@ -129,6 +132,18 @@ class AnomalyDetectorServicer(pb_grpc.AnomalyDetectorServicer):
     def _count_error(self, code: grpc.StatusCode) -> None:
         self._metrics.image_errors.labels(code.name).inc()
 
+    def _finish(
+        self,
+        model: LoadedModel,
+        parts: Sequence[Part[RawBatch]],
+        rule: DecisionRule,
+        keep_maps: bool,
+    ) -> list[ScoreBatch]:
+        """This call's scores from its rows of the batches, with its own rule; counted."""
+        scored = score_rows(model, parts, rule, keep_maps)
+        count_scored(self._metrics, model, scored)
+        return scored
+
     async def _decode(
         self, images: Sequence[pb.Image], model: LoadedModel
     ) -> tuple[FloatArray, dict[int, str]]:
@@ -182,38 +197,40 @@ class AnomalyDetectorServicer(pb_grpc.AnomalyDetectorServicer):
         self, request: pb.ScoreBatchRequest, context: grpc.aio.ServicerContext
     ) -> pb.ScoreBatchResponse:
         images = request.images
+        model = self._models.current
         try:
             check_batch(images, self._limits.max_images_per_request)
             params = score_params(request.options)
+            rule = params.rule(model.calibration)
         except ValueError as exc:
             await abort(context, INVALID_ARGUMENT, str(exc))
-        model = self._models.current
         try:
             admission = self._batcher.admit(len(images))
         except QueueFullError as exc:
             await abort(context, RESOURCE_EXHAUSTED, str(exc))
         with admission:
             rows, errors = await self._decode(images, model)
-            parts: list[ScoredImages] = []
+            scored: list[ScoreBatch] = []
             if rows.shape[0]:
                 try:
-                    parts = await admission.score(model, rows, params, deadline=_deadline(context))
+                    parts = await admission.score(model, rows, deadline=_deadline(context))
+                    scored = self._finish(model, parts, rule, params.keep_maps)
                 except DeadlineExpiredError as exc:
                     await abort(context, DEADLINE_EXCEEDED, f"not scored: {exc}")
                 except BatcherClosedError:
                     await abort(context, grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
-                except Exception as exc:  # logged by the batcher
+                except Exception as exc:
+                    log.exception("scoring failed")
                     await abort(context, grpc.StatusCode.INTERNAL, f"scoring failed: {exc}")
-        scored = iter(
-            scored_results((im.id for i, im in enumerate(images) if i not in errors), parts)
-        )
+        ids = (image.id for index, image in enumerate(images) if index not in errors)
+        scored_images = iter(scored_results(ids, scored, model.model_id))
         results = []
         for index, image in enumerate(images):
             if index in errors:
                 self._count_error(INVALID_ARGUMENT)
                 results.append(error_result(image.id, INVALID_ARGUMENT, errors[index]))
             else:
-                results.append(next(scored))
+                results.append(next(scored_images))
         return pb.ScoreBatchResponse(results=results)
 
     async def _score_message(
@@ -221,11 +238,12 @@ class AnomalyDetectorServicer(pb_grpc.AnomalyDetectorServicer):
     ) -> pb.ImageResult:
         """Score one stream message; image-level failures become its ImageError."""
         image = message.image
+        model = self._models.current
         try:
             params = score_params(message.options)
+            rule = params.rule(model.calibration)
         except ValueError as exc:
             return self._image_error(image.id, INVALID_ARGUMENT, f"image {image.id!r}: {exc}")
-        model = self._models.current
         try:
             admission = self._batcher.admit(1)
         except QueueFullError as exc:
@@ -235,12 +253,13 @@ class AnomalyDetectorServicer(pb_grpc.AnomalyDetectorServicer):
             if errors:
                 return self._image_error(image.id, INVALID_ARGUMENT, errors[0])
             try:
-                parts = await admission.score(model, rows, params, deadline=deadline)
+                parts = await admission.score(model, rows, deadline=deadline)
             except DeadlineExpiredError as exc:
                 return self._image_error(
                     image.id, DEADLINE_EXCEEDED, f"image {image.id!r} was not scored: {exc}"
                 )
-        return scored_results([image.id], parts)[0]
+        scored = self._finish(model, parts, rule, params.keep_maps)
+        return scored_results([image.id], scored, model.model_id)[0]
 
     def _image_error(self, image_id: str, code: grpc.StatusCode, message: str) -> pb.ImageResult:
         self._count_error(code)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from service.client.cli import main
-from service.models import load_model
+from service.model_slot import load_model
 from service.server import ServerThread
 from tests.service_helpers import ROOT, png_bytes, random_pixels, serve_config
 

@@ -14,7 +14,7 @@ import pytest
 
 from service.client import Client
 from service.client.client import to_image
-from service.models import LoadedModel, load_model
+from service.model_slot import LoadedModel, load_model
 from service.server import ServerThread
 from tests.service_helpers import png_bytes, random_pixels, serve_config
 

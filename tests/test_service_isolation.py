@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
@@ -16,7 +17,7 @@ import pytest
 from service._proto import anomaly_pb2 as pb
 from service._proto import anomaly_pb2_grpc as pb_grpc
 from service.client import Client, Result
-from service.models import LoadedModel, load_model
+from service.model_slot import LoadedModel, load_model
 from service.server import ServerThread
 from tests.service_helpers import png_bytes, random_pixels, serve_config
 
@@ -97,8 +98,8 @@ def test_a_stream_with_a_tiny_rate_fails_no_neighbouring_stream(server: ServerTh
             return list(stub.ScoreStream(iter(messages), timeout=30))
 
     outcomes = at_once(
-        *[lambda: stream(pb.ScoreOptions(target_false_alarm_rate=r)) for r in TINY_RATES],
-        *[lambda: stream(pb.ScoreOptions()) for _ in range(4)],
+        *[partial(stream, pb.ScoreOptions(target_false_alarm_rate=r)) for r in TINY_RATES],
+        *[partial(stream, pb.ScoreOptions()) for _ in range(4)],
     )
     for replies in outcomes:
         assert [r.result.WhichOneof("outcome") for r in replies] == ["scores"] * 3

@@ -13,7 +13,7 @@ import pytest
 
 from service._proto import anomaly_pb2 as pb
 from service._proto import anomaly_pb2_grpc as pb_grpc
-from service.models import load_model
+from service.model_slot import load_model
 from service.server import ServerThread
 from tests.service_helpers import png_bytes, random_pixels, serve_config, wait_until
 

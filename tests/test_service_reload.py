@@ -12,7 +12,7 @@ import pytest
 
 from service.bundle import BundleError
 from service.client import Client
-from service.models import load_model
+from service.model_slot import load_model
 from service.server import ServerThread
 from tests.service_helpers import random_pixels, serve_config, wait_until
 

@@ -9,7 +9,7 @@ import grpc
 import pytest
 
 from service.client import Client
-from service.models import LoadedModel, load_model
+from service.model_slot import LoadedModel, load_model
 from service.server import ServerThread
 from tests.service_helpers import Certs, random_pixels, serve_config, wait_until, write_certs
 

@@ -20,7 +20,7 @@ from PIL import Image
 from service._proto import anomaly_pb2 as pb
 from service._proto import anomaly_pb2_grpc as pb_grpc
 from service.client import Client, Result
-from service.models import LoadedModel, load_model
+from service.model_slot import LoadedModel, load_model
 from service.preprocessing import load_image_file, preprocess, stack
 from service.server import ServerThread
 from tests.service_helpers import (

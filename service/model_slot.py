@@ -1,4 +1,4 @@
-"""The served model: loading and self-testing a bundle, scoring batches, and hot reload.
+"""The served model: loading and self-testing a bundle, and swapping it in on hot reload.
 
 :class:`ModelSlot` holds the :class:`LoadedModel` in service. A reload loads and self-tests the new
 bundle in a worker thread and then swaps one reference: calls already holding the old model (and
@@ -10,19 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-import numpy as np
-
-from service.batcher import FloatArray, Portion, RunBatch, ScoreParams
 from service.bundle import BundleError, load_bundle
 from service.metrics import ServiceMetrics
 from service.preprocessing import InputSpec
 from service.scorer import DeviceError, DevicePolicy, Scorer
-from service.scoring import SCORE_NAMES, DecisionRule, ScoreBatch
+from service.scoring import Calibration
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +47,11 @@ class LoadedModel:
         return self.scorer.manifest.input
 
     @property
+    def calibration(self) -> Calibration:
+        """What turns raw scores into p-values, a combined score and a verdict."""
+        return self.scorer.calibration
+
+    @property
     def provider(self) -> str:
         """The ONNX Runtime execution provider in use."""
         return self.scorer.provider
@@ -73,74 +74,6 @@ def load_model(bundle_path: Path, device: DevicePolicy, threads: int = 0) -> Loa
     scorer = Scorer(bundle, device=device, threads=threads or None)
     scorer.self_test()
     return LoadedModel(scorer, device, datetime.now(UTC))
-
-
-@dataclass(frozen=True)
-class ScoredImages:
-    """Scores of consecutive images of one job, with the model that produced them."""
-
-    scores: ScoreBatch
-    model_id: str
-    model_version: str
-
-    def __len__(self) -> int:
-        return int(self.scores.combined.shape[0])
-
-
-def _rule(model: LoadedModel, params: ScoreParams) -> DecisionRule:
-    return model.scorer.calibration.rule_for(
-        threshold=params.threshold, target_false_alarm_rate=params.target_false_alarm_rate
-    )
-
-
-def _part(batch: ScoreBatch, start: int, stop: int, threshold: float, maps: bool) -> ScoreBatch:
-    combined = batch.combined[start:stop]
-    return ScoreBatch(
-        raw={name: values[start:stop] for name, values in batch.raw.items()},
-        p_values={name: values[start:stop] for name, values in batch.p_values.items()},
-        combined=combined,
-        combined_p_value=batch.combined_p_value[start:stop],
-        threshold=threshold,
-        is_anomaly=combined >= threshold,
-        anomaly_map=batch.anomaly_map[start:stop]
-        if maps and batch.anomaly_map is not None
-        else None,
-    )
-
-
-def make_run_batch(metrics: ServiceMetrics) -> RunBatch[LoadedModel, ScoredImages]:
-    """The micro-batcher's inference function: score a batch, split it by job, count it."""
-    scores_by_name = {name: metrics.scores.labels(name) for name in SCORE_NAMES}
-
-    def run_batch(
-        model: LoadedModel, x: FloatArray, portions: Sequence[Portion]
-    ) -> list[ScoredImages]:
-        keep_maps = any(portion.params.keep_maps for portion in portions)
-        batch = model.scorer.score(x, keep_maps=keep_maps)
-        rules: dict[ScoreParams, DecisionRule] = {}
-        parts: list[ScoredImages] = []
-        flagged = 0
-        start = 0
-        for portion in portions:
-            params = portion.params
-            if params not in rules:
-                rules[params] = _rule(model, params)
-            stop = start + portion.count
-            part = _part(batch, start, stop, rules[params].threshold, params.keep_maps)
-            flagged += int(np.count_nonzero(part.is_anomaly))
-            parts.append(ScoredImages(part, model.model_id, model.model_version))
-            start = stop
-        labels = (model.model_id, model.model_version)
-        metrics.images_scored.labels(*labels).inc(start)
-        metrics.images_flagged.labels(*labels).inc(flagged)
-        for name, child in scores_by_name.items():
-            for value in batch.raw[name].tolist():
-                child.observe(value)
-        for value in batch.combined.tolist():
-            metrics.combined_score.observe(value)
-        return parts
-
-    return run_batch
 
 
 class ModelSlot:
