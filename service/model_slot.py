@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+import numpy as np
+
 from service.bundle import BundleError, load_bundle
 from service.metrics import ServiceMetrics
 from service.preprocessing import InputSpec
@@ -30,6 +32,7 @@ class LoadedModel:
     scorer: Scorer
     requested_device: DevicePolicy
     loaded_at: datetime
+    source: Path  # the bundle directory or archive it was loaded from
 
     @property
     def model_id(self) -> str:
@@ -59,21 +62,51 @@ class LoadedModel:
     def describe(self) -> str:
         """One line for the log."""
         return (
-            f"model {self.model_id} version {self.model_version!r} from {self.scorer.bundle.path} "
+            f"model {self.model_id} version {self.model_version!r} from {self.source} "
             f"on {self.provider} (device policy {self.requested_device!r})"
         )
 
 
 def load_model(bundle_path: Path, device: DevicePolicy, threads: int = 0) -> LoadedModel:
-    """Load a bundle, open it on the device and run its golden self-test.
+    """Load a bundle, open it on the device, run its golden self-test and check its calibration.
 
     Raises :class:`BundleError` for a missing, corrupt or mismatched bundle and
-    :class:`DeviceError` for a device that cannot be used.
+    :class:`DeviceError` for a device that cannot be used. An archive's unpacked files are
+    removed once the ONNX Runtime sessions are open: nothing is left behind on disk.
     """
     bundle = load_bundle(bundle_path)
-    scorer = Scorer(bundle, device=device, threads=threads or None)
-    scorer.self_test()
-    return LoadedModel(scorer, device, datetime.now(UTC))
+    try:
+        scorer = Scorer(bundle, device=device, threads=threads or None)
+        scorer.self_test()
+        _check_calibration(scorer)
+    finally:
+        bundle.remove_unpacked()
+    return LoadedModel(scorer, device, datetime.now(UTC), Path(bundle_path))
+
+
+def _check_calibration(scorer: Scorer) -> None:
+    """Score the golden inputs end to end, with the default rule and a rate override: a
+    calibration that cannot (a weight on an unknown score, a non-finite threshold) is refused at
+    load, rather than failing every request."""
+    calibration = scorer.calibration
+    try:
+        with np.errstate(all="ignore"):
+            scored = scorer.score(scorer.bundle.golden.inputs)
+            override = calibration.rule_for(
+                target_false_alarm_rate=calibration.rule.target_false_alarm_rate
+            )
+    except Exception as exc:  # a malformed calibration fails in as many ways as it is wrong
+        raise BundleError(
+            f"the calibration cannot score the golden inputs: {type(exc).__name__}: {exc}"
+        ) from exc
+    values = [scored.combined, scored.combined_p_value, *scored.p_values.values()]
+    values.append(np.array([calibration.rule.threshold, override.threshold]))
+    if not all(np.all(np.isfinite(v)) for v in values):
+        raise BundleError(
+            "the calibration gives non-finite scores, p-values or thresholds on the golden "
+            f"inputs (default threshold {calibration.rule.threshold}, threshold for the default "
+            f"rate {override.threshold})"
+        )
 
 
 class ModelSlot:
@@ -118,6 +151,10 @@ class ModelSlot:
             except (BundleError, DeviceError, OSError) as exc:
                 self._metrics.reloads.labels("failure").inc()
                 log.error("reload refused, still serving model %s: %s", self.current.model_id, exc)
+                return False
+            except Exception:  # a fault of this software, not of the bundle: say so, keep serving
+                self._metrics.reloads.labels("failure").inc()
+                log.exception("reload failed, still serving model %s", self.current.model_id)
                 return False
             previous, self.current = self.current, model
             self._publish()

@@ -57,6 +57,22 @@ def test_a_bad_option_is_refused_with_one_line(trained_bundle: Path) -> None:
     )
 
 
+def test_a_malformed_manifest_is_refused_with_one_line(
+    trained_bundle: Path, tmp_path: Path
+) -> None:
+    bundle = tmp_path / "bundle"
+    shutil.copytree(trained_bundle, bundle)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["calibration"]["scores"] = list(manifest["calibration"]["scores"])
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    done = run_serve("--bundle", str(bundle))
+    assert done.returncode == 1
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith(
+        f"anomaly-serve: error: cannot serve bundle {bundle}: manifest is malformed"
+    )
+
+
 @pytest.mark.skipif(cuda_device_count() > 0, reason="CUDA is usable here, so 'cuda' would start")
 def test_device_cuda_fails_loudly_without_cuda(trained_bundle: Path) -> None:
     done = run_serve("--bundle", str(trained_bundle), "--device", "cuda")
@@ -106,10 +122,20 @@ def test_sighup_swaps_in_a_good_bundle_and_refuses_a_corrupt_one(
             ),
             "the refused reload to be counted",
         )
+        manifest["calibration"]["scores"] = list(manifest["calibration"]["scores"])
+        manifest_path.write_text(json.dumps(manifest))
+        server.signal(signal.SIGHUP)
+        wait_until(
+            lambda: (
+                sample(server.metrics_port, "anomaly_model_reloads_total", result="failure") == 2
+            ),
+            "the malformed manifest to be refused and counted",
+        )
         after = client.info()
         assert after.model_version == "hot-reloaded" and after.model_id == before.model_id
         assert client.score([random_pixels(0)])[0].ok  # the old model keeps serving
-    assert "reload refused, still serving model" in server.log
+    assert server.log.count("reload refused, still serving model") == 2
+    assert "manifest is malformed" in server.log and "Traceback" not in server.log
     server.signal(signal.SIGTERM)
     assert server.wait() == 0
 
