@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import re
 import struct
 import threading
@@ -66,6 +67,13 @@ def scores_of(result: Result) -> tuple[float, ...]:
     assert result.scores is not None, result.error
     s = result.scores
     return (s.recon_error, s.kl, s.local_error, s.combined, s.combined_p_value, s.threshold)
+
+
+def tiff_32bit(dtype: type[np.int32] | type[np.float32]) -> bytes:
+    """A TIFF of 32-bit samples (PIL mode "I" or "F")."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.arange(64, dtype=dtype).reshape(8, 8)).save(buffer, format="TIFF")
+    return buffer.getvalue()
 
 
 def png_header_only(width: int, height: int) -> bytes:
@@ -196,6 +204,8 @@ BAD_IMAGES = [
         r"2 channels; expected 1 \(grey\), 3 \(RGB\) or 4 \(RGBA\)",
     ),
     (pb.Image(id="empty"), "has no data; expected encoded bytes"),
+    (pb.Image(id="tiff-i32", encoded=tiff_32bit(np.int32)), r"32-bit samples \(mode 'I'\)"),
+    (pb.Image(id="tiff-f32", encoded=tiff_32bit(np.float32)), r"32-bit samples \(mode 'F'\)"),
 ]
 
 
