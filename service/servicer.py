@@ -39,6 +39,7 @@ from service.wire import (
     INVALID_ARGUMENT,
     RESOURCE_EXHAUSTED,
     Limits,
+    Unparseable,
     check_batch,
     decode_into,
     empty_rows,
@@ -234,9 +235,13 @@ class AnomalyDetectorServicer(pb_grpc.AnomalyDetectorServicer):
         return pb.ScoreBatchResponse(results=results)
 
     async def _score_message(
-        self, message: pb.ScoreStreamRequest, deadline: float | None
+        self, message: pb.ScoreStreamRequest | Unparseable, position: int, deadline: float | None
     ) -> pb.ImageResult:
         """Score one stream message; image-level failures become its ImageError."""
+        if isinstance(message, Unparseable):
+            problem = f"message {position} of this stream is {message.describe()}"
+            log.warning("ScoreStream: %s", problem)
+            return self._image_error("", INVALID_ARGUMENT, f"{problem}; its image id is unknown")
         image = message.image
         model = self._models.current
         try:
@@ -267,7 +272,7 @@ class AnomalyDetectorServicer(pb_grpc.AnomalyDetectorServicer):
 
     async def ScoreStream(  # noqa: N802 (gRPC method name)
         self,
-        request_iterator: AsyncIterator[pb.ScoreStreamRequest],
+        request_iterator: AsyncIterator[pb.ScoreStreamRequest | Unparseable],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.ScoreStreamResponse]:
         """Score each message as it arrives, up to ``stream_window`` in flight; reply in order."""
@@ -285,13 +290,13 @@ class AnomalyDetectorServicer(pb_grpc.AnomalyDetectorServicer):
             # this task only at an await, and none lies between reading and queueing.
             drained = False
             try:
-                while True:
+                for position in itertools.count(1):
                     await window.acquire()
                     try:
                         message = await anext(request_iterator)
                     except StopAsyncIteration:
                         break
-                    task = loop.create_task(self._score_message(message, deadline))
+                    task = loop.create_task(self._score_message(message, position, deadline))
                     pending.put_nowait((task, time.perf_counter()))
             except asyncio.CancelledError:
                 if not self._draining:

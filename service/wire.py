@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -28,6 +28,31 @@ from service.scoring import SCORE_NAMES, ScoreBatch
 INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT
 RESOURCE_EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
 DEADLINE_EXCEEDED = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+@dataclass(frozen=True)
+class Unparseable:
+    """Stands in for a request message whose bytes do not parse, so that the call can answer it."""
+
+    type_name: str
+    size: int
+    reason: str
+
+    def describe(self) -> str:
+        """What was wrong, without Python internals."""
+        return f"not a valid {self.type_name} message ({self.size} bytes): {self.reason}"
+
+
+def lenient(parse: Callable[[bytes], Any], type_name: str) -> Callable[[bytes], Any]:
+    """``parse`` returning :class:`Unparseable` instead of raising on bytes it cannot parse."""
+
+    def parse_or_describe(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except Exception as exc:  # DecodeError, and whatever else the parser raises on bad bytes
+            return Unparseable(type_name, len(data), str(exc) or type(exc).__name__)
+
+    return parse_or_describe
 
 
 @dataclass(frozen=True)

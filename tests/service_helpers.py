@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import numpy.typing as npt
 from PIL import Image
@@ -61,6 +62,30 @@ def demo_test_images(data_dir: Path) -> list[Path]:
         for kind in sorted(p.name for p in test_dir.iterdir() if p.is_dir())
         for path in sorted((test_dir / kind).glob("*.png"))
     ]
+
+
+# Request bodies that are no valid protobuf message of any type, as a hostile client sends them.
+UNPARSEABLE: dict[str, bytes] = {
+    # A ScoreBatchRequest whose image id holds bytes that are not UTF-8.
+    "non-utf8-id": b"\x0a\x04\x0a\x02\xff\xfe",
+    # A varint that never ends.
+    "endless-varint": b"\x08" + b"\xff" * 12,
+    # A length prefix past the end of the message.
+    "truncated": b"\x0a\x7f\x0a\x02id",
+    # Groups nested far deeper than the parser's recursion limit.
+    "deep-groups": b"\x0b" * 2000 + b"\x0c" * 2000,
+}
+METHOD = "/anomaly.v1.AnomalyDetector/"
+
+
+def raw_unary(channel: grpc.Channel, method: str) -> grpc.UnaryUnaryMultiCallable:
+    """Call an AnomalyDetector method with request bytes as given, replies as bytes."""
+    return channel.unary_unary(METHOD + method)
+
+
+def raw_stream(channel: grpc.Channel, method: str) -> grpc.StreamStreamMultiCallable:
+    """Open an AnomalyDetector stream with request messages as given bytes, replies as bytes."""
+    return channel.stream_stream(METHOD + method)
 
 
 def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
