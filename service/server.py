@@ -147,7 +147,12 @@ class AnomalyServer:
         self._servicer.drain()
         unanswered = await self._servicer.active.wait_idle(grace)
         if unanswered:
-            log.warning("grace period over: cancelling %d calls not yet answered", unanswered)
+            # The work still queued fails, and so each call ends UNAVAILABLE on its own terms: a
+            # stream says how many of its images were answered (the proto's promise), rather
+            # than gRPC's bare "Cancelling all calls" at server.stop().
+            log.warning("grace period over: ending %d calls not yet answered", unanswered)
+            await self._batcher.close()
+            await self._servicer.active.wait_idle(FINAL_GRACE)
         else:
             log.info("every accepted call was answered")
         remaining = max(0.0, grace - (loop.time() - started))

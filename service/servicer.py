@@ -66,6 +66,14 @@ def _deadline(context: grpc.aio.ServicerContext) -> float | None:
     return None if remaining is None else asyncio.get_running_loop().time() + remaining
 
 
+def _cut(answered: int) -> str:
+    """Why a stream ends at shutdown, and how many of its images were answered."""
+    return (
+        f"{SHUTTING_DOWN}: the first {answered} images of this stream were answered, "
+        "resend the rest"
+    )
+
+
 @dataclass(frozen=True)
 class _StreamEnd:
     drained: bool
@@ -314,8 +322,8 @@ class AnomalyDetectorServicer(pb_grpc.AnomalyDetectorServicer):
                 task, received = item
                 try:
                     result = await task
-                except BatcherClosedError:
-                    await abort(context, grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+                except BatcherClosedError:  # the grace period ran out
+                    await abort(context, grpc.StatusCode.UNAVAILABLE, _cut(answered))
                 except Exception as exc:  # logged by the batcher
                     await abort(context, grpc.StatusCode.INTERNAL, f"scoring failed: {exc}")
                 yield pb.ScoreStreamResponse(result=result)
@@ -324,12 +332,7 @@ class AnomalyDetectorServicer(pb_grpc.AnomalyDetectorServicer):
                 answered += 1
             await reader
             if item.drained:
-                await abort(
-                    context,
-                    grpc.StatusCode.UNAVAILABLE,
-                    f"{SHUTTING_DOWN}: the first {answered} images of this stream were answered, "
-                    "resend the rest",
-                )
+                await abort(context, grpc.StatusCode.UNAVAILABLE, _cut(answered))
         finally:
             self.active.end()
             self._readers.discard(reader)

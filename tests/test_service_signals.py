@@ -1,4 +1,5 @@
-"""``python -m service`` as a real subprocess: start-up refusals, SIGHUP reload, SIGTERM drain."""
+"""Start-up refusals, SIGHUP reload and SIGTERM drain of ``python -m service`` as a real
+subprocess, and what calls hear when the grace period runs out."""
 
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from service._proto import anomaly_pb2 as pb
 from service._proto import anomaly_pb2_grpc as pb_grpc
 from service.client import Client
+from service.model_slot import load_model
 from service.scorer import cuda_device_count
+from service.server import ServerThread
 from tests.service_helpers import (
     ROOT,
     ServeProcess,
@@ -26,6 +29,7 @@ from tests.service_helpers import (
     random_pixels,
     sample,
     scrape,
+    serve_config,
     wait_until,
 )
 
@@ -231,3 +235,59 @@ def test_sigterm_under_load_answers_every_accepted_call(
             streamed["details"]
         )
     assert "shutting down" in server.log and "stopped" in server.log
+
+
+def test_calls_cut_at_the_end_of_the_grace_period_say_what_was_answered(
+    trained_bundle: Path,
+) -> None:
+    # Batches of three, held 60 s for company: the fourth image of the stream and the unary call
+    # wait in the queue until the grace period ends.
+    config = serve_config(trained_bundle, max_batch_size=3, max_batch_delay_ms=60_000)
+    running = ServerThread(config, model=load_model(trained_bundle, "cpu", threads=1))
+    image = pb.Image(id="x", encoded=png_bytes(random_pixels(3)))
+    answered: list[str] = []
+    outcome: dict[str, grpc.RpcError] = {}
+    done = threading.Event()
+
+    def messages() -> Iterator[pb.ScoreStreamRequest]:
+        for i in range(4):
+            if i == 3:  # once a full batch of the first three was answered
+                wait_until(lambda: len(answered) == 3, "the first three images answered")
+            yield pb.ScoreStreamRequest(image=pb.Image(id=f"s{i}", encoded=image.encoded))
+        done.wait(60)  # the stream stays open
+
+    def stream(stub: pb_grpc.AnomalyDetectorStub) -> None:
+        try:
+            for reply in stub.ScoreStream(messages(), timeout=60):
+                answered.append(reply.result.id)
+        except grpc.RpcError as exc:
+            outcome["stream"] = exc
+
+    def unary(stub: pb_grpc.AnomalyDetectorStub) -> None:
+        wait_until(lambda: len(answered) == 3, "the first three images answered")
+        try:
+            stub.ScoreBatch(pb.ScoreBatchRequest(images=[image]), timeout=60)
+        except grpc.RpcError as exc:
+            outcome["unary"] = exc
+
+    with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+        stub = pb_grpc.AnomalyDetectorStub(channel)  # type: ignore[no-untyped-call]
+        threads = [threading.Thread(target=f, args=(stub,)) for f in (stream, unary)]
+        for thread in threads:
+            thread.start()
+        wait_until(
+            lambda: (
+                running.server.metrics.registry.get_sample_value("anomaly_queue_depth_images") == 2
+            ),
+            "the fourth image and the unary call queued",
+        )
+        running.stop(grace=0.5)
+        done.set()
+        for thread in threads:
+            thread.join(30)
+    assert answered == ["s0", "s1", "s2"]
+    cut, refused = outcome["stream"], outcome["unary"]
+    assert cut.code() == grpc.StatusCode.UNAVAILABLE
+    assert "the first 3 images of this stream were answered, resend the rest" in cut.details()
+    assert refused.code() == grpc.StatusCode.UNAVAILABLE
+    assert "shutting down" in refused.details()
