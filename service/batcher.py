@@ -1,8 +1,8 @@
 """Micro-batcher: coalesces the images of concurrent calls and streams into ONNX Runtime batches.
 
-An asyncio component on the server's event loop. Calls first *admit* their images against a
-bounded queue (counted in images: a call is admitted whole or refused with :class:`QueueFullError`),
-preprocess them, then submit them as one job. The batcher forms a batch when the device is free:
+An asyncio component on the server's event loop. Calls submit their preprocessed images as one
+job (having admitted them first: service/admission.py bounds what the queue holds). The batcher
+forms a batch when the device is free:
 it waits up to ``max_delay`` after the oldest queued image for up to ``max_batch_size`` images,
 drops jobs whose call was cancelled or whose deadline has passed, and runs the batch in its single
 inference thread (one inference at a time per device) while the loop keeps accepting work.
@@ -26,7 +26,6 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Generic, TypeVar
 
 import numpy as np
@@ -39,10 +38,6 @@ log = logging.getLogger(__name__)
 FloatArray = npt.NDArray[np.float32]
 ModelT = TypeVar("ModelT")
 OutputT = TypeVar("OutputT")
-
-
-class QueueFullError(Exception):
-    """The queue has no room for the images of a call; retry later."""
 
 
 class DeadlineExpiredError(Exception):
@@ -98,45 +93,6 @@ class _Slice(Generic[ModelT, OutputT]):
     stop: int
 
 
-class Admission(Generic[ModelT, OutputT]):
-    """Room reserved in the queue for a call's images; unused room is released on exit."""
-
-    def __init__(self, batcher: MicroBatcher[ModelT, OutputT], count: int) -> None:
-        self._batcher = batcher
-        self.remaining = count
-
-    async def score(
-        self, model: ModelT, images: FloatArray, *, deadline: float | None = None
-    ) -> list[Part[OutputT]]:
-        """Queue preprocessed images ``(k, C, H, W)`` and wait for their share of the batches.
-
-        ``deadline`` is on the event loop's clock (``loop.time()``). Raises
-        :class:`DeadlineExpiredError` when it passes before inference, or the inference error.
-        """
-        count = int(images.shape[0])
-        if not 0 < count <= self.remaining:
-            raise ValueError(f"{count} images submitted against {self.remaining} admitted")
-        self.remaining -= count
-        return await self._batcher._enqueue(model, images, deadline)
-
-    def release(self) -> None:
-        """Give back the room not used by :meth:`score` (images that failed preprocessing)."""
-        if self.remaining:
-            self._batcher._release(self.remaining)
-            self.remaining = 0
-
-    def __enter__(self) -> Admission[ModelT, OutputT]:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.release()
-
-
 class MicroBatcher(Generic[ModelT, OutputT]):
     """Bounded queue of images plus the loop that turns it into batches; see the module doc."""
 
@@ -147,35 +103,30 @@ class MicroBatcher(Generic[ModelT, OutputT]):
         *,
         max_batch_size: int,
         max_delay: float,
-        max_queue: int,
         coalesce: bool = True,
     ) -> None:
-        if max_batch_size < 1 or max_queue < 1 or max_delay < 0:
+        if max_batch_size < 1 or max_delay < 0:
             raise ValueError(
-                f"batcher needs max_batch_size >= 1, max_queue >= 1 and max_delay >= 0; got "
-                f"{max_batch_size}, {max_queue}, {max_delay}"
+                f"batcher needs max_batch_size >= 1 and max_delay >= 0; got {max_batch_size}, "
+                f"{max_delay}"
             )
         self._run_batch = run_batch
         self._metrics = metrics
         self.max_batch_size = max_batch_size
         self.max_delay = max_delay if coalesce else 0.0
-        self.max_queue = max_queue
         self.coalesce = coalesce
         self._jobs: deque[_Job[ModelT, OutputT]] = deque()
-        self._admitted = 0  # images admitted and not yet taken into a batch
-        self._queued = 0  # of those, images submitted (preprocessed) and waiting
+        self._queued = 0  # images submitted and waiting for a batch
         self._in_flight: list[_Slice[ModelT, OutputT]] = []
         self._nonempty = asyncio.Event()
         self._full = asyncio.Event()
         self._executor: ThreadPoolExecutor | None = None
         self._task: asyncio.Task[None] | None = None
-        metrics.queue_capacity.set(max_queue)
-        metrics.queue_depth.set(0)
 
     @property
     def depth(self) -> int:
-        """Images admitted and waiting for inference."""
-        return self._admitted
+        """Images waiting for inference."""
+        return self._queued
 
     def start(self) -> None:
         """Start the batching loop on the running event loop."""
@@ -201,30 +152,19 @@ class MicroBatcher(Generic[ModelT, OutputT]):
             await asyncio.to_thread(self._executor.shutdown)
             self._executor = None
 
-    def admit(self, count: int) -> Admission[ModelT, OutputT]:
-        """Reserve room for ``count`` images, all or none; raises :class:`QueueFullError`."""
+    async def submit(
+        self, model: ModelT, images: FloatArray, *, deadline: float | None = None
+    ) -> list[Part[OutputT]]:
+        """Queue preprocessed images ``(k, C, H, W)`` and wait for their share of the batches.
+
+        ``deadline`` is on the event loop's clock (``loop.time()``). Raises
+        :class:`DeadlineExpiredError` when it passes before inference,
+        :class:`BatcherClosedError` when the batcher stops first, or the inference error.
+        """
         if self._task is None:
             raise BatcherClosedError("the batcher is not running")
-        if count < 1:
-            raise ValueError(f"cannot admit {count} images")
-        if self._admitted + count > self.max_queue:
-            raise QueueFullError(
-                f"the scoring queue is full: {self._admitted} of {self.max_queue} images waiting, "
-                f"no room for {count} more; retry later with backoff"
-            )
-        self._admitted += count
-        self._metrics.queue_depth.set(self._admitted)
-        return Admission(self, count)
-
-    # --- internals used by Admission ------------------------------------------------------
-
-    def _release(self, count: int) -> None:
-        self._admitted -= count
-        self._metrics.queue_depth.set(self._admitted)
-
-    async def _enqueue(
-        self, model: ModelT, images: FloatArray, deadline: float | None
-    ) -> list[Part[OutputT]]:
+        if images.shape[0] < 1:
+            raise ValueError("cannot submit a job of no images")
         loop = asyncio.get_running_loop()
         job: _Job[ModelT, OutputT] = _Job(
             model, images, deadline, loop.create_future(), loop.time()
@@ -259,7 +199,6 @@ class MicroBatcher(Generic[ModelT, OutputT]):
     def _drop(self, job: _Job[ModelT, OutputT]) -> None:
         self._jobs.popleft()
         self._queued -= job.waiting
-        self._admitted -= job.waiting
 
     def _take(self, now: float) -> list[_Slice[ModelT, OutputT]]:
         """Take up to ``max_batch_size`` images of one model from the head of the queue."""
@@ -287,10 +226,8 @@ class MicroBatcher(Generic[ModelT, OutputT]):
             job.taken += count
             room -= count
             self._queued -= count
-            self._admitted -= count
             if job.waiting == 0:
                 self._jobs.popleft()
-        self._metrics.queue_depth.set(self._admitted)
         return batch
 
     async def _execute(self, batch: list[_Slice[ModelT, OutputT]]) -> None:

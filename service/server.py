@@ -24,6 +24,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from service._proto import anomaly_pb2 as pb
 from service._proto import anomaly_pb2_grpc as pb_grpc
+from service.admission import AdmissionControl
 from service.batcher import MicroBatcher
 from service.config import ServeConfig
 from service.inference import RawBatch, make_run_batch
@@ -189,14 +190,17 @@ async def create_server(
         metrics,
         max_batch_size=config.max_batch_size,
         max_delay=config.max_batch_delay,
-        max_queue=config.max_queue,
         coalesce=config.batching,
+    )
+    admission = AdmissionControl(
+        metrics, capacity=config.max_queue, per_client=config.max_queue_per_client
     )
     limits = Limits(config.max_request_images, config.max_image_pixels, config.max_message_bytes)
     pool = ThreadPoolExecutor(config.preprocess_workers, thread_name_prefix="decode")
     servicer = AnomalyDetectorServicer(
         models,
         batcher,
+        admission,
         pool,
         metrics,
         limits=limits,
@@ -209,6 +213,10 @@ async def create_server(
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", -1),
             ("grpc.so_reuseport", 0),
+            # What one connection can make the server hold: its calls, and the bytes they send
+            # ahead of what the server reads (see --bdp-probe).
+            ("grpc.max_concurrent_streams", config.max_streams_per_connection),
+            ("grpc.http2.bdp_probe", int(config.bdp_probe)),
         ],
     )
     pb_grpc.add_AnomalyDetectorServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]

@@ -22,13 +22,13 @@ import numpy as np
 
 from service._proto import anomaly_pb2 as pb
 from service._proto import anomaly_pb2_grpc as pb_grpc
+from service.admission import AdmissionControl, QueueFullError, Ticket
 from service.batcher import (
     BatcherClosedError,
     DeadlineExpiredError,
     FloatArray,
     MicroBatcher,
     Part,
-    QueueFullError,
 )
 from service.inference import RawBatch, count_scored, score_rows
 from service.metrics import ServiceMetrics
@@ -79,6 +79,21 @@ class _StreamEnd:
     drained: bool
 
 
+@dataclass(frozen=True)
+class _Pending:
+    """A stream message read: its result to come, and the room it holds until its reply is sent."""
+
+    result: asyncio.Future[pb.ImageResult]
+    ticket: Ticket | None
+    received: float
+
+    def discard(self) -> None:
+        """Not to be answered: stop the work and give back the room."""
+        self.result.cancel()
+        if self.ticket is not None:
+            self.ticket.release()
+
+
 class ActiveCalls:
     """Counts the scoring calls being served, so that shutdown can wait until they are answered."""
 
@@ -113,6 +128,7 @@ class AnomalyDetectorServicer(pb_grpc.AnomalyDetectorServicer):
         self,
         models: ModelSlot,
         batcher: Batcher,
+        admission: AdmissionControl,
         decode_pool: Executor,
         metrics: ServiceMetrics,
         *,
@@ -122,6 +138,7 @@ class AnomalyDetectorServicer(pb_grpc.AnomalyDetectorServicer):
     ) -> None:
         self._models = models
         self._batcher = batcher
+        self._admission = admission
         self._pool = decode_pool
         self._metrics = metrics
         self._limits = limits
@@ -214,15 +231,16 @@ class AnomalyDetectorServicer(pb_grpc.AnomalyDetectorServicer):
         except ValueError as exc:
             await abort(context, INVALID_ARGUMENT, str(exc))
         try:
-            admission = self._batcher.admit(len(images))
+            ticket = self._admission.admit(context.peer(), len(images))
         except QueueFullError as exc:
             await abort(context, RESOURCE_EXHAUSTED, str(exc))
-        with admission:
+        with ticket:
             rows, errors = await self._decode(images, model)
+            ticket.release(len(errors))  # images that failed to decode hold no room
             scored: list[ScoreBatch] = []
             if rows.shape[0]:
                 try:
-                    parts = await admission.score(model, rows, deadline=_deadline(context))
+                    parts = await self._batcher.submit(model, rows, deadline=_deadline(context))
                     scored = self._finish(model, parts, rule, params.keep_maps)
                 except DeadlineExpiredError as exc:
                     await abort(context, DEADLINE_EXCEEDED, f"not scored: {exc}")
@@ -257,20 +275,15 @@ class AnomalyDetectorServicer(pb_grpc.AnomalyDetectorServicer):
             rule = params.rule(model.calibration)
         except ValueError as exc:
             return self._image_error(image.id, INVALID_ARGUMENT, f"image {image.id!r}: {exc}")
+        rows, errors = await self._decode([image], model)
+        if errors:
+            return self._image_error(image.id, INVALID_ARGUMENT, errors[0])
         try:
-            admission = self._batcher.admit(1)
-        except QueueFullError as exc:
-            return self._image_error(image.id, RESOURCE_EXHAUSTED, f"image {image.id!r}: {exc}")
-        with admission:
-            rows, errors = await self._decode([image], model)
-            if errors:
-                return self._image_error(image.id, INVALID_ARGUMENT, errors[0])
-            try:
-                parts = await admission.score(model, rows, deadline=deadline)
-            except DeadlineExpiredError as exc:
-                return self._image_error(
-                    image.id, DEADLINE_EXCEEDED, f"image {image.id!r} was not scored: {exc}"
-                )
+            parts = await self._batcher.submit(model, rows, deadline=deadline)
+        except DeadlineExpiredError as exc:
+            return self._image_error(
+                image.id, DEADLINE_EXCEEDED, f"image {image.id!r} was not scored: {exc}"
+            )
         scored = self._finish(model, parts, rule, params.keep_maps)
         return scored_results([image.id], scored, model.model_id)[0]
 
@@ -283,15 +296,33 @@ class AnomalyDetectorServicer(pb_grpc.AnomalyDetectorServicer):
         request_iterator: AsyncIterator[pb.ScoreStreamRequest | Unparseable],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.ScoreStreamResponse]:
-        """Score each message as it arrives, up to ``stream_window`` in flight; reply in order."""
+        """Score each message as it arrives, up to ``stream_window`` in flight; reply in order.
+
+        Each message read holds room in the queue (against this client's share) until its reply
+        has been handed to gRPC: a client that does not read its replies stops being read once
+        its window is full, and holds no more than its share of the queue.
+        """
         if self._draining:
             await abort(context, grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
         loop = asyncio.get_running_loop()
         deadline = _deadline(context)
+        client = context.peer()
         window = asyncio.Semaphore(self._window)
-        pending: asyncio.Queue[tuple[asyncio.Task[pb.ImageResult], float] | _StreamEnd] = (
-            asyncio.Queue()
-        )
+        pending: asyncio.Queue[_Pending | _StreamEnd] = asyncio.Queue()
+
+        def admitted(message: pb.ScoreStreamRequest | Unparseable, position: int) -> _Pending:
+            received = time.perf_counter()
+            try:
+                ticket = self._admission.admit(client, 1)
+            except QueueFullError as exc:
+                image_id = "" if isinstance(message, Unparseable) else message.image.id
+                refused = loop.create_future()
+                refused.set_result(
+                    self._image_error(image_id, RESOURCE_EXHAUSTED, f"image {image_id!r}: {exc}")
+                )
+                return _Pending(refused, None, received)
+            task = loop.create_task(self._score_message(message, position, deadline))
+            return _Pending(task, ticket, received)
 
         async def read() -> None:
             # A message is either not read at all or queued for an answer: drain() cancels
@@ -304,8 +335,7 @@ class AnomalyDetectorServicer(pb_grpc.AnomalyDetectorServicer):
                         message = await anext(request_iterator)
                     except StopAsyncIteration:
                         break
-                    task = loop.create_task(self._score_message(message, position, deadline))
-                    pending.put_nowait((task, time.perf_counter()))
+                    pending.put_nowait(admitted(message, position))
             except asyncio.CancelledError:
                 if not self._draining:
                     raise
@@ -316,18 +346,19 @@ class AnomalyDetectorServicer(pb_grpc.AnomalyDetectorServicer):
         reader = loop.create_task(read(), name="stream-reader")
         self._readers.add(reader)
         answered = 0
+        item: _Pending | _StreamEnd | None = None
         self.active.begin()
         try:
             while not isinstance(item := await pending.get(), _StreamEnd):
-                task, received = item
                 try:
-                    result = await task
+                    result = await item.result
                 except BatcherClosedError:  # the grace period ran out
                     await abort(context, grpc.StatusCode.UNAVAILABLE, _cut(answered))
                 except Exception as exc:  # logged by the batcher
                     await abort(context, grpc.StatusCode.INTERNAL, f"scoring failed: {exc}")
                 yield pb.ScoreStreamResponse(result=result)
-                self._stream_latency.observe(time.perf_counter() - received)
+                item.discard()  # the reply is with gRPC: its room goes back to the queue
+                self._stream_latency.observe(time.perf_counter() - item.received)
                 window.release()
                 answered += 1
             await reader
@@ -337,10 +368,12 @@ class AnomalyDetectorServicer(pb_grpc.AnomalyDetectorServicer):
             self.active.end()
             self._readers.discard(reader)
             reader.cancel()
+            if isinstance(item, _Pending):
+                item.discard()
             while not pending.empty():
                 leftover = pending.get_nowait()
-                if not isinstance(leftover, _StreamEnd):
-                    leftover[0].cancel()
+                if isinstance(leftover, _Pending):
+                    leftover.discard()
 
     async def GetModelInfo(  # noqa: N802 (gRPC method name)
         self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext

@@ -16,7 +16,6 @@ from service.batcher import (
     DeadlineExpiredError,
     FloatArray,
     MicroBatcher,
-    QueueFullError,
 )
 from service.metrics import ServiceMetrics
 
@@ -62,7 +61,7 @@ def run(
     max_delay: float = 0.05,
     coalesce: bool = True,
 ) -> ServiceMetrics:
-    """Run ``test`` against a started batcher (batches of 4, a queue of 8)."""
+    """Run ``test`` against a started batcher (batches of 4)."""
     metrics = ServiceMetrics(CollectorRegistry())
 
     async def main() -> None:
@@ -71,7 +70,6 @@ def run(
             metrics,
             max_batch_size=4,
             max_delay=max_delay,
-            max_queue=8,
             coalesce=coalesce,
         )
         batcher.start()
@@ -90,8 +88,7 @@ async def submit(
     x: FloatArray,
     deadline: float | None = None,
 ) -> list[Part]:
-    with batcher.admit(x.shape[0]) as admission:
-        parts = await admission.score(model, x, deadline=deadline)
+    parts = await batcher.submit(model, x, deadline=deadline)
     return [(part.output[0], part.output[1][part.start : part.stop]) for part in parts]
 
 
@@ -114,7 +111,7 @@ def test_concurrent_calls_share_batches_and_get_their_own_results() -> None:
         assert model.batches == [[1, 2, 3, 4]]  # one batch, in arrival order
         assert value(metrics, "anomaly_batch_size_images_count") == 1
         assert value(metrics, "anomaly_batch_size_images_sum") == 4
-        assert value(metrics, "anomaly_queue_depth_images") == 0
+        assert batcher.depth == 0
 
     run(test, max_delay=5.0)  # a full batch does not wait for the delay
 
@@ -130,26 +127,21 @@ def test_a_call_larger_than_a_batch_is_split_and_reassembled_in_order() -> None:
     run(test)
 
 
-def test_the_queue_admits_whole_calls_or_refuses_them() -> None:
+def test_the_depth_counts_images_waiting_for_a_batch() -> None:
     model = FakeModel("m")
     model.gate.clear()  # the device is busy: nothing leaves the queue
 
     async def test(batcher: MicroBatcher[FakeModel, Output], metrics: ServiceMetrics) -> None:
         first = asyncio.create_task(submit(batcher, model, images(1, 2, 3, 4)))
         await asyncio.sleep(0.1)  # taken into the (blocked) batch: the queue is empty again
+        assert batcher.depth == 0
         queued = asyncio.create_task(submit(batcher, model, images(5, 6, 7, 8, 9, 10)))
         await asyncio.sleep(0)
-        assert batcher.depth == 6
-        with pytest.raises(QueueFullError, match="6 of 8 images waiting, no room for 3 more"):
-            batcher.admit(3)
-        assert value(metrics, "anomaly_queue_depth_images") == 6
-        admission = batcher.admit(2)  # exactly fits
-        admission.release()
         assert batcher.depth == 6
         model.gate.set()
         assert await first == [("m", [1, 2, 3, 4])]
         assert await queued == [("m", [5, 6, 7, 8]), ("m", [9, 10])]
-        assert value(metrics, "anomaly_queue_capacity_images") == 8
+        assert batcher.depth == 0
 
     run(test)
 
@@ -221,7 +213,7 @@ def test_a_failing_image_fails_only_its_own_job_of_a_shared_batch() -> None:
         assert isinstance(outcomes[1], ValueError) and "poison" in str(outcomes[1])
         # The shared batch failed; each job ran again alone, and only the poisoned one failed.
         assert model.batches == [[1], [4]]
-        assert value(metrics, "anomaly_queue_depth_images") == 0
+        assert batcher.depth == 0
 
     run(test, max_delay=5.0)
 
@@ -243,7 +235,7 @@ def test_closing_fails_waiting_calls_and_refuses_new_ones() -> None:
     async def main() -> None:
         metrics = ServiceMetrics(CollectorRegistry())
         batcher: MicroBatcher[FakeModel, Output] = MicroBatcher(
-            run_batch, metrics, max_batch_size=4, max_delay=10.0, max_queue=8
+            run_batch, metrics, max_batch_size=4, max_delay=10.0
         )
         batcher.start()
         waiting = asyncio.create_task(submit(batcher, model, images(1)))
@@ -252,18 +244,7 @@ def test_closing_fails_waiting_calls_and_refuses_new_ones() -> None:
         with pytest.raises(BatcherClosedError):
             await waiting
         with pytest.raises(BatcherClosedError):
-            batcher.admit(1)
+            await submit(batcher, model, images(2))
         assert model.batches == []
 
     asyncio.run(main())
-
-
-def test_submitting_more_than_admitted_is_a_programming_error() -> None:
-    model = FakeModel("m")
-
-    async def test(batcher: MicroBatcher[FakeModel, Output], metrics: ServiceMetrics) -> None:
-        with batcher.admit(1) as admission, pytest.raises(ValueError, match="2 images submitted"):
-            await admission.score(model, images(1, 2))
-        assert batcher.depth == 0
-
-    run(test)

@@ -1,7 +1,9 @@
-"""Failure isolation on a real server: whatever one call carries (an option, an image) can fail
-only that call, even when its images share an ONNX Runtime batch with other calls' images.
+"""Isolation on a real server: whatever one call carries (an option, an image) can fail only that
+call, even when its images share an ONNX Runtime batch with other calls' images; and a client
+that never reads its replies cannot take the queue from the others.
 
-The server holds every batch for 200 ms, so that calls sent at the same moment share a batch."""
+The servers hold every batch for company (200 ms, 1 s), so that calls sent at the same moment
+share a batch and queued images stay queued while the test looks."""
 
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from service._proto import anomaly_pb2_grpc as pb_grpc
 from service.client import Client, Result
 from service.model_slot import LoadedModel, load_model
 from service.server import ServerThread
-from tests.service_helpers import png_bytes, random_pixels, serve_config
+from tests.service_helpers import png_bytes, random_pixels, serve_config, wait_until
 
 T = TypeVar("T")
 TINY_RATES = [1e-17, 5e-324]
@@ -103,3 +105,51 @@ def test_a_stream_with_a_tiny_rate_fails_no_neighbouring_stream(server: ServerTh
     )
     for replies in outcomes:
         assert [r.result.WhichOneof("outcome") for r in replies] == ["scores"] * 3
+
+
+def test_a_client_that_never_reads_its_replies_cannot_starve_the_others(
+    trained_bundle: Path, model: LoadedModel
+) -> None:
+    config = serve_config(
+        trained_bundle,
+        max_queue=40,
+        max_queue_per_client=16,
+        max_request_images=4,
+        stream_window=16,
+        max_batch_size=64,
+        max_batch_delay_ms=1_000,
+    )
+    hold = threading.Event()
+    message = pb.ScoreStreamRequest(image=pb.Image(id="h", encoded=png_bytes(random_pixels(13))))
+
+    def flood() -> Iterator[pb.ScoreStreamRequest]:
+        yield from [message] * 20
+        hold.wait(60)  # the stream stays open, its replies unread
+
+    with ServerThread(config, model=model) as running:
+        registry = running.server.metrics.registry
+
+        def held() -> float:
+            return registry.get_sample_value("anomaly_queue_depth_images") or 0.0
+
+        target = f"127.0.0.1:{running.port}"
+        # A connection of its own (channels of one process with the same options share one).
+        own = [("grpc.use_local_subchannel_pool", 1)]
+        with grpc.insecure_channel(target, options=own) as hostile:
+            stub = pb_grpc.AnomalyDetectorStub(hostile)  # type: ignore[no-untyped-call]
+            floods = [stub.ScoreStream(flood(), timeout=60) for _ in range(8)]  # 160 images
+            wait_until(lambda: held() >= 16, "the hostile client to fill its share")
+            assert held() == 16  # its share, not the queue (of 40)
+            image = png_bytes(random_pixels(14))
+            with Client(target, retries=0) as polite:
+                calls: list[Callable[[], list[Result]]] = [
+                    *[lambda: polite.score([image] * 4) for _ in range(3)],
+                    lambda: list(polite.score_stream([image] * 4)),
+                ]
+                for results in at_once(*calls):
+                    assert [r.ok for r in results] == [True] * 4, results[0].error
+            assert held() <= 16
+            hold.set()
+            for call in floods:
+                call.cancel()
+        wait_until(lambda: held() == 0, "every image of the cancelled streams given back")

@@ -26,6 +26,7 @@ def server(trained_bundle: Path) -> Iterator[ServerThread]:
     config = serve_config(
         trained_bundle,
         max_queue=QUEUE,
+        max_queue_per_client=QUEUE,
         max_request_images=QUEUE,
         max_batch_size=64,
         max_batch_delay_ms=HOLD_MS,
