@@ -26,7 +26,7 @@ import grpc
 
 from bench import loadgen
 from bench.images import ImageSet, from_bundle, from_folder
-from bench.serverproc import ServerProcess, ServerSettings
+from bench.serverproc import MeasuredServer, ServerSettings
 from service._proto import anomaly_pb2 as pb
 from service.bundle import load_bundle
 
@@ -152,7 +152,7 @@ async def run(args: argparse.Namespace) -> None:
         stream_window=64,
     )
     print(f"images: {images.describe()}", file=sys.stderr)
-    with ServerProcess(settings) as server:
+    with MeasuredServer(settings) as server:
         await well_behaved(server.target, images, 2.0)  # warm up
         await asyncio.sleep(1.0)
         baseline = server.process.memory_info().rss

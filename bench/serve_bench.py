@@ -33,7 +33,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 from bench import inprocess, loadgen
 from bench.images import ImageSet, from_bundle, from_folder
 from bench.report import Figures, SoakResult, environment, load_average, render, to_json
-from bench.serverproc import ServerProcess, ServerSettings, describe_argv
+from bench.serverproc import MeasuredServer, ServerSettings, describe_argv
 from service.bundle import load_bundle
 from service.scorer import Scorer
 
@@ -130,7 +130,7 @@ def say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _started(server: ServerProcess) -> str:
+def _started(server: MeasuredServer) -> str:
     command = describe_argv(server.argv)
     say(f"  server pid {server.pid} (py-spy dump --pid {server.pid}): {command}")
     return command
@@ -160,8 +160,8 @@ class ServicePhases:
 
 async def service_round(
     args: argparse.Namespace,
-    batched: ServerProcess,
-    unbatched: ServerProcess,
+    batched: MeasuredServer,
+    unbatched: MeasuredServer,
     images: ImageSet,
     phases: ServicePhases,
 ) -> None:
@@ -204,7 +204,7 @@ async def service_round(
 
 
 async def half_rate(
-    args: argparse.Namespace, server: ServerProcess, images: ImageSet, rate: float
+    args: argparse.Namespace, server: MeasuredServer, images: ImageSet, rate: float
 ) -> loadgen.LoadResult:
     """Latency of one-image ScoreBatch calls arriving at a fixed ``rate``."""
     phase = loadgen.Phase("half_rate")
@@ -220,7 +220,9 @@ async def half_rate(
     return phase.result()
 
 
-async def run_soak(args: argparse.Namespace, server: ServerProcess, images: ImageSet) -> SoakResult:
+async def run_soak(
+    args: argparse.Namespace, server: MeasuredServer, images: ImageSet
+) -> SoakResult:
     """Unary clients and a stream at once for ``--soak`` seconds; RSS sampled throughout."""
     warmup = min(30.0, max(args.warmup, 0.1 * args.soak))
     say(
@@ -305,8 +307,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands: list[str] = []
     phases = ServicePhases()
     with (
-        ServerProcess(_settings(args, batching=True)) as batched,
-        ServerProcess(_settings(args, batching=False)) as unbatched,
+        MeasuredServer(_settings(args, batching=True)) as batched,
+        MeasuredServer(_settings(args, batching=False)) as unbatched,
     ):
         commands += [_started(batched), _started(unbatched)]
         for index in range(args.rounds):
@@ -330,7 +332,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     gc.collect()
     soak = None
     if args.soak > 0:
-        with ServerProcess(_settings(args, batching=True)) as server:
+        with MeasuredServer(_settings(args, batching=True)) as server:
             commands.append(_started(server))
             soak = asyncio.run(run_soak(args, server, images))
 

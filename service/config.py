@@ -56,6 +56,7 @@ class ServeConfig:
     token: str | None = field(default=None, repr=False)
     grace_period: float = 10.0
     watch_interval: float = 0.0
+    ready_file: Path | None = None
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
@@ -300,6 +301,13 @@ OPTIONS: tuple[Option, ...] = (
         _float,
         "seconds between checks of the bundle directory for changes (0: reload on SIGHUP only)",
         _at_least(0),
+    ),
+    Option(
+        "ready_file",
+        _path,
+        'once serving, write {"pid", "host", "port", "metrics_port"} (the bound ports) to this '
+        "file as JSON, for harnesses; it is removed when shutdown begins",
+        metavar="FILE",
     ),
     Option("log_level", lambda text: text.upper(), "logging level", _one_of(LOG_LEVELS)),
 )

@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,41 +20,40 @@ from service.client import Client
 from service.model_slot import load_model
 from service.scorer import cuda_device_count
 from service.server import ServerThread
+from service.server_process import ServerProcess
 from tests.service_helpers import (
-    ROOT,
-    ServeProcess,
     png_bytes,
     random_pixels,
     sample,
     scrape,
     serve_config,
+    serve_process,
     wait_until,
 )
 
 
-def run_serve(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "service", "--port", "0", "--metrics-port", "0", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+def refused_start(*args: str) -> tuple[int, str]:
+    """Start the server with ``args`` expecting it to refuse: its exit status and output."""
+    process = serve_process(*args)
+    try:
+        return process.wait(120), process.log
+    finally:
+        process.close()
 
 
 def test_a_missing_bundle_is_refused_with_one_line(tmp_path: Path) -> None:
-    done = run_serve("--bundle", str(tmp_path / "nowhere"))
-    assert done.returncode == 1
-    assert done.stderr.strip().splitlines() == [
+    status, output = refused_start("--bundle", str(tmp_path / "nowhere"))
+    assert status == 1
+    assert output.strip().splitlines() == [
         f"anomaly-serve: error: cannot serve bundle {tmp_path / 'nowhere'}: "
         f"bundle {tmp_path / 'nowhere'} does not exist"
     ]
 
 
 def test_a_bad_option_is_refused_with_one_line(trained_bundle: Path) -> None:
-    done = run_serve("--bundle", str(trained_bundle), "--max-queue", "lots")
-    assert done.returncode == 2
-    assert done.stderr.strip() == (
+    status, output = refused_start("--bundle", str(trained_bundle), "--max-queue", "lots")
+    assert status == 2
+    assert output.strip() == (
         "anomaly-serve: error: Config '--max-queue' has value 'lots'. Not a valid integer."
     )
 
@@ -69,9 +66,9 @@ def test_a_malformed_manifest_is_refused_with_one_line(
     manifest = json.loads((bundle / "manifest.json").read_text())
     manifest["calibration"]["scores"] = list(manifest["calibration"]["scores"])
     (bundle / "manifest.json").write_text(json.dumps(manifest))
-    done = run_serve("--bundle", str(bundle))
-    assert done.returncode == 1
-    (line,) = done.stderr.strip().splitlines()
+    status, output = refused_start("--bundle", str(bundle))
+    assert status == 1
+    (line,) = output.strip().splitlines()
     assert line.startswith(
         f"anomaly-serve: error: cannot serve bundle {bundle}: manifest is malformed"
     )
@@ -79,28 +76,31 @@ def test_a_malformed_manifest_is_refused_with_one_line(
 
 @pytest.mark.skipif(cuda_device_count() > 0, reason="CUDA is usable here, so 'cuda' would start")
 def test_device_cuda_fails_loudly_without_cuda(trained_bundle: Path) -> None:
-    done = run_serve("--bundle", str(trained_bundle), "--device", "cuda")
-    assert done.returncode == 1
-    assert done.stderr.strip().startswith(
+    status, output = refused_start("--bundle", str(trained_bundle), "--device", "cuda")
+    assert status == 1
+    assert output.strip().startswith(
         "anomaly-serve: error: device 'cuda' was asked for but CUDA is not usable"
     )
 
 
 @pytest.fixture
-def served_copy(trained_bundle: Path, tmp_path: Path) -> Iterator[tuple[ServeProcess, Path]]:
+def served_copy(trained_bundle: Path, tmp_path: Path) -> Iterator[tuple[ServerProcess, Path]]:
     bundle = tmp_path / "bundle"
     shutil.copytree(trained_bundle, bundle)
-    process = ServeProcess("--bundle", str(bundle), "--grace-period", "20")
+    process = serve_process("--bundle", str(bundle), "--grace-period", "20")
     try:
-        yield process.wait_serving(), bundle
+        yield process.wait_ready(), bundle
     finally:
-        process.kill()
+        process.close()
 
 
 def test_sighup_swaps_in_a_good_bundle_and_refuses_a_corrupt_one(
-    served_copy: tuple[ServeProcess, Path],
+    served_copy: tuple[ServerProcess, Path],
 ) -> None:
     server, bundle = served_copy
+    ready = json.loads(server.ready_file.read_text())
+    assert ready["pid"] == server.pid and ready["port"] == server.port > 0
+    assert ready["metrics_port"] == server.metrics_port > 0
     manifest_path = bundle / "manifest.json"
     with Client(server.target) as client:
         before = client.info()
@@ -145,7 +145,7 @@ def test_sighup_swaps_in_a_good_bundle_and_refuses_a_corrupt_one(
 
 
 def test_sigterm_under_load_answers_every_accepted_call(
-    served_copy: tuple[ServeProcess, Path],
+    served_copy: tuple[ServerProcess, Path],
 ) -> None:
     server, _ = served_copy
     image = pb.Image(id="x", encoded=png_bytes(random_pixels(1)))
@@ -219,6 +219,7 @@ def test_sigterm_under_load_answers_every_accepted_call(
     for thread in [*threads, watcher]:
         thread.join(60)
     assert server.wait() == 0
+    assert not server.ready_file.exists()  # removed as shutdown began
     assert health_seen[0] == health_pb2.HealthCheckResponse.SERVING
     assert health_seen[-1] == health_pb2.HealthCheckResponse.NOT_SERVING
     # The server answered every call it had accepted; the clients saw answers in full, or
