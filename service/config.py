@@ -48,6 +48,7 @@ class ServeConfig:
     stream_window: int = 64
     max_streams_per_connection: int = 100
     bdp_probe: bool = False
+    max_connection_age: float = 300.0
     max_message_bytes: int = 64 * MIB
     max_image_pixels: int = DEFAULT_MAX_PIXELS
     tls_cert: Path | None = None
@@ -275,6 +276,13 @@ OPTIONS: tuple[Option, ...] = (
         "let gRPC grow each connection's receive windows to the bandwidth-delay product: faster "
         "over long, fast links, but a client that sends more than the server reads then makes "
         "it buffer megabytes; off, each stream reads at most 64 KiB ahead",
+    ),
+    Option(
+        "max_connection_age",
+        _float,
+        "seconds after which the server asks a client to reconnect (HTTP/2 GOAWAY; calls under "
+        "way finish), so that clients re-resolve and spread onto new replicas (0: never)",
+        _at_least(0),
     ),
     Option("max_message_bytes", _int, "largest request message, in bytes", _at_least(1024)),
     Option("max_image_pixels", _int, "most pixels (height x width) of one image", _at_least(1)),

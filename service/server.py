@@ -77,6 +77,13 @@ def _fingerprint(path: Path) -> tuple[object, ...]:
         return ("missing",)
 
 
+def _connection_age(seconds: float) -> list[tuple[str, int]]:
+    """gRPC's max connection age (it adds +-10% jitter); calls under way at that age finish."""
+    if seconds == 0:
+        return []
+    return [("grpc.max_connection_age_ms", max(1, round(seconds * 1000)))]
+
+
 class AnomalyServer:
     """A started server. Build it with :func:`create_server`; end it with :meth:`stop`."""
 
@@ -217,6 +224,7 @@ async def create_server(
             # ahead of what the server reads (see --bdp-probe).
             ("grpc.max_concurrent_streams", config.max_streams_per_connection),
             ("grpc.http2.bdp_probe", int(config.bdp_probe)),
+            *_connection_age(config.max_connection_age),
         ],
     )
     pb_grpc.add_AnomalyDetectorServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
