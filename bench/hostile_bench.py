@@ -25,7 +25,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import grpc
 
 from bench import loadgen
-from bench.images import ImageSet, from_bundle, from_folder
+from bench.images import ImageSet, add_arguments, chosen
 from bench.serverproc import MeasuredServer, ServerSettings
 from service._proto import anomaly_pb2 as pb
 from service.bundle import load_bundle
@@ -40,14 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0] if __doc__ else None,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--bundle", type=Path, required=True, help="bundle directory to serve")
-    parser.add_argument("--images", type=Path, default=None, help="folder of images to send")
-    parser.add_argument("--max-images", type=int, default=64, help="most images read from --images")
+    add_arguments(parser, max_images=64)
     parser.add_argument("--streams", type=int, default=50, help="hostile streams on one channel")
     parser.add_argument(
         "--per-stream", type=int, default=300, help="images each hostile stream writes"
     )
-    parser.add_argument("--duration", type=float, default=20.0, help="seconds of hostile load")
+    parser.add_argument("--duration", type=float, default=15.0, help="seconds of hostile load")
     parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads")
     parser.add_argument(
         "--read-replies",
@@ -141,7 +139,7 @@ async def well_behaved(target: str, images: ImageSet, seconds: float) -> collect
 async def run(args: argparse.Namespace) -> None:
     """Start the server, load it, print the figures."""
     bundle = load_bundle(args.bundle)
-    images = from_folder(args.images, args.max_images) if args.images else from_bundle(bundle)
+    images = chosen(args, bundle)
     settings = ServerSettings(
         bundle=args.bundle,
         device="cpu",

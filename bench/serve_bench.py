@@ -31,7 +31,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import inprocess, loadgen
-from bench.images import ImageSet, from_bundle, from_folder
+from bench.images import ImageSet, add_arguments, chosen
 from bench.report import Figures, SoakResult, environment, load_average, render, to_json
 from bench.serverproc import MeasuredServer, ServerSettings, describe_argv
 from service.bundle import load_bundle
@@ -57,17 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0] if __doc__ else None,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--bundle", type=Path, required=True, help="bundle directory to serve")
-    parser.add_argument(
-        "--images",
-        type=Path,
-        default=None,
-        help="folder of images to send (searched recursively); default: PNGs made from the "
-        "bundle's golden inputs, at its input size",
-    )
-    parser.add_argument(
-        "--max-images", type=int, default=128, help="most images read from --images"
-    )
+    add_arguments(parser, max_images=128)
     parser.add_argument(
         "--duration",
         type=float,
@@ -288,7 +278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--warmup and --soak must not be negative")
     load_before = load_average()
     bundle = load_bundle(args.bundle)
-    images = from_folder(args.images, args.max_images) if args.images else from_bundle(bundle)
+    images = chosen(args, bundle)
     say(f"images: {images.describe()}")
     say(f"load average: {load_before}")
     scorer = Scorer(bundle, device=args.device, threads=args.threads or None)

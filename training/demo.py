@@ -24,7 +24,6 @@ from training.fit import FitConfig, fit_bundle
 from training.metrics import auroc
 
 HOST = "127.0.0.1"
-STARTUP_TIMEOUT_S = 120.0
 GRACE_PERIOD_S = 10.0
 
 
@@ -89,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     print("[demo] starting the service", flush=True)
     server = ServerProcess(serve, log=workdir / "server.log")
     try:
-        server.wait_ready(STARTUP_TIMEOUT_S)
+        server.wait_ready()
         metrics_port = server.metrics_port
         print(f"[demo] serving on {server.target} (metrics on {metrics_port})", flush=True)
         with Client(server.target) as client:
