@@ -201,7 +201,7 @@ class AnomalyDetectorServicer(pb_grpc.AnomalyDetectorServicer):
             for a, part in zip(bounds[:-1], found, strict=True)
             for index, message in part.items()
         }
-        if errors:  # their room in the queue is released with the admission
+        if errors:  # the caller gives their room in the queue back
             keep = np.ones(len(images), dtype=bool)
             keep[list(errors)] = False
             rows = rows[keep]
@@ -241,13 +241,16 @@ class AnomalyDetectorServicer(pb_grpc.AnomalyDetectorServicer):
             if rows.shape[0]:
                 try:
                     parts = await self._batcher.submit(model, rows, deadline=_deadline(context))
-                    scored = self._finish(model, parts, rule, params.keep_maps)
                 except DeadlineExpiredError as exc:
                     await abort(context, DEADLINE_EXCEEDED, f"not scored: {exc}")
                 except BatcherClosedError:
                     await abort(context, grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
-                except Exception as exc:
-                    log.exception("scoring failed")
+                except Exception as exc:  # logged by the batcher
+                    await abort(context, grpc.StatusCode.INTERNAL, f"scoring failed: {exc}")
+                try:
+                    scored = self._finish(model, parts, rule, params.keep_maps)
+                except Exception as exc:  # a fault of this call's own scoring: it alone fails
+                    log.exception("scoring a call's rows failed")
                     await abort(context, grpc.StatusCode.INTERNAL, f"scoring failed: {exc}")
         ids = (image.id for index, image in enumerate(images) if index not in errors)
         scored_images = iter(scored_results(ids, scored, model.model_id))
