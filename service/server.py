@@ -163,6 +163,12 @@ class AnomalyServer:
             await self._servicer.active.wait_idle(FINAL_GRACE)
         else:
             log.info("every accepted call was answered")
+        # Clients that watch health (the project's client does) stop sending here once they see
+        # NOT_SERVING. Until gRPC stops, the calls that still come are refused UNAVAILABLE by the
+        # servicer, and retried elsewhere, rather than cancelled by server.stop().
+        notice = min(FINAL_GRACE, grace) - (loop.time() - started)
+        if notice > 0:
+            await asyncio.sleep(notice)
         remaining = max(0.0, grace - (loop.time() - started))
         await self._server.stop(min(remaining, FINAL_GRACE))
         if self._watcher is not None:

@@ -82,13 +82,16 @@ def test_a_stream_cut_by_a_stopping_replica_resumes_on_another(
             yield f"img-{index}", random_pixels(index % 7)
 
     ids: list[str] = []
+    stoppers: list[threading.Thread] = []
     with Client(targets(replicas)) as client:
         for result in client.score_stream(images()):
             assert result.ok, result.error
             ids.append(result.id)
             if len(ids) == 10:
                 (serving,) = [s for s in replicas if inflight(s) == 1]
-                threading.Thread(target=serving.stop).start()
+                stoppers.append(threading.Thread(target=serving.stop))
+                stoppers[0].start()
+    stoppers[0].join()
     assert ids == [f"img-{index}" for index in range(count)]  # each once, in order
     assert all(scored(server) > 0 for server in replicas)
 

@@ -1,6 +1,7 @@
 """The client's gRPC channel: which replicas it reaches, how it spreads calls, how it retries.
 
-Calls are spread over every address of the target by round-robin balancing, and retried by gRPC
+Calls are spread over every healthy address of the target by round-robin balancing (a replica
+whose health service says NOT_SERVING, such as one shutting down, is skipped), and retried by gRPC
 itself (a ``retryPolicy`` in the channel's service config), within each call's one deadline, on
 the codes the proto tells clients to retry: UNAVAILABLE (a replica starting, stopping or gone;
 the retry goes to another one) and RESOURCE_EXHAUSTED (a full queue).
@@ -76,7 +77,12 @@ def service_config(retries: int, backoff: float, max_backoff: float) -> str:
             f"backoff is {backoff} s and max_backoff {max_backoff} s; expected "
             "0 < backoff <= max_backoff"
         )
-    config: dict[str, Any] = {"loadBalancingConfig": [{"round_robin": {}}]}
+    config: dict[str, Any] = {
+        "loadBalancingConfig": [{"round_robin": {}}],
+        # Round robin skips replicas whose gRPC health is not SERVING: one that is shutting down
+        # gets no new calls (gRFC A17; a server without the health service counts as healthy).
+        "healthCheckConfig": {"serviceName": SERVICE},
+    }
     if retries:
         config["methodConfig"] = [
             {
