@@ -2,7 +2,7 @@
 call, even when its images share an ONNX Runtime batch with other calls' images; and a client
 that never reads its replies cannot take the queue from the others.
 
-The servers hold every batch for company (200 ms, 1 s), so that calls sent at the same moment
+The servers hold every batch for company (0.5 s, 1 s), so that calls sent at the same moment
 share a batch and queued images stay queued while the test looks."""
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def model(trained_bundle: Path) -> LoadedModel:
 
 @pytest.fixture(scope="module")
 def server(trained_bundle: Path, model: LoadedModel) -> Iterator[ServerThread]:
-    config = serve_config(trained_bundle, max_batch_delay_ms=200, max_batch_size=64)
+    config = serve_config(trained_bundle, max_batch_delay_ms=500, max_batch_size=64)
     with ServerThread(config, model=model) as running:
         yield running
 
