@@ -24,7 +24,7 @@ from service.bundle import (
     Bundle,
     BundleError,
 )
-from service.scoring import DecisionRule, ScoreBatch, raw_scores
+from service.scoring import DecisionRule, F64Array, ScoreBatch, raw_scores
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +158,16 @@ class Scorer:
         keep_maps: bool = False,
     ) -> ScoreBatch:
         """Score a preprocessed batch ``(N, C, H, W)``; keep anomaly maps only when asked."""
+        raw, amap = self.raw_scores(batch)
+        return self.calibration.score(raw, rule, amap if keep_maps else None)
+
+    def raw_scores(
+        self, batch: npt.NDArray[np.float32]
+    ) -> tuple[dict[str, F64Array], npt.NDArray[np.float32]]:
+        """The model's part of :meth:`score`: raw scores and anomaly maps, before calibration.
+
+        The server runs this once per batch and calibrates each request's rows with its own rule.
+        """
         expected = self.manifest.input.shape
         if batch.ndim != 4 or batch.shape[1:] != expected or batch.dtype != np.float32:
             raise ValueError(
@@ -165,8 +175,7 @@ class Scorer:
                 f"{', '.join(map(str, expected))}) float32"
             )
         out = self.run_model(batch)
-        raw, amap = raw_scores(batch, out.mu, out.logvar, out.recon, self.calibration.local_window)
-        return self.calibration.score(raw, rule, amap if keep_maps else None)
+        return raw_scores(batch, out.mu, out.logvar, out.recon, self.calibration.local_window)
 
     def self_test(self) -> None:
         """Reproduce the golden outputs within the bundle's tolerance, or raise BundleError."""
