@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import io
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,3 +65,23 @@ def from_folder(folder: Path, limit: int) -> ImageSet:
         raise SystemExit(f"serve_bench: no image files (.png, .jpg, ...) under {folder}")
     names = tuple(str(path.relative_to(folder)) for path in files)
     return ImageSet(names, tuple(path.read_bytes() for path in files), str(folder))
+
+
+def add_arguments(parser: argparse.ArgumentParser, max_images: int) -> None:
+    """The options every benchmark shares: the bundle to serve and the images to send."""
+    parser.add_argument("--bundle", type=Path, required=True, help="bundle directory to serve")
+    parser.add_argument(
+        "--images",
+        type=Path,
+        default=None,
+        help="folder of images to send (searched recursively); default: PNGs made from the "
+        "bundle's golden inputs, at its input size",
+    )
+    parser.add_argument(
+        "--max-images", type=int, default=max_images, help="most images read from --images"
+    )
+
+
+def chosen(args: argparse.Namespace, bundle: Bundle) -> ImageSet:
+    """The images :func:`add_arguments`' options ask for."""
+    return from_folder(args.images, args.max_images) if args.images else from_bundle(bundle)

@@ -31,9 +31,9 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import inprocess, loadgen
-from bench.images import ImageSet, from_bundle, from_folder
+from bench.images import ImageSet, add_arguments, chosen
 from bench.report import Figures, SoakResult, environment, load_average, render, to_json
-from bench.serverproc import ServerProcess, ServerSettings, describe_argv
+from bench.serverproc import MeasuredServer, ServerSettings, describe_argv
 from service.bundle import load_bundle
 from service.scorer import Scorer
 
@@ -57,17 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0] if __doc__ else None,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--bundle", type=Path, required=True, help="bundle directory to serve")
-    parser.add_argument(
-        "--images",
-        type=Path,
-        default=None,
-        help="folder of images to send (searched recursively); default: PNGs made from the "
-        "bundle's golden inputs, at its input size",
-    )
-    parser.add_argument(
-        "--max-images", type=int, default=128, help="most images read from --images"
-    )
+    add_arguments(parser, max_images=128)
     parser.add_argument(
         "--duration",
         type=float,
@@ -130,7 +120,7 @@ def say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _started(server: ServerProcess) -> str:
+def _started(server: MeasuredServer) -> str:
     command = describe_argv(server.argv)
     say(f"  server pid {server.pid} (py-spy dump --pid {server.pid}): {command}")
     return command
@@ -160,8 +150,8 @@ class ServicePhases:
 
 async def service_round(
     args: argparse.Namespace,
-    batched: ServerProcess,
-    unbatched: ServerProcess,
+    batched: MeasuredServer,
+    unbatched: MeasuredServer,
     images: ImageSet,
     phases: ServicePhases,
 ) -> None:
@@ -204,7 +194,7 @@ async def service_round(
 
 
 async def half_rate(
-    args: argparse.Namespace, server: ServerProcess, images: ImageSet, rate: float
+    args: argparse.Namespace, server: MeasuredServer, images: ImageSet, rate: float
 ) -> loadgen.LoadResult:
     """Latency of one-image ScoreBatch calls arriving at a fixed ``rate``."""
     phase = loadgen.Phase("half_rate")
@@ -220,7 +210,9 @@ async def half_rate(
     return phase.result()
 
 
-async def run_soak(args: argparse.Namespace, server: ServerProcess, images: ImageSet) -> SoakResult:
+async def run_soak(
+    args: argparse.Namespace, server: MeasuredServer, images: ImageSet
+) -> SoakResult:
     """Unary clients and a stream at once for ``--soak`` seconds; RSS sampled throughout."""
     warmup = min(30.0, max(args.warmup, 0.1 * args.soak))
     say(
@@ -286,7 +278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--warmup and --soak must not be negative")
     load_before = load_average()
     bundle = load_bundle(args.bundle)
-    images = from_folder(args.images, args.max_images) if args.images else from_bundle(bundle)
+    images = chosen(args, bundle)
     say(f"images: {images.describe()}")
     say(f"load average: {load_before}")
     scorer = Scorer(bundle, device=args.device, threads=args.threads or None)
@@ -305,8 +297,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands: list[str] = []
     phases = ServicePhases()
     with (
-        ServerProcess(_settings(args, batching=True)) as batched,
-        ServerProcess(_settings(args, batching=False)) as unbatched,
+        MeasuredServer(_settings(args, batching=True)) as batched,
+        MeasuredServer(_settings(args, batching=False)) as unbatched,
     ):
         commands += [_started(batched), _started(unbatched)]
         for index in range(args.rounds):
@@ -330,7 +322,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     gc.collect()
     soak = None
     if args.soak > 0:
-        with ServerProcess(_settings(args, batching=True)) as server:
+        with MeasuredServer(_settings(args, batching=True)) as server:
             commands.append(_started(server))
             soak = asyncio.run(run_soak(args, server, images))
 

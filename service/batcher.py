@@ -1,14 +1,19 @@
 """Micro-batcher: coalesces the images of concurrent calls and streams into ONNX Runtime batches.
 
-An asyncio component on the server's event loop. Calls first *admit* their images against a
-bounded queue (counted in images: a call is admitted whole or refused with :class:`QueueFullError`),
-preprocess them, then submit them as one job. The batcher forms a batch when the device is free:
+An asyncio component on the server's event loop. Calls submit their preprocessed images as one
+job (having admitted them first: service/admission.py bounds what the queue holds). The batcher
+forms a batch when the device is free:
 it waits up to ``max_delay`` after the oldest queued image for up to ``max_batch_size`` images,
 drops jobs whose call was cancelled or whose deadline has passed, and runs the batch in its single
 inference thread (one inference at a time per device) while the loop keeps accepting work.
 A job larger than the room left in a batch is split across batches; its caller gets the parts in
 order. Jobs are pinned to the model they were preprocessed for, and a batch never mixes models, so
 a hot reload never feeds an old call's images to a new model with a different input spec.
+
+The batcher knows nothing of requests' options: a batch's output is computed from its images alone,
+and each caller gets :class:`Part` s of it (the output and its rows) to finish with its own options,
+in its own task. When a batch of several jobs fails, each job is run again alone, so that an error
+reaches only the job whose images cause it.
 """
 
 from __future__ import annotations
@@ -21,7 +26,6 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Generic, TypeVar
 
 import numpy as np
@@ -33,11 +37,7 @@ log = logging.getLogger(__name__)
 
 FloatArray = npt.NDArray[np.float32]
 ModelT = TypeVar("ModelT")
-ResultT = TypeVar("ResultT")
-
-
-class QueueFullError(Exception):
-    """The queue has no room for the images of a call; retry later."""
+OutputT = TypeVar("OutputT")
 
 
 class DeadlineExpiredError(Exception):
@@ -48,38 +48,34 @@ class BatcherClosedError(Exception):
     """The batcher shut down before the job was computed."""
 
 
-@dataclass(frozen=True)
-class ScoreParams:
-    """What to do with the images of one job: a decision-rule override and whether to keep maps."""
-
-    threshold: float | None = None
-    target_false_alarm_rate: float | None = None
-    keep_maps: bool = False
+# Runs the model on one batch ``(N, C, H, W)``, in the inference thread: the batch's output.
+RunBatch = Callable[[ModelT, FloatArray], OutputT]
 
 
 @dataclass(frozen=True)
-class Portion:
-    """A run of consecutive images of one batch that share their job's parameters."""
+class Part(Generic[OutputT]):
+    """Rows ``start:stop`` of a batch's output: the share of one job (read it, never write it)."""
 
-    params: ScoreParams
-    count: int
+    output: OutputT
+    start: int
+    stop: int
 
-
-# Scores one batch ``(N, C, H, W)`` on ``model``: one result per portion, in order.
-RunBatch = Callable[[ModelT, FloatArray, Sequence[Portion]], Sequence[ResultT]]
+    @property
+    def count(self) -> int:
+        """Number of images of the part."""
+        return self.stop - self.start
 
 
 @dataclass(eq=False)
-class _Job(Generic[ModelT, ResultT]):
+class _Job(Generic[ModelT, OutputT]):
     model: ModelT
     images: FloatArray
-    params: ScoreParams
     deadline: float | None
-    future: asyncio.Future[list[ResultT]]
+    future: asyncio.Future[list[Part[OutputT]]]
     enqueued: float
     taken: int = 0
     delivered: int = 0
-    parts: list[ResultT] = field(default_factory=list)
+    parts: list[Part[OutputT]] = field(default_factory=list)
 
     @property
     def size(self) -> int:
@@ -91,95 +87,46 @@ class _Job(Generic[ModelT, ResultT]):
 
 
 @dataclass(frozen=True)
-class _Slice(Generic[ModelT, ResultT]):
-    job: _Job[ModelT, ResultT]
+class _Slice(Generic[ModelT, OutputT]):
+    job: _Job[ModelT, OutputT]
     start: int
     stop: int
 
 
-class Admission(Generic[ModelT, ResultT]):
-    """Room reserved in the queue for a call's images; unused room is released on exit."""
-
-    def __init__(self, batcher: MicroBatcher[ModelT, ResultT], count: int) -> None:
-        self._batcher = batcher
-        self.remaining = count
-
-    async def score(
-        self,
-        model: ModelT,
-        images: FloatArray,
-        params: ScoreParams,
-        *,
-        deadline: float | None = None,
-    ) -> list[ResultT]:
-        """Queue preprocessed images ``(k, C, H, W)`` and wait for their results, in parts.
-
-        ``deadline`` is on the event loop's clock (``loop.time()``). Raises
-        :class:`DeadlineExpiredError` when it passes before inference, or the inference error.
-        """
-        count = int(images.shape[0])
-        if not 0 < count <= self.remaining:
-            raise ValueError(f"{count} images submitted against {self.remaining} admitted")
-        self.remaining -= count
-        return await self._batcher._enqueue(model, images, params, deadline)
-
-    def release(self) -> None:
-        """Give back the room not used by :meth:`score` (images that failed preprocessing)."""
-        if self.remaining:
-            self._batcher._release(self.remaining)
-            self.remaining = 0
-
-    def __enter__(self) -> Admission[ModelT, ResultT]:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.release()
-
-
-class MicroBatcher(Generic[ModelT, ResultT]):
+class MicroBatcher(Generic[ModelT, OutputT]):
     """Bounded queue of images plus the loop that turns it into batches; see the module doc."""
 
     def __init__(
         self,
-        run_batch: RunBatch[ModelT, ResultT],
+        run_batch: RunBatch[ModelT, OutputT],
         metrics: ServiceMetrics,
         *,
         max_batch_size: int,
         max_delay: float,
-        max_queue: int,
         coalesce: bool = True,
     ) -> None:
-        if max_batch_size < 1 or max_queue < 1 or max_delay < 0:
+        if max_batch_size < 1 or max_delay < 0:
             raise ValueError(
-                f"batcher needs max_batch_size >= 1, max_queue >= 1 and max_delay >= 0; got "
-                f"{max_batch_size}, {max_queue}, {max_delay}"
+                f"batcher needs max_batch_size >= 1 and max_delay >= 0; got {max_batch_size}, "
+                f"{max_delay}"
             )
         self._run_batch = run_batch
         self._metrics = metrics
         self.max_batch_size = max_batch_size
         self.max_delay = max_delay if coalesce else 0.0
-        self.max_queue = max_queue
         self.coalesce = coalesce
-        self._jobs: deque[_Job[ModelT, ResultT]] = deque()
-        self._admitted = 0  # images admitted and not yet taken into a batch
-        self._queued = 0  # of those, images submitted (preprocessed) and waiting
-        self._in_flight: list[_Slice[ModelT, ResultT]] = []
+        self._jobs: deque[_Job[ModelT, OutputT]] = deque()
+        self._queued = 0  # images submitted and waiting for a batch
+        self._in_flight: list[_Slice[ModelT, OutputT]] = []
         self._nonempty = asyncio.Event()
         self._full = asyncio.Event()
         self._executor: ThreadPoolExecutor | None = None
         self._task: asyncio.Task[None] | None = None
-        metrics.queue_capacity.set(max_queue)
-        metrics.queue_depth.set(0)
 
     @property
     def depth(self) -> int:
-        """Images admitted and waiting for inference."""
-        return self._admitted
+        """Images waiting for inference."""
+        return self._queued
 
     def start(self) -> None:
         """Start the batching loop on the running event loop."""
@@ -205,33 +152,22 @@ class MicroBatcher(Generic[ModelT, ResultT]):
             await asyncio.to_thread(self._executor.shutdown)
             self._executor = None
 
-    def admit(self, count: int) -> Admission[ModelT, ResultT]:
-        """Reserve room for ``count`` images, all or none; raises :class:`QueueFullError`."""
+    async def submit(
+        self, model: ModelT, images: FloatArray, *, deadline: float | None = None
+    ) -> list[Part[OutputT]]:
+        """Queue preprocessed images ``(k, C, H, W)`` and wait for their share of the batches.
+
+        ``deadline`` is on the event loop's clock (``loop.time()``). Raises
+        :class:`DeadlineExpiredError` when it passes before inference,
+        :class:`BatcherClosedError` when the batcher stops first, or the inference error.
+        """
         if self._task is None:
             raise BatcherClosedError("the batcher is not running")
-        if count < 1:
-            raise ValueError(f"cannot admit {count} images")
-        if self._admitted + count > self.max_queue:
-            raise QueueFullError(
-                f"the scoring queue is full: {self._admitted} of {self.max_queue} images waiting, "
-                f"no room for {count} more; retry later with backoff"
-            )
-        self._admitted += count
-        self._metrics.queue_depth.set(self._admitted)
-        return Admission(self, count)
-
-    # --- internals used by Admission ------------------------------------------------------
-
-    def _release(self, count: int) -> None:
-        self._admitted -= count
-        self._metrics.queue_depth.set(self._admitted)
-
-    async def _enqueue(
-        self, model: ModelT, images: FloatArray, params: ScoreParams, deadline: float | None
-    ) -> list[ResultT]:
+        if images.shape[0] < 1:
+            raise ValueError("cannot submit a job of no images")
         loop = asyncio.get_running_loop()
-        job: _Job[ModelT, ResultT] = _Job(
-            model, images, params, deadline, loop.create_future(), loop.time()
+        job: _Job[ModelT, OutputT] = _Job(
+            model, images, deadline, loop.create_future(), loop.time()
         )
         self._jobs.append(job)
         self._queued += job.size
@@ -260,14 +196,13 @@ class MicroBatcher(Generic[ModelT, ResultT]):
             if batch:
                 await self._execute(batch)
 
-    def _drop(self, job: _Job[ModelT, ResultT]) -> None:
+    def _drop(self, job: _Job[ModelT, OutputT]) -> None:
         self._jobs.popleft()
         self._queued -= job.waiting
-        self._admitted -= job.waiting
 
-    def _take(self, now: float) -> list[_Slice[ModelT, ResultT]]:
+    def _take(self, now: float) -> list[_Slice[ModelT, OutputT]]:
         """Take up to ``max_batch_size`` images of one model from the head of the queue."""
-        batch: list[_Slice[ModelT, ResultT]] = []
+        batch: list[_Slice[ModelT, OutputT]] = []
         room = self.max_batch_size
         while self._jobs and room > 0:
             job = self._jobs[0]
@@ -291,47 +226,66 @@ class MicroBatcher(Generic[ModelT, ResultT]):
             job.taken += count
             room -= count
             self._queued -= count
-            self._admitted -= count
             if job.waiting == 0:
                 self._jobs.popleft()
-        self._metrics.queue_depth.set(self._admitted)
         return batch
 
-    async def _execute(self, batch: list[_Slice[ModelT, ResultT]]) -> None:
+    async def _execute(self, batch: list[_Slice[ModelT, OutputT]]) -> None:
         self._in_flight = batch
-        loop = asyncio.get_running_loop()
         try:
-            results = await loop.run_in_executor(self._executor, self._infer, batch)
-        except Exception as exc:
-            log.exception("inference failed on a batch of %d images", _images(batch))
-            for piece in batch:
-                if not piece.job.future.done():
-                    piece.job.future.set_exception(exc)
-            return
+            await self._run(batch)
         finally:
             self._in_flight = []
-        for piece, result in zip(batch, results, strict=True):
-            job = piece.job
-            if job.future.done():
-                continue
-            job.parts.append(result)
-            job.delivered += piece.stop - piece.start
-            if job.delivered == job.size:
-                job.future.set_result(job.parts)
 
-    def _infer(self, batch: Sequence[_Slice[ModelT, ResultT]]) -> Sequence[ResultT]:
-        """Runs in the inference thread: assemble the batch, score it, time it."""
+    async def _run(self, batch: list[_Slice[ModelT, OutputT]]) -> None:
+        """Run one batch and hand each job its part; a failure reaches only the failing job."""
+        loop = asyncio.get_running_loop()
+        try:
+            output = await loop.run_in_executor(self._executor, self._infer, batch)
+        except Exception as exc:
+            if len(batch) == 1:
+                log.exception("inference failed on a batch of %d images", _images(batch))
+                for piece in batch:
+                    _fail(piece.job, exc)
+                return
+            log.warning(
+                "inference failed on a batch of %d images of %d jobs (%s: %s); running each "
+                "job alone",
+                _images(batch),
+                len(batch),
+                type(exc).__name__,
+                exc,
+            )
+            for piece in batch:
+                if not piece.job.future.done():
+                    await self._run([piece])
+            return
+        start = 0
+        for piece in batch:
+            job = piece.job
+            stop = start + piece.stop - piece.start
+            if not job.future.done():
+                job.parts.append(Part(output, start, stop))
+                job.delivered += stop - start
+                if job.delivered == job.size:
+                    job.future.set_result(job.parts)
+            start = stop
+
+    def _infer(self, batch: Sequence[_Slice[ModelT, OutputT]]) -> OutputT:
+        """Runs in the inference thread: assemble the batch, run the model on it, time it."""
         views = [piece.job.images[piece.start : piece.stop] for piece in batch]
         x = views[0] if len(views) == 1 else np.concatenate(views)
-        portions = [Portion(piece.job.params, piece.stop - piece.start) for piece in batch]
         started = time.perf_counter()
-        results = self._run_batch(batch[0].job.model, x, portions)
+        output = self._run_batch(batch[0].job.model, x)
         self._metrics.inference_duration.observe(time.perf_counter() - started)
         self._metrics.batch_size.observe(x.shape[0])
-        if len(results) != len(portions):
-            raise RuntimeError(f"run_batch gave {len(results)} results for {len(portions)} parts")
-        return results
+        return output
 
 
-def _images(batch: Sequence[_Slice[ModelT, ResultT]]) -> int:
+def _fail(job: _Job[ModelT, OutputT], exc: Exception) -> None:
+    if not job.future.done():
+        job.future.set_exception(exc)
+
+
+def _images(batch: Sequence[_Slice[ModelT, OutputT]]) -> int:
     return sum(piece.stop - piece.start for piece in batch)

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import tarfile
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -140,7 +141,7 @@ class Manifest:
                 training=dict(data.get("training", {})),
                 format_version=int(version),
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except Exception as exc:  # JSON of any wrong shape: a list for an object, inf for an int
             raise BundleError(f"manifest is malformed: {type(exc).__name__}: {exc}") from exc
 
 
@@ -173,6 +174,14 @@ class Bundle:
     manifest: Manifest
     golden: Golden
     latent_reference: LatentReference
+    # The temporary folder an archive was unpacked into (``path`` lies in it); None for a directory.
+    unpacked_into: Path | None = None
+
+    def remove_unpacked(self) -> None:
+        """Delete the folder an archive was unpacked into (ONNX Runtime sessions already opened
+        on its files keep working); nothing for a bundle directory."""
+        if self.unpacked_into is not None:
+            shutil.rmtree(self.unpacked_into, ignore_errors=True)
 
     @property
     def encoder_path(self) -> Path:
@@ -246,8 +255,7 @@ def _read_golden(path: Path) -> Golden:
     return Golden(**arrays)
 
 
-def _unpack_archive(archive: Path) -> Path:
-    target = Path(tempfile.mkdtemp(prefix="bundle-"))
+def _unpack_archive(archive: Path, target: Path) -> Path:
     try:
         with tarfile.open(archive) as tar:
             tar.extractall(target, filter="data")
@@ -264,23 +272,36 @@ def _unpack_archive(archive: Path) -> Path:
 def load_bundle(path: Path) -> Bundle:
     """Open a bundle directory or archive and check its files and content hash.
 
+    An archive is unpacked into a temporary folder, removed again if the bundle is refused;
+    the caller removes it with :meth:`Bundle.remove_unpacked` once done with the files.
     The golden self-test needs ONNX Runtime and is run by :mod:`service.scorer`.
     """
     path = Path(path)
     if not path.exists():
         raise BundleError(f"bundle {path} does not exist")
-    if path.is_file():
-        path = _unpack_archive(path)
-    for name in BUNDLE_FILES:
-        if not (path / name).is_file():
-            raise BundleError(f"bundle {path} lacks {name}")
+    if not path.is_file():
+        return _load_directory(path)
+    target = Path(tempfile.mkdtemp(prefix="bundle-"))
+    try:
+        return replace(_load_directory(_unpack_archive(path, target)), unpacked_into=target)
+    except BaseException:
+        shutil.rmtree(target, ignore_errors=True)
+        raise
+
+
+def _load_directory(path: Path) -> Bundle:
+    if not (path / MANIFEST).is_file():
+        raise BundleError(f"bundle {path} lacks {MANIFEST}")
     try:
         raw = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise BundleError(f"cannot read {path / MANIFEST}: {exc}") from exc
     if not isinstance(raw, dict):
         raise BundleError(f"{path / MANIFEST} is not a JSON object")
-    manifest = Manifest.from_dict(raw)
+    manifest = Manifest.from_dict(raw)  # first: an old bundle is told to retrain
+    for name in BUNDLE_FILES:
+        if not (path / name).is_file():
+            raise BundleError(f"bundle {path} lacks {name}")
     actual = compute_model_id(path)
     if actual != manifest.model_id:
         raise BundleError(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -18,9 +19,10 @@ from prometheus_client import REGISTRY
 
 from service.bundle import BundleError
 from service.config import ConfigError, ServeConfig, load_config
-from service.models import LoadedModel, load_model
+from service.model_slot import LoadedModel, load_model
 from service.scorer import DeviceError
 from service.server import StartupError, create_server
+from service.server_process import Ready, write_ready_file
 
 log = logging.getLogger("service")
 PROG = "anomaly-serve"
@@ -48,6 +50,13 @@ async def serve(config: ServeConfig, model: LoadedModel) -> int:
         config.host,
         server.metrics_port,
     )
+    if config.ready_file is not None:
+        ready = Ready(os.getpid(), config.host, server.port, server.metrics_port)
+        try:
+            write_ready_file(config.ready_file, ready)
+        except OSError as exc:
+            await server.stop(0)
+            raise StartupError(f"cannot write the ready file {config.ready_file}: {exc}") from exc
     stop = asyncio.Event()
     reloads: set[asyncio.Task[bool]] = set()
 
@@ -65,6 +74,8 @@ async def serve(config: ServeConfig, model: LoadedModel) -> int:
         loop.add_signal_handler(signum, on_stop, signum)
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     await stop.wait()
+    if config.ready_file is not None:
+        config.ready_file.unlink(missing_ok=True)
     await server.stop(config.grace_period)
     return 0
 

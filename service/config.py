@@ -43,8 +43,12 @@ class ServeConfig:
     max_batch_delay_ms: float = 2.0
     batching: bool = True
     max_queue: int = 1024
+    max_queue_per_client: int = 256
     max_request_images: int = 256
     stream_window: int = 64
+    max_streams_per_connection: int = 100
+    bdp_probe: bool = False
+    max_connection_age: float = 300.0
     max_message_bytes: int = 64 * MIB
     max_image_pixels: int = DEFAULT_MAX_PIXELS
     tls_cert: Path | None = None
@@ -53,6 +57,7 @@ class ServeConfig:
     token: str | None = field(default=None, repr=False)
     grace_period: float = 10.0
     watch_interval: float = 0.0
+    ready_file: Path | None = None
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
@@ -68,10 +73,16 @@ class ServeConfig:
             raise ConfigError(
                 "Config '--tls-client-ca' needs '--tls-cert' and '--tls-key': mutual TLS is TLS."
             )
-        if self.max_request_images > self.max_queue:
+        if self.max_queue_per_client > self.max_queue:
+            raise ConfigError(
+                f"Config '--max-queue-per-client' has value '{self.max_queue_per_client}'. It must "
+                f"not exceed '--max-queue' ({self.max_queue})."
+            )
+        if self.max_request_images > self.max_queue_per_client:
             raise ConfigError(
                 f"Config '--max-request-images' has value '{self.max_request_images}'. It must not "
-                f"exceed '--max-queue' ({self.max_queue}), or such a request could never be queued."
+                f"exceed '--max-queue-per-client' ({self.max_queue_per_client}), or such a request "
+                "could never be queued."
             )
 
     @property
@@ -230,9 +241,49 @@ OPTIONS: tuple[Option, ...] = (
         "coalesce images of concurrent calls into shared batches (--no-batching: each call's "
         "images form batches of their own, with no delay)",
     ),
-    Option("max_queue", _int, "most images admitted and waiting for inference", _at_least(1)),
+    Option(
+        "max_queue",
+        _int,
+        "most images the server holds for calls: being decoded, waiting for inference, scored, "
+        "or (streams) waiting for their reply to be sent",
+        _at_least(1),
+    ),
+    Option(
+        "max_queue_per_client",
+        _int,
+        "most of those one client connection may hold, so that a slow or hostile client cannot "
+        "take the queue (or memory) from the others",
+        _at_least(1),
+    ),
     Option("max_request_images", _int, "most images in one ScoreBatch call", _at_least(1)),
-    Option("stream_window", _int, "most images of one stream in flight at once", _at_least(1)),
+    Option(
+        "stream_window",
+        _int,
+        "most images of one stream read and not yet answered (they count against the client's "
+        "share of the queue until their replies are sent)",
+        _at_least(1),
+    ),
+    Option(
+        "max_streams_per_connection",
+        _int,
+        "most calls one client connection may have open at once (HTTP/2 concurrent streams; "
+        "a client's further calls wait for a free one)",
+        _at_least(1),
+    ),
+    Option(
+        "bdp_probe",
+        _bool,
+        "let gRPC grow each connection's receive windows to the bandwidth-delay product: faster "
+        "over long, fast links, but a client that sends more than the server reads then makes "
+        "it buffer megabytes; off, each stream reads at most 64 KiB ahead",
+    ),
+    Option(
+        "max_connection_age",
+        _float,
+        "seconds after which the server asks a client to reconnect (HTTP/2 GOAWAY; calls under "
+        "way finish), so that clients re-resolve and spread onto new replicas (0: never)",
+        _at_least(0),
+    ),
     Option("max_message_bytes", _int, "largest request message, in bytes", _at_least(1024)),
     Option("max_image_pixels", _int, "most pixels (height x width) of one image", _at_least(1)),
     Option("tls_cert", _path, "PEM certificate chain: serve TLS", _existing_file, "FILE"),
@@ -258,6 +309,13 @@ OPTIONS: tuple[Option, ...] = (
         _float,
         "seconds between checks of the bundle directory for changes (0: reload on SIGHUP only)",
         _at_least(0),
+    ),
+    Option(
+        "ready_file",
+        _path,
+        'once serving, write {"pid", "host", "port", "metrics_port"} (the bound ports) to this '
+        "file as JSON, for harnesses; it is removed when shutdown begins",
+        metavar="FILE",
     ),
     Option("log_level", lambda text: text.upper(), "logging level", _one_of(LOG_LEVELS)),
 )

@@ -1,6 +1,7 @@
-"""Server interceptors for the AnomalyDetector service: call metrics and bearer-token auth.
+"""Server interceptors for the AnomalyDetector service: call metrics, bearer-token auth, and
+requests whose bytes do not parse.
 
-Both apply to ``/anomaly.v1.AnomalyDetector/*`` only: the health service stays open (probes carry
+They apply to ``/anomaly.v1.AnomalyDetector/*`` only: the health service stays open (probes carry
 no token) and so does reflection (it reveals only the public contract).
 """
 
@@ -9,15 +10,20 @@ from __future__ import annotations
 import asyncio
 import hmac
 import inspect
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
 
+from service._proto import anomaly_pb2 as pb
 from service.metrics import ServiceMetrics
+from service.wire import Unparseable, lenient
 
-SERVICE_PREFIX = "/anomaly.v1.AnomalyDetector/"
+SERVICE = pb.DESCRIPTOR.services_by_name["AnomalyDetector"]
+SERVICE_PREFIX = f"/{SERVICE.full_name}/"
+log = logging.getLogger(__name__)
 Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]]
 
 
@@ -157,9 +163,52 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         )
 
 
+class ParseInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Answers requests whose bytes do not parse INVALID_ARGUMENT, with one log line.
+
+    gRPC would answer them UNKNOWN ("Unexpected <class 'DecodeError'>") and log a traceback. The
+    handler's deserializer returns an :class:`~service.wire.Unparseable` instead of raising: a
+    unary call is answered here; a stream message reaches the servicer, which answers it in its
+    place in the stream.
+    """
+
+    async def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler:
+        """Make the AnomalyDetector handler's deserializer lenient."""
+        handler = await continuation(handler_call_details)
+        method = _method(handler_call_details)
+        if method is None or handler is None or handler.request_deserializer is None:
+            return handler
+        request_type = SERVICE.methods_by_name[method].input_type.full_name
+        parse = lenient(handler.request_deserializer, request_type)
+        if handler.stream_stream is not None:
+            return grpc.stream_stream_rpc_method_handler(
+                handler.stream_stream,
+                request_deserializer=parse,
+                response_serializer=handler.response_serializer,
+            )
+        behavior = handler.unary_unary
+
+        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if isinstance(request, Unparseable):
+                problem = request.describe()
+                log.warning("%s from %s: the request is %s", method, context.peer(), problem)
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the request is {problem}")
+            return await behavior(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(
+            unary,
+            request_deserializer=parse,
+            response_serializer=handler.response_serializer,
+        )
+
+
 def interceptors(metrics: ServiceMetrics, token: str | None) -> list[grpc.aio.ServerInterceptor]:
-    """The server's interceptors, outermost first: metrics see refused calls too."""
+    """The server's interceptors, outermost first: metrics see refused calls too, and even a call
+    refused for its token gets its bytes parsed leniently."""
     chain: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor(metrics)]
     if token:
         chain.append(BearerTokenInterceptor(token))
+    chain.append(ParseInterceptor())
     return chain

@@ -89,12 +89,13 @@ class ServiceMetrics:
         )
         self.queue_depth = Gauge(
             f"{PREFIX}_queue_depth_images",
-            "Images waiting in the micro-batcher queue.",
+            "Images held for calls: being decoded, waiting for inference, scored, or (streams) "
+            "waiting for their reply to be sent.",
             registry=registry,
         )
         self.queue_capacity = Gauge(
             f"{PREFIX}_queue_capacity_images",
-            "Most images the micro-batcher queue holds before refusing work.",
+            "Most images the server holds for calls before refusing work.",
             registry=registry,
         )
         self.inflight = Gauge(

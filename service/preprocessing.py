@@ -114,6 +114,11 @@ def decode_image(
             image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
             _check_size(image.width, image.height, max_pixels, image_id)
             image.load()
+        if image.mode in ("I", "F"):
+            raise ImageError(
+                f"image {image_id!r} has 32-bit samples (mode {image.mode!r}), which are not "
+                "supported; send 8- or 16-bit images"
+            )
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:

@@ -27,7 +27,14 @@ from service.bundle import (
     BundleError,
     Tolerance,
 )
-from service.scoring import DecisionRule, FloatArray, ModelOutputs, ScoreBatch, raw_scores
+from service.scoring import (
+    DecisionRule,
+    F64Array,
+    FloatArray,
+    ModelOutputs,
+    ScoreBatch,
+    raw_scores,
+)
 
 log = logging.getLogger(__name__)
 
@@ -229,6 +236,14 @@ class Scorer:
         keep_maps: bool = False,
     ) -> ScoreBatch:
         """Score a preprocessed batch ``(N, C, H, W)``; keep anomaly maps only when asked."""
+        raw, amap = self.raw_scores(batch)
+        return self.calibration.score(raw, rule, amap if keep_maps else None)
+
+    def raw_scores(self, batch: FloatArray) -> tuple[dict[str, F64Array], FloatArray]:
+        """The model's part of :meth:`score`: raw scores and anomaly maps, before calibration.
+
+        The server runs this once per batch and calibrates each request's rows with its own rule.
+        """
         expected = self.manifest.input.shape
         if batch.ndim != 4 or batch.shape[1:] != expected or batch.dtype != np.float32:
             raise ValueError(
@@ -236,10 +251,7 @@ class Scorer:
                 f"{', '.join(map(str, expected))}) float32"
             )
         out = self.run_model(batch)
-        raw, amap = raw_scores(
-            batch, out, self.calibration.local_window, self.bundle.latent_reference
-        )
-        return self.calibration.score(raw, rule, amap if keep_maps else None)
+        return raw_scores(batch, out, self.calibration.local_window, self.bundle.latent_reference)
 
     def self_test(self) -> None:
         """Reproduce the golden outputs within the bundle's tolerance, or raise BundleError."""

@@ -236,7 +236,10 @@ def threshold_for_rate(combined_sorted: F64Array, rate: float) -> DecisionRule:
         return DecisionRule(float(combined_sorted[k - 1]), rate, "empirical")
     mean = float(combined_sorted.mean())
     std = float(max(combined_sorted.std(ddof=1), 1e-6))
-    return DecisionRule(mean + std * NormalDist().inv_cdf(1.0 - rate), rate, "normal_tail")
+    # The upper quantile by symmetry, -inv_cdf(rate): 1.0 - rate rounds to 1.0 for rates below
+    # ~1.1e-16, where inv_cdf(1.0 - rate) fails; inv_cdf(rate) holds down to the smallest double.
+    z = -NormalDist().inv_cdf(rate)
+    return DecisionRule(mean + std * z, rate, "normal_tail")
 
 
 @dataclass(frozen=True)

@@ -24,11 +24,13 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from service._proto import anomaly_pb2 as pb
 from service._proto import anomaly_pb2_grpc as pb_grpc
+from service.admission import AdmissionControl
 from service.batcher import MicroBatcher
 from service.config import ServeConfig
+from service.inference import RawBatch, make_run_batch
 from service.interceptors import interceptors
 from service.metrics import ServiceMetrics
-from service.models import LoadedModel, ModelSlot, ScoredImages, load_model, make_run_batch
+from service.model_slot import LoadedModel, ModelSlot, load_model
 from service.servicer import AnomalyDetectorServicer
 from service.wire import Limits
 
@@ -75,6 +77,13 @@ def _fingerprint(path: Path) -> tuple[object, ...]:
         return ("missing",)
 
 
+def _connection_age(seconds: float) -> list[tuple[str, int]]:
+    """gRPC's max connection age (it adds +-10% jitter); calls under way at that age finish."""
+    if seconds == 0:
+        return []
+    return [("grpc.max_connection_age_ms", max(1, round(seconds * 1000)))]
+
+
 class AnomalyServer:
     """A started server. Build it with :func:`create_server`; end it with :meth:`stop`."""
 
@@ -87,7 +96,7 @@ class AnomalyServer:
         metrics_port: int,
         metrics: ServiceMetrics,
         models: ModelSlot,
-        batcher: MicroBatcher[LoadedModel, ScoredImages],
+        batcher: MicroBatcher[LoadedModel, RawBatch],
         servicer: AnomalyDetectorServicer,
         health_servicer: health.aio.HealthServicer,
         decode_pool: ThreadPoolExecutor,
@@ -146,9 +155,20 @@ class AnomalyServer:
         self._servicer.drain()
         unanswered = await self._servicer.active.wait_idle(grace)
         if unanswered:
-            log.warning("grace period over: cancelling %d calls not yet answered", unanswered)
+            # The work still queued fails, and so each call ends UNAVAILABLE on its own terms: a
+            # stream says how many of its images were answered (the proto's promise), rather
+            # than gRPC's bare "Cancelling all calls" at server.stop().
+            log.warning("grace period over: ending %d calls not yet answered", unanswered)
+            await self._batcher.close()
+            await self._servicer.active.wait_idle(FINAL_GRACE)
         else:
             log.info("every accepted call was answered")
+        # Clients that watch health (the project's client does) stop sending here once they see
+        # NOT_SERVING. Until gRPC stops, the calls that still come are refused UNAVAILABLE by the
+        # servicer, and retried elsewhere, rather than cancelled by server.stop().
+        notice = min(FINAL_GRACE, grace) - (loop.time() - started)
+        if notice > 0:
+            await asyncio.sleep(notice)
         remaining = max(0.0, grace - (loop.time() - started))
         await self._server.stop(min(remaining, FINAL_GRACE))
         if self._watcher is not None:
@@ -178,19 +198,22 @@ async def create_server(
     models = ModelSlot(
         model, metrics, bundle_path=config.bundle, device=config.device, threads=config.threads
     )
-    batcher: MicroBatcher[LoadedModel, ScoredImages] = MicroBatcher(
+    batcher: MicroBatcher[LoadedModel, RawBatch] = MicroBatcher(
         make_run_batch(metrics),
         metrics,
         max_batch_size=config.max_batch_size,
         max_delay=config.max_batch_delay,
-        max_queue=config.max_queue,
         coalesce=config.batching,
+    )
+    admission = AdmissionControl(
+        metrics, capacity=config.max_queue, per_client=config.max_queue_per_client
     )
     limits = Limits(config.max_request_images, config.max_image_pixels, config.max_message_bytes)
     pool = ThreadPoolExecutor(config.preprocess_workers, thread_name_prefix="decode")
     servicer = AnomalyDetectorServicer(
         models,
         batcher,
+        admission,
         pool,
         metrics,
         limits=limits,
@@ -203,6 +226,11 @@ async def create_server(
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", -1),
             ("grpc.so_reuseport", 0),
+            # What one connection can make the server hold: its calls, and the bytes they send
+            # ahead of what the server reads (see --bdp-probe).
+            ("grpc.max_concurrent_streams", config.max_streams_per_connection),
+            ("grpc.http2.bdp_probe", int(config.bdp_probe)),
+            *_connection_age(config.max_connection_age),
         ],
     )
     pb_grpc.add_AnomalyDetectorServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]

@@ -22,20 +22,24 @@ import numpy as np
 
 from service._proto import anomaly_pb2 as pb
 from service._proto import anomaly_pb2_grpc as pb_grpc
+from service.admission import AdmissionControl, QueueFullError, Ticket
 from service.batcher import (
     BatcherClosedError,
     DeadlineExpiredError,
     FloatArray,
     MicroBatcher,
-    QueueFullError,
+    Part,
 )
+from service.inference import RawBatch, count_scored, score_rows
 from service.metrics import ServiceMetrics
-from service.models import LoadedModel, ModelSlot, ScoredImages
+from service.model_slot import LoadedModel, ModelSlot
+from service.scoring import DecisionRule, ScoreBatch
 from service.wire import (
     DEADLINE_EXCEEDED,
     INVALID_ARGUMENT,
     RESOURCE_EXHAUSTED,
     Limits,
+    Unparseable,
     check_batch,
     decode_into,
     empty_rows,
@@ -47,7 +51,7 @@ from service.wire import (
 
 log = logging.getLogger(__name__)
 
-Batcher = MicroBatcher[LoadedModel, ScoredImages]
+Batcher = MicroBatcher[LoadedModel, RawBatch]
 SHUTTING_DOWN = "the server is shutting down; send this work to another replica"
 
 
@@ -62,9 +66,32 @@ def _deadline(context: grpc.aio.ServicerContext) -> float | None:
     return None if remaining is None else asyncio.get_running_loop().time() + remaining
 
 
+def _cut(answered: int) -> str:
+    """Why a stream ends at shutdown, and how many of its images were answered."""
+    return (
+        f"{SHUTTING_DOWN}: the first {answered} images of this stream were answered, "
+        "resend the rest"
+    )
+
+
 @dataclass(frozen=True)
 class _StreamEnd:
     drained: bool
+
+
+@dataclass(frozen=True)
+class _Pending:
+    """A stream message read: its result to come, and the room it holds until its reply is sent."""
+
+    result: asyncio.Future[pb.ImageResult]
+    ticket: Ticket | None
+    received: float
+
+    def discard(self) -> None:
+        """Not to be answered: stop the work and give back the room."""
+        self.result.cancel()
+        if self.ticket is not None:
+            self.ticket.release()
 
 
 class ActiveCalls:
@@ -101,6 +128,7 @@ class AnomalyDetectorServicer(pb_grpc.AnomalyDetectorServicer):
         self,
         models: ModelSlot,
         batcher: Batcher,
+        admission: AdmissionControl,
         decode_pool: Executor,
         metrics: ServiceMetrics,
         *,
@@ -110,6 +138,7 @@ class AnomalyDetectorServicer(pb_grpc.AnomalyDetectorServicer):
     ) -> None:
         self._models = models
         self._batcher = batcher
+        self._admission = admission
         self._pool = decode_pool
         self._metrics = metrics
         self._limits = limits
@@ -128,6 +157,18 @@ class AnomalyDetectorServicer(pb_grpc.AnomalyDetectorServicer):
 
     def _count_error(self, code: grpc.StatusCode) -> None:
         self._metrics.image_errors.labels(code.name).inc()
+
+    def _finish(
+        self,
+        model: LoadedModel,
+        parts: Sequence[Part[RawBatch]],
+        rule: DecisionRule,
+        keep_maps: bool,
+    ) -> list[ScoreBatch]:
+        """This call's scores from its rows of the batches, with its own rule; counted."""
+        scored = score_rows(model, parts, rule, keep_maps)
+        count_scored(self._metrics, model, scored)
+        return scored
 
     async def _decode(
         self, images: Sequence[pb.Image], model: LoadedModel
@@ -160,7 +201,7 @@ class AnomalyDetectorServicer(pb_grpc.AnomalyDetectorServicer):
             for a, part in zip(bounds[:-1], found, strict=True)
             for index, message in part.items()
         }
-        if errors:  # their room in the queue is released with the admission
+        if errors:  # the caller gives their room in the queue back
             keep = np.ones(len(images), dtype=bool)
             keep[list(errors)] = False
             rows = rows[keep]
@@ -182,65 +223,72 @@ class AnomalyDetectorServicer(pb_grpc.AnomalyDetectorServicer):
         self, request: pb.ScoreBatchRequest, context: grpc.aio.ServicerContext
     ) -> pb.ScoreBatchResponse:
         images = request.images
+        model = self._models.current
         try:
             check_batch(images, self._limits.max_images_per_request)
             params = score_params(request.options)
+            rule = params.rule(model.calibration)
         except ValueError as exc:
             await abort(context, INVALID_ARGUMENT, str(exc))
-        model = self._models.current
         try:
-            admission = self._batcher.admit(len(images))
+            ticket = self._admission.admit(context.peer(), len(images))
         except QueueFullError as exc:
             await abort(context, RESOURCE_EXHAUSTED, str(exc))
-        with admission:
+        with ticket:
             rows, errors = await self._decode(images, model)
-            parts: list[ScoredImages] = []
+            ticket.release(len(errors))  # images that failed to decode hold no room
+            scored: list[ScoreBatch] = []
             if rows.shape[0]:
                 try:
-                    parts = await admission.score(model, rows, params, deadline=_deadline(context))
+                    parts = await self._batcher.submit(model, rows, deadline=_deadline(context))
                 except DeadlineExpiredError as exc:
                     await abort(context, DEADLINE_EXCEEDED, f"not scored: {exc}")
                 except BatcherClosedError:
                     await abort(context, grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
                 except Exception as exc:  # logged by the batcher
                     await abort(context, grpc.StatusCode.INTERNAL, f"scoring failed: {exc}")
-        scored = iter(
-            scored_results((im.id for i, im in enumerate(images) if i not in errors), parts)
-        )
+                try:
+                    scored = self._finish(model, parts, rule, params.keep_maps)
+                except Exception as exc:  # a fault of this call's own scoring: it alone fails
+                    log.exception("scoring a call's rows failed")
+                    await abort(context, grpc.StatusCode.INTERNAL, f"scoring failed: {exc}")
+        ids = (image.id for index, image in enumerate(images) if index not in errors)
+        scored_images = iter(scored_results(ids, scored, model.model_id))
         results = []
         for index, image in enumerate(images):
             if index in errors:
                 self._count_error(INVALID_ARGUMENT)
                 results.append(error_result(image.id, INVALID_ARGUMENT, errors[index]))
             else:
-                results.append(next(scored))
+                results.append(next(scored_images))
         return pb.ScoreBatchResponse(results=results)
 
     async def _score_message(
-        self, message: pb.ScoreStreamRequest, deadline: float | None
+        self, message: pb.ScoreStreamRequest | Unparseable, position: int, deadline: float | None
     ) -> pb.ImageResult:
         """Score one stream message; image-level failures become its ImageError."""
+        if isinstance(message, Unparseable):
+            problem = f"message {position} of this stream is {message.describe()}"
+            log.warning("ScoreStream: %s", problem)
+            return self._image_error("", INVALID_ARGUMENT, f"{problem}; its image id is unknown")
         image = message.image
-        try:
-            params = score_params(message.options)
-        except ValueError as exc:
-            return self._image_error(image.id, INVALID_ARGUMENT, f"image {image.id!r}: {exc}")
         model = self._models.current
         try:
-            admission = self._batcher.admit(1)
-        except QueueFullError as exc:
-            return self._image_error(image.id, RESOURCE_EXHAUSTED, f"image {image.id!r}: {exc}")
-        with admission:
-            rows, errors = await self._decode([image], model)
-            if errors:
-                return self._image_error(image.id, INVALID_ARGUMENT, errors[0])
-            try:
-                parts = await admission.score(model, rows, params, deadline=deadline)
-            except DeadlineExpiredError as exc:
-                return self._image_error(
-                    image.id, DEADLINE_EXCEEDED, f"image {image.id!r} was not scored: {exc}"
-                )
-        return scored_results([image.id], parts)[0]
+            params = score_params(message.options)
+            rule = params.rule(model.calibration)
+        except ValueError as exc:
+            return self._image_error(image.id, INVALID_ARGUMENT, f"image {image.id!r}: {exc}")
+        rows, errors = await self._decode([image], model)
+        if errors:
+            return self._image_error(image.id, INVALID_ARGUMENT, errors[0])
+        try:
+            parts = await self._batcher.submit(model, rows, deadline=deadline)
+        except DeadlineExpiredError as exc:
+            return self._image_error(
+                image.id, DEADLINE_EXCEEDED, f"image {image.id!r} was not scored: {exc}"
+            )
+        scored = self._finish(model, parts, rule, params.keep_maps)
+        return scored_results([image.id], scored, model.model_id)[0]
 
     def _image_error(self, image_id: str, code: grpc.StatusCode, message: str) -> pb.ImageResult:
         self._count_error(code)
@@ -248,32 +296,49 @@ class AnomalyDetectorServicer(pb_grpc.AnomalyDetectorServicer):
 
     async def ScoreStream(  # noqa: N802 (gRPC method name)
         self,
-        request_iterator: AsyncIterator[pb.ScoreStreamRequest],
+        request_iterator: AsyncIterator[pb.ScoreStreamRequest | Unparseable],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.ScoreStreamResponse]:
-        """Score each message as it arrives, up to ``stream_window`` in flight; reply in order."""
+        """Score each message as it arrives, up to ``stream_window`` in flight; reply in order.
+
+        Each message read holds room in the queue (against this client's share) until its reply
+        has been handed to gRPC: a client that does not read its replies stops being read once
+        its window is full, and holds no more than its share of the queue.
+        """
         if self._draining:
             await abort(context, grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
         loop = asyncio.get_running_loop()
         deadline = _deadline(context)
+        client = context.peer()
         window = asyncio.Semaphore(self._window)
-        pending: asyncio.Queue[tuple[asyncio.Task[pb.ImageResult], float] | _StreamEnd] = (
-            asyncio.Queue()
-        )
+        pending: asyncio.Queue[_Pending | _StreamEnd] = asyncio.Queue()
+
+        def admitted(message: pb.ScoreStreamRequest | Unparseable, position: int) -> _Pending:
+            received = time.perf_counter()
+            try:
+                ticket = self._admission.admit(client, 1)
+            except QueueFullError as exc:
+                image_id = "" if isinstance(message, Unparseable) else message.image.id
+                refused = loop.create_future()
+                refused.set_result(
+                    self._image_error(image_id, RESOURCE_EXHAUSTED, f"image {image_id!r}: {exc}")
+                )
+                return _Pending(refused, None, received)
+            task = loop.create_task(self._score_message(message, position, deadline))
+            return _Pending(task, ticket, received)
 
         async def read() -> None:
             # A message is either not read at all or queued for an answer: drain() cancels
             # this task only at an await, and none lies between reading and queueing.
             drained = False
             try:
-                while True:
+                for position in itertools.count(1):
                     await window.acquire()
                     try:
                         message = await anext(request_iterator)
                     except StopAsyncIteration:
                         break
-                    task = loop.create_task(self._score_message(message, deadline))
-                    pending.put_nowait((task, time.perf_counter()))
+                    pending.put_nowait(admitted(message, position))
             except asyncio.CancelledError:
                 if not self._draining:
                     raise
@@ -284,36 +349,34 @@ class AnomalyDetectorServicer(pb_grpc.AnomalyDetectorServicer):
         reader = loop.create_task(read(), name="stream-reader")
         self._readers.add(reader)
         answered = 0
+        item: _Pending | _StreamEnd | None = None
         self.active.begin()
         try:
             while not isinstance(item := await pending.get(), _StreamEnd):
-                task, received = item
                 try:
-                    result = await task
-                except BatcherClosedError:
-                    await abort(context, grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+                    result = await item.result
+                except BatcherClosedError:  # the grace period ran out
+                    await abort(context, grpc.StatusCode.UNAVAILABLE, _cut(answered))
                 except Exception as exc:  # logged by the batcher
                     await abort(context, grpc.StatusCode.INTERNAL, f"scoring failed: {exc}")
                 yield pb.ScoreStreamResponse(result=result)
-                self._stream_latency.observe(time.perf_counter() - received)
+                item.discard()  # the reply is with gRPC: its room goes back to the queue
+                self._stream_latency.observe(time.perf_counter() - item.received)
                 window.release()
                 answered += 1
             await reader
             if item.drained:
-                await abort(
-                    context,
-                    grpc.StatusCode.UNAVAILABLE,
-                    f"{SHUTTING_DOWN}: the first {answered} images of this stream were answered, "
-                    "resend the rest",
-                )
+                await abort(context, grpc.StatusCode.UNAVAILABLE, _cut(answered))
         finally:
             self.active.end()
             self._readers.discard(reader)
             reader.cancel()
+            if isinstance(item, _Pending):
+                item.discard()
             while not pending.empty():
                 leftover = pending.get_nowait()
-                if not isinstance(leftover, _StreamEnd):
-                    leftover[0].cancel()
+                if isinstance(leftover, _Pending):
+                    leftover.discard()
 
     async def GetModelInfo(  # noqa: N802 (gRPC method name)
         self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext

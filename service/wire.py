@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import grpc
 import numpy as np
 from PIL import Image
 
 from service._proto import anomaly_pb2 as pb
-from service.batcher import FloatArray, ScoreParams
-from service.models import LoadedModel, ScoredImages
+from service.batcher import FloatArray
+from service.inference import ScoreParams
+from service.model_slot import LoadedModel
 from service.preprocessing import (
     ImageError,
     InputSpec,
@@ -21,11 +23,36 @@ from service.preprocessing import (
     image_from_raw,
     preprocess_into,
 )
-from service.scoring import SCORE_NAMES
+from service.scoring import SCORE_NAMES, ScoreBatch
 
 INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT
 RESOURCE_EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
 DEADLINE_EXCEEDED = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+@dataclass(frozen=True)
+class Unparseable:
+    """Stands in for a request message whose bytes do not parse, so that the call can answer it."""
+
+    type_name: str
+    size: int
+    reason: str
+
+    def describe(self) -> str:
+        """What was wrong, without Python internals."""
+        return f"not a valid {self.type_name} message ({self.size} bytes): {self.reason}"
+
+
+def lenient(parse: Callable[[bytes], Any], type_name: str) -> Callable[[bytes], Any]:
+    """``parse`` returning :class:`Unparseable` instead of raising on bytes it cannot parse."""
+
+    def parse_or_describe(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except Exception as exc:  # DecodeError, and whatever else the parser raises on bad bytes
+            return Unparseable(type_name, len(data), str(exc) or type(exc).__name__)
+
+    return parse_or_describe
 
 
 @dataclass(frozen=True)
@@ -116,30 +143,32 @@ def error_result(image_id: str, code: grpc.StatusCode, message: str) -> pb.Image
     return pb.ImageResult(id=image_id, error=pb.ImageError(code=code.value[0], message=message))
 
 
-def scored_results(ids: Iterable[str], parts: Iterable[ScoredImages]) -> list[pb.ImageResult]:
-    """Result messages of scored images, in order: ``ids`` pairs with the images of ``parts``."""
+def scored_results(
+    ids: Iterable[str], scored: Iterable[ScoreBatch], model_id: str
+) -> list[pb.ImageResult]:
+    """Result messages of scored images, in order: ``ids`` pairs with the images of ``scored``."""
     results: list[pb.ImageResult] = []
     id_iter = iter(ids)
-    for part in parts:
-        s = part.scores
-        maps = s.anomaly_map
-        columns = {
-            "combined": s.combined.tolist(),
-            "combined_p_value": s.combined_p_value.tolist(),
-            "is_anomaly": s.is_anomaly.tolist(),
+    for batch in scored:
+        # One column per field of the Scores message: each score and its p-value by name.
+        columns: dict[str, list[Any]] = {
+            **{name: batch.raw[name].tolist() for name in SCORE_NAMES},
+            **{f"{name}_p_value": batch.p_values[name].tolist() for name in SCORE_NAMES},
+            "combined": batch.combined.tolist(),
+            "combined_p_value": batch.combined_p_value.tolist(),
+            "is_anomaly": batch.is_anomaly.tolist(),
         }
-        for name in SCORE_NAMES:
-            columns[name] = s.raw[name].tolist()
-            columns[f"{name}_p_value"] = s.p_values[name].tolist()
-        for index in range(len(s.combined)):
+        maps = batch.anomaly_map
+        for index in range(len(batch.combined)):
             scores = pb.Scores(
-                threshold=s.threshold, **{key: values[index] for key, values in columns.items()}
+                threshold=batch.threshold,
+                **{field: values[index] for field, values in columns.items()},
             )
             if maps is not None:
                 amap = maps[index]
                 scores.anomaly_map.height, scores.anomaly_map.width = amap.shape
                 scores.anomaly_map.values = amap.astype("<f4", copy=False).tobytes()
-            results.append(pb.ImageResult(id=next(id_iter), scores=scores, model_id=part.model_id))
+            results.append(pb.ImageResult(id=next(id_iter), scores=scores, model_id=model_id))
     return results
 
 

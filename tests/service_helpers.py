@@ -5,24 +5,20 @@ from __future__ import annotations
 import datetime
 import io
 import ipaddress
-import os
-import re
-import signal
-import subprocess
-import sys
-import threading
 import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import numpy.typing as npt
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.config import ServeConfig
+from service.server_process import ServerProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -61,6 +57,30 @@ def demo_test_images(data_dir: Path) -> list[Path]:
         for kind in sorted(p.name for p in test_dir.iterdir() if p.is_dir())
         for path in sorted((test_dir / kind).glob("*.png"))
     ]
+
+
+# Request bodies that are no valid protobuf message of any type, as a hostile client sends them.
+UNPARSEABLE: dict[str, bytes] = {
+    # A ScoreBatchRequest whose image id holds bytes that are not UTF-8.
+    "non-utf8-id": b"\x0a\x04\x0a\x02\xff\xfe",
+    # A varint that never ends.
+    "endless-varint": b"\x08" + b"\xff" * 12,
+    # A length prefix past the end of the message.
+    "truncated": b"\x0a\x7f\x0a\x02id",
+    # Groups nested far deeper than the parser's recursion limit.
+    "deep-groups": b"\x0b" * 2000 + b"\x0c" * 2000,
+}
+METHOD = "/anomaly.v1.AnomalyDetector/"
+
+
+def raw_unary(channel: grpc.Channel, method: str) -> grpc.UnaryUnaryMultiCallable:
+    """Call an AnomalyDetector method with request bytes as given, replies as bytes."""
+    return channel.unary_unary(METHOD + method)
+
+
+def raw_stream(channel: grpc.Channel, method: str) -> grpc.StreamStreamMultiCallable:
+    """Open an AnomalyDetector stream with request messages as given bytes, replies as bytes."""
+    return channel.stream_stream(METHOD + method)
 
 
 def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -180,68 +200,9 @@ def write_certs(folder: Path) -> Certs:
 
 # --- the server as a subprocess ---------------------------------------------------------------
 
-SERVE_COMMAND = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--device", "cpu"]
-SERVE_COMMAND += ["--port", "0", "--metrics-port", "0"]
-_SERVING = re.compile(r"on [^ ]+:(\d+) \(.*metrics on [^ ]+:(\d+)/metrics")
+SERVE_ARGS = ("--host", "127.0.0.1", "--device", "cpu", "--port", "0", "--metrics-port", "0")
 
 
-class ServeProcess:
-    """``python -m service`` in a subprocess on free ports; its log is collected as it runs."""
-
-    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
-        self.process = subprocess.Popen(
-            [*SERVE_COMMAND, *args],
-            cwd=ROOT,
-            env={**os.environ, **(env or {})},
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-        self.port = self.metrics_port = 0
-
-    def _read(self) -> None:
-        assert self.process.stderr is not None
-        for line in self.process.stderr:
-            self.lines.append(line)
-
-    @property
-    def log(self) -> str:
-        """Everything the server logged so far."""
-        return "".join(self.lines)
-
-    def wait_serving(self, timeout: float = 60.0) -> ServeProcess:
-        """Wait for the startup line and read the bound ports from it."""
-
-        def started() -> bool:
-            if self.process.poll() is not None:
-                raise AssertionError(f"server exited with {self.process.returncode}:\n{self.log}")
-            return any(_SERVING.search(line) for line in self.lines)
-
-        wait_until(started, "the server to start", timeout)
-        match = next(m for line in self.lines if (m := _SERVING.search(line)))
-        self.port, self.metrics_port = int(match.group(1)), int(match.group(2))
-        return self
-
-    @property
-    def target(self) -> str:
-        """The gRPC address."""
-        return f"127.0.0.1:{self.port}"
-
-    def signal(self, signum: signal.Signals) -> None:
-        """Send a signal to the server."""
-        self.process.send_signal(signum)
-
-    def wait(self, timeout: float = 60.0) -> int:
-        """Wait for the process to exit; its exit status."""
-        status = self.process.wait(timeout)
-        self._reader.join(timeout=5)
-        return status
-
-    def kill(self) -> None:
-        """Kill the process if it still runs."""
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
+def serve_process(*args: str) -> ServerProcess:
+    """``python -m service`` on loopback, free ports and CPU, with ``args``; not waited for."""
+    return ServerProcess([*SERVE_ARGS, *args])

@@ -185,6 +185,55 @@ def test_a_bad_manifest_is_refused_with_the_reason(
         load_bundle(bundle_copy)
 
 
+def _leaves(node: object, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Every key path of a JSON object, inner objects included."""
+    if not isinstance(node, dict):
+        return [path]
+    inner = [leaf for key, value in node.items() for leaf in _leaves(value, (*path, key))]
+    return [path, *inner] if path else inner
+
+
+WRONG_VALUES = [[], ["x"], "x", None, {}, {"x": 1}, float("inf"), -1, 1e308]
+
+
+def test_every_malformed_manifest_is_a_bundle_error(bundle_copy: Path) -> None:
+    # Every key of the manifest (but the free-form training facts) set to values of the wrong
+    # type or range: the bundle loads, or it is refused with a BundleError, never another error.
+    original = json.loads((bundle_copy / MANIFEST).read_text())
+    paths = [p for p in _leaves(original) if p[0] != "training"]
+    assert ("calibration", "scores") in paths and len(paths) > 20
+    refused = 0
+    for path in paths:
+        for wrong in WRONG_VALUES:
+            manifest = json.loads(json.dumps(original))
+            node = manifest
+            for key in path[:-1]:
+                node = node[key]
+            node[path[-1]] = wrong
+            (bundle_copy / MANIFEST).write_text(json.dumps(manifest))
+            try:
+                load_bundle(bundle_copy)
+            except BundleError:
+                refused += 1
+    assert refused > len(paths)
+
+
+@pytest.mark.parametrize(
+    "calibration",
+    [{"scores": [], "weights": {}}, {"scores": ["recon_error"]}, []],
+    ids=["scores-list", "scores-list-of-names", "calibration-list"],
+)
+def test_a_calibration_of_the_wrong_type_is_refused(bundle_copy: Path, calibration: object) -> None:
+    manifest = json.loads((bundle_copy / MANIFEST).read_text())
+    if isinstance(calibration, dict):
+        manifest["calibration"].update(calibration)
+    else:
+        manifest["calibration"] = calibration
+    (bundle_copy / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="manifest is malformed"):
+        load_bundle(bundle_copy)
+
+
 def test_a_bundle_that_drifted_from_its_golden_outputs_is_refused(bundle_copy: Path) -> None:
     golden = load_bundle(bundle_copy).golden
     drifted = Golden(

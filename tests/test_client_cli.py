@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from service.client.cli import main
-from service.models import load_model
+from service.model_slot import load_model
 from service.scoring import SCORE_NAMES
 from service.server import ServerThread
 from tests.service_helpers import ROOT, png_bytes, random_pixels, serve_config
@@ -127,6 +127,7 @@ def test_info_prints_the_model_as_json(
         (["score", "t", "{empty}"], "no image files under"),
         (["score", "t", "{image}", "--out", "rows.txt"], "should end in .csv or .jsonl"),
         (["score", "t", "{image}", "--cert", "{image}"], "--cert and --key go together"),
+        (["info", "a.example:1,b.example:1"], "several targets must be IP addresses"),
     ],
 )
 def test_usage_errors_exit_2_with_a_message(
@@ -140,11 +141,24 @@ def test_usage_errors_exit_2_with_a_message(
     assert message in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("args", [["score", "t"], ["score", "t", "x", "--batch-size", "0"], []])
-def test_bad_arguments_are_refused_by_the_parser(args: list[str]) -> None:
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["score", "t"], "the following arguments are required: PATH"),
+        (["score", "t", "x", "--batch-size", "0"], "'0' is not a positive number"),
+        (["info", "t", "--retries", "-1"], "'-1' is not a number of retries from 0 to 4"),
+        (["info", "t", "--retries", "5"], "'5' is not a number of retries from 0 to 4"),
+        (["info", "t", "--retries", "many"], "'many' is not a number of retries"),
+        ([], "the following arguments are required: command"),
+    ],
+)
+def test_bad_arguments_are_refused_by_the_parser(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     with pytest.raises(SystemExit) as exited:
         main(args)
     assert exited.value.code == 2
+    assert message in capsys.readouterr().err
 
 
 def test_an_unreachable_server_fails_info_with_one_line() -> None:

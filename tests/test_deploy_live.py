@@ -35,6 +35,7 @@ import grpc
 import pytest
 
 from service.client import Client
+from service.server_process import ServerProcess
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
@@ -225,35 +226,25 @@ def stack(
     shutil.copytree(trained_bundle, bundle)  # a copy: the test breaks it to provoke a reload error
     images = sorted((demo_data / "test").rglob("*.png"))
     assert len(images) >= 10
-    grpc_port, metrics_port, prometheus_port = free_port(), free_port(), free_port()
-    target = f"127.0.0.1:{grpc_port}"
-    server_log = tmp / "server.log"
+    prometheus_port = free_port()
     prometheus_log = tmp / "prometheus.log"
     started = time.time()
-    with server_log.open("wb") as out:
-        server = subprocess.Popen(
-            [
-                sys.executable, "-m", "service",
-                "--bundle", str(bundle),
-                "--host", "127.0.0.1",
-                "--port", str(grpc_port),
-                "--metrics-port", str(metrics_port),
-                "--device", "auto",
-                "--threads", "1",
-                "--grace-period", "2",
-            ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )  # fmt: skip
+    server = ServerProcess(
+        [
+            "--bundle", str(bundle),
+            "--host", "127.0.0.1",
+            "--port", "0",
+            "--metrics-port", "0",
+            "--device", "auto",
+            "--threads", "1",
+            "--grace-period", "2",
+        ],
+    )  # fmt: skip
     prometheus_process: subprocess.Popen[bytes] | None = None
     try:
-
-        def serving() -> bool:
-            if server.poll() is not None:
-                raise AssertionError(f"the server exited:\n{log_tail(server_log)}")
-            return healthy(target)
-
-        wait_for("the server to serve", serving, 90, lambda: log_tail(server_log))
+        server.wait_ready(90)
+        target, metrics_port = server.target, server.metrics_port
+        assert healthy(target)
         with Client(target, timeout=30) as client:
             info = client.info()
             first = send_round(client, images)
@@ -299,10 +290,10 @@ def stack(
             assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert all(r.ok for r in client.score_stream(images[:4], timeout=30))
             reloads = f'sum(anomaly_model_reloads_total{{job="{JOB}", result="%s"}})'
-            server.send_signal(signal.SIGHUP)
+            server.signal(signal.SIGHUP)
             wait_for("a successful reload", prom.equals(reloads % "success", 1), 60)
             (bundle / "manifest.json").write_text("{}", encoding="utf-8")
-            server.send_signal(signal.SIGHUP)
+            server.signal(signal.SIGHUP)
             wait_for("a refused reload", prom.equals(reloads % "failure", 1), 60)
             wait_for(
                 "AnomalyModelReloadFailed",
@@ -327,7 +318,8 @@ def stack(
     finally:
         if prometheus_process is not None:
             stop(prometheus_process, signal.SIGTERM, 10)
-        stop(server, signal.SIGTERM, 15)
+        server.stop(15)
+        server.close()
 
 
 def after_next_evaluation(prom: Prometheus, recorded: str) -> float:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from statistics import NormalDist
 
 import numpy as np
 import pytest
@@ -169,6 +170,26 @@ def test_threshold_is_conformal_with_enough_images_and_gaussian_otherwise() -> N
     rule = threshold_for_rate(few, 0.01)
     assert rule.method == "normal_tail"
     assert rule.threshold == pytest.approx(few.mean() + 2.3263 * few.std(ddof=1), rel=1e-3)
+
+
+@pytest.mark.parametrize(
+    "rate", [5e-324, 1e-300, 1e-17, 1.1e-16, 1e-6, 0.01, 0.5, 0.99, 1 - 1e-16, 0.9999999999999999]
+)
+def test_every_rate_strictly_between_0_and_1_gives_a_finite_threshold(rate: float) -> None:
+    # Rates below ~1.1e-16 used to round 1 - rate to 1.0 and fail in inv_cdf(1.0).
+    few = np.sort(np.random.default_rng(6).standard_normal(40))
+    rule = threshold_for_rate(few, rate)
+    assert math.isfinite(rule.threshold) and rule.target_false_alarm_rate == rate
+    if rule.method == "normal_tail":
+        z = (rule.threshold - few.mean()) / few.std(ddof=1)
+        assert NormalDist().cdf(-z) == pytest.approx(rate, rel=1e-6)
+
+
+def test_smaller_rates_give_higher_thresholds_down_to_the_smallest_double() -> None:
+    few = np.sort(np.random.default_rng(7).standard_normal(40))
+    rates = [0.5, 0.1, 1e-3, 1e-9, 1e-16, 1e-17, 1e-100, 1e-300, 5e-324]
+    thresholds = [threshold_for_rate(few, rate).threshold for rate in rates]
+    assert thresholds == sorted(thresholds) and len(set(thresholds)) == len(rates)
 
 
 def test_false_alarm_rate_of_the_calibrated_threshold_is_near_the_target() -> None:

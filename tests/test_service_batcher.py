@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,13 +16,11 @@ from service.batcher import (
     DeadlineExpiredError,
     FloatArray,
     MicroBatcher,
-    Portion,
-    QueueFullError,
-    ScoreParams,
 )
 from service.metrics import ServiceMetrics
 
-Part = tuple[str, list[int]]  # (model, the value of each image)
+Output = tuple[str, list[int]]  # (model, the value of each image of the batch)
+Part = tuple[str, list[int]]  # (model, the value of each image of a job's part)
 
 
 @dataclass
@@ -33,22 +31,21 @@ class FakeModel:
     batches: list[list[int]] = field(default_factory=list)
     gate: threading.Event = field(default_factory=threading.Event)
     fail: bool = False
+    poison: int | None = None  # a batch holding an image of this value fails
 
     def __post_init__(self) -> None:
         self.gate.set()
 
 
-def run_batch(model: FakeModel, x: FloatArray, portions: Sequence[Portion]) -> list[Part]:
+def run_batch(model: FakeModel, x: FloatArray) -> Output:
     model.gate.wait(10)
+    firsts = [int(v) for v in x[:, 0, 0, 0].tolist()]
     if model.fail:
         raise RuntimeError("the device fell over")
-    firsts = [int(v) for v in x[:, 0, 0, 0].tolist()]
+    if model.poison in firsts:
+        raise ValueError(f"image {model.poison} is poison")
     model.batches.append(firsts)
-    parts, start = [], 0
-    for portion in portions:
-        parts.append((model.name, firsts[start : start + portion.count]))
-        start += portion.count
-    return parts
+    return model.name, firsts
 
 
 def images(*values: float) -> FloatArray:
@@ -59,21 +56,20 @@ def images(*values: float) -> FloatArray:
 
 
 def run(
-    test: Callable[[MicroBatcher[FakeModel, Part], ServiceMetrics], Awaitable[None]],
+    test: Callable[[MicroBatcher[FakeModel, Output], ServiceMetrics], Awaitable[None]],
     *,
     max_delay: float = 0.05,
     coalesce: bool = True,
 ) -> ServiceMetrics:
-    """Run ``test`` against a started batcher (batches of 4, a queue of 8)."""
+    """Run ``test`` against a started batcher (batches of 4)."""
     metrics = ServiceMetrics(CollectorRegistry())
 
     async def main() -> None:
-        batcher: MicroBatcher[FakeModel, Part] = MicroBatcher(
+        batcher: MicroBatcher[FakeModel, Output] = MicroBatcher(
             run_batch,
             metrics,
             max_batch_size=4,
             max_delay=max_delay,
-            max_queue=8,
             coalesce=coalesce,
         )
         batcher.start()
@@ -87,13 +83,13 @@ def run(
 
 
 async def submit(
-    batcher: MicroBatcher[FakeModel, Part],
+    batcher: MicroBatcher[FakeModel, Output],
     model: FakeModel,
     x: FloatArray,
     deadline: float | None = None,
 ) -> list[Part]:
-    with batcher.admit(x.shape[0]) as admission:
-        return await admission.score(model, x, ScoreParams(), deadline=deadline)
+    parts = await batcher.submit(model, x, deadline=deadline)
+    return [(part.output[0], part.output[1][part.start : part.stop]) for part in parts]
 
 
 def value(metrics: ServiceMetrics, name: str) -> float | None:
@@ -103,7 +99,7 @@ def value(metrics: ServiceMetrics, name: str) -> float | None:
 def test_concurrent_calls_share_batches_and_get_their_own_results() -> None:
     model = FakeModel("m")
 
-    async def test(batcher: MicroBatcher[FakeModel, Part], metrics: ServiceMetrics) -> None:
+    async def test(batcher: MicroBatcher[FakeModel, Output], metrics: ServiceMetrics) -> None:
         results = list(
             await asyncio.gather(
                 submit(batcher, model, images(1, 2)),
@@ -115,7 +111,7 @@ def test_concurrent_calls_share_batches_and_get_their_own_results() -> None:
         assert model.batches == [[1, 2, 3, 4]]  # one batch, in arrival order
         assert value(metrics, "anomaly_batch_size_images_count") == 1
         assert value(metrics, "anomaly_batch_size_images_sum") == 4
-        assert value(metrics, "anomaly_queue_depth_images") == 0
+        assert batcher.depth == 0
 
     run(test, max_delay=5.0)  # a full batch does not wait for the delay
 
@@ -123,7 +119,7 @@ def test_concurrent_calls_share_batches_and_get_their_own_results() -> None:
 def test_a_call_larger_than_a_batch_is_split_and_reassembled_in_order() -> None:
     model = FakeModel("m")
 
-    async def test(batcher: MicroBatcher[FakeModel, Part], metrics: ServiceMetrics) -> None:
+    async def test(batcher: MicroBatcher[FakeModel, Output], metrics: ServiceMetrics) -> None:
         parts = await submit(batcher, model, images(1, 2, 3, 4, 5, 6, 7))
         assert parts == [("m", [1, 2, 3, 4]), ("m", [5, 6, 7])]
         assert model.batches == [[1, 2, 3, 4], [5, 6, 7]]
@@ -131,26 +127,21 @@ def test_a_call_larger_than_a_batch_is_split_and_reassembled_in_order() -> None:
     run(test)
 
 
-def test_the_queue_admits_whole_calls_or_refuses_them() -> None:
+def test_the_depth_counts_images_waiting_for_a_batch() -> None:
     model = FakeModel("m")
     model.gate.clear()  # the device is busy: nothing leaves the queue
 
-    async def test(batcher: MicroBatcher[FakeModel, Part], metrics: ServiceMetrics) -> None:
+    async def test(batcher: MicroBatcher[FakeModel, Output], metrics: ServiceMetrics) -> None:
         first = asyncio.create_task(submit(batcher, model, images(1, 2, 3, 4)))
         await asyncio.sleep(0.1)  # taken into the (blocked) batch: the queue is empty again
+        assert batcher.depth == 0
         queued = asyncio.create_task(submit(batcher, model, images(5, 6, 7, 8, 9, 10)))
         await asyncio.sleep(0)
-        assert batcher.depth == 6
-        with pytest.raises(QueueFullError, match="6 of 8 images waiting, no room for 3 more"):
-            batcher.admit(3)
-        assert value(metrics, "anomaly_queue_depth_images") == 6
-        admission = batcher.admit(2)  # exactly fits
-        admission.release()
         assert batcher.depth == 6
         model.gate.set()
         assert await first == [("m", [1, 2, 3, 4])]
         assert await queued == [("m", [5, 6, 7, 8]), ("m", [9, 10])]
-        assert value(metrics, "anomaly_queue_capacity_images") == 8
+        assert batcher.depth == 0
 
     run(test)
 
@@ -159,7 +150,7 @@ def test_cancelled_and_expired_calls_are_not_computed() -> None:
     model = FakeModel("m")
     model.gate.clear()
 
-    async def test(batcher: MicroBatcher[FakeModel, Part], metrics: ServiceMetrics) -> None:
+    async def test(batcher: MicroBatcher[FakeModel, Output], metrics: ServiceMetrics) -> None:
         loop = asyncio.get_running_loop()
         busy = asyncio.create_task(submit(batcher, model, images(1, 2, 3, 4)))
         await asyncio.sleep(0.1)
@@ -183,7 +174,7 @@ def test_cancelled_and_expired_calls_are_not_computed() -> None:
 def test_a_batch_never_mixes_models() -> None:
     old, new = FakeModel("old"), FakeModel("new")
 
-    async def test(batcher: MicroBatcher[FakeModel, Part], metrics: ServiceMetrics) -> None:
+    async def test(batcher: MicroBatcher[FakeModel, Output], metrics: ServiceMetrics) -> None:
         results = list(
             await asyncio.gather(
                 submit(batcher, old, images(1)),
@@ -200,7 +191,7 @@ def test_a_batch_never_mixes_models() -> None:
 def test_without_batching_each_call_runs_alone() -> None:
     model = FakeModel("m")
 
-    async def test(batcher: MicroBatcher[FakeModel, Part], metrics: ServiceMetrics) -> None:
+    async def test(batcher: MicroBatcher[FakeModel, Output], metrics: ServiceMetrics) -> None:
         assert batcher.max_delay == 0.0
         await asyncio.gather(*(submit(batcher, model, images(v, v)) for v in (1, 2, 3)))
         assert sorted(model.batches) == [[1, 1], [2, 2], [3, 3]]
@@ -208,10 +199,29 @@ def test_without_batching_each_call_runs_alone() -> None:
     run(test, coalesce=False, max_delay=5.0)
 
 
+def test_a_failing_image_fails_only_its_own_job_of_a_shared_batch() -> None:
+    model = FakeModel("m", poison=3)
+
+    async def test(batcher: MicroBatcher[FakeModel, Output], metrics: ServiceMetrics) -> None:
+        outcomes = await asyncio.gather(
+            submit(batcher, model, images(1)),
+            submit(batcher, model, images(2, 3)),
+            submit(batcher, model, images(4)),
+            return_exceptions=True,
+        )
+        assert outcomes[0] == [("m", [1])] and outcomes[2] == [("m", [4])]
+        assert isinstance(outcomes[1], ValueError) and "poison" in str(outcomes[1])
+        # The shared batch failed; each job ran again alone, and only the poisoned one failed.
+        assert model.batches == [[1], [4]]
+        assert batcher.depth == 0
+
+    run(test, max_delay=5.0)
+
+
 def test_an_inference_error_fails_only_its_batch() -> None:
     bad, good = FakeModel("bad", fail=True), FakeModel("good")
 
-    async def test(batcher: MicroBatcher[FakeModel, Part], metrics: ServiceMetrics) -> None:
+    async def test(batcher: MicroBatcher[FakeModel, Output], metrics: ServiceMetrics) -> None:
         with pytest.raises(RuntimeError, match="fell over"):
             await submit(batcher, bad, images(1))
         assert await submit(batcher, good, images(2)) == [("good", [2])]
@@ -224,8 +234,8 @@ def test_closing_fails_waiting_calls_and_refuses_new_ones() -> None:
 
     async def main() -> None:
         metrics = ServiceMetrics(CollectorRegistry())
-        batcher: MicroBatcher[FakeModel, Part] = MicroBatcher(
-            run_batch, metrics, max_batch_size=4, max_delay=10.0, max_queue=8
+        batcher: MicroBatcher[FakeModel, Output] = MicroBatcher(
+            run_batch, metrics, max_batch_size=4, max_delay=10.0
         )
         batcher.start()
         waiting = asyncio.create_task(submit(batcher, model, images(1)))
@@ -234,18 +244,7 @@ def test_closing_fails_waiting_calls_and_refuses_new_ones() -> None:
         with pytest.raises(BatcherClosedError):
             await waiting
         with pytest.raises(BatcherClosedError):
-            batcher.admit(1)
+            await submit(batcher, model, images(2))
         assert model.batches == []
 
     asyncio.run(main())
-
-
-def test_submitting_more_than_admitted_is_a_programming_error() -> None:
-    model = FakeModel("m")
-
-    async def test(batcher: MicroBatcher[FakeModel, Part], metrics: ServiceMetrics) -> None:
-        with batcher.admit(1) as admission, pytest.raises(ValueError, match="2 images submitted"):
-            await admission.score(model, images(1, 2), ScoreParams())
-        assert batcher.depth == 0
-
-    run(test)

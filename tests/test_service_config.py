@@ -56,7 +56,12 @@ def test_environment_fills_in_and_flags_win() -> None:
             {},
             "'--tls-cert' has value '/nonexistent.pem'. No such",
         ),
-        (["--max-request-images", "9", "--max-queue", "8"], {}, "must not exceed '--max-queue'"),
+        (
+            ["--max-request-images", "9", "--max-queue-per-client", "8"],
+            {},
+            "must not exceed '--max-queue-per-client'",
+        ),
+        (["--max-queue", "100"], {}, "'--max-queue-per-client' has value '256'. It must not"),
     ],
 )
 def test_bad_values_are_refused_naming_their_source(

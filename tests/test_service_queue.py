@@ -13,7 +13,7 @@ import pytest
 
 from service._proto import anomaly_pb2 as pb
 from service._proto import anomaly_pb2_grpc as pb_grpc
-from service.models import load_model
+from service.model_slot import load_model
 from service.server import ServerThread
 from tests.service_helpers import png_bytes, random_pixels, serve_config, wait_until
 
@@ -26,6 +26,7 @@ def server(trained_bundle: Path) -> Iterator[ServerThread]:
     config = serve_config(
         trained_bundle,
         max_queue=QUEUE,
+        max_queue_per_client=QUEUE,
         max_request_images=QUEUE,
         max_batch_size=64,
         max_batch_delay_ms=HOLD_MS,

@@ -4,7 +4,10 @@ reloads a bundle that changes on disk, and the old model serves until a good one
 from __future__ import annotations
 
 import json
+import logging
 import shutil
+import tarfile
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +15,7 @@ import pytest
 
 from service.bundle import BundleError
 from service.client import Client
-from service.models import load_model
+from service.model_slot import load_model
 from service.server import ServerThread
 from tests.service_helpers import random_pixels, serve_config, wait_until
 
@@ -24,11 +27,21 @@ def bundle(trained_bundle: Path, tmp_path: Path) -> Path:
     return copy
 
 
-def set_version(bundle: Path, version: str) -> None:
+def edit_manifest(bundle: Path, key: str, value: object) -> None:
     path = bundle / "manifest.json"
     manifest = json.loads(path.read_text())
-    manifest["model_version"] = version
+    manifest[key] = value
     path.write_text(json.dumps(manifest))
+
+
+def set_version(bundle: Path, version: str) -> None:
+    edit_manifest(bundle, "model_version", version)
+
+
+def archive(bundle: Path, target: Path) -> Path:
+    with tarfile.open(target, "w:gz") as tar:
+        tar.add(bundle, arcname="bundle")
+    return target
 
 
 def test_a_missing_file_is_refused(bundle: Path) -> None:
@@ -70,3 +83,47 @@ def test_the_watcher_reloads_a_changed_bundle_and_keeps_serving_through_a_bad_on
         assert client.info().model_version == "watched"
         assert client.score([random_pixels(0)])[0].ok
         assert running.reload() is False  # as SIGHUP would, by hand
+
+
+def test_a_calibration_that_cannot_score_is_refused_at_load(bundle: Path) -> None:
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    edit_manifest(bundle, "calibration", {**manifest["calibration"], "weights": {"ssim": 1.0}})
+    with pytest.raises(BundleError, match="the calibration cannot score the golden inputs"):
+        load_model(bundle, "cpu")
+
+
+def test_a_reload_of_a_malformed_manifest_is_refused_counted_and_logged(
+    bundle: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with ServerThread(serve_config(bundle)) as running:
+        registry = running.server.metrics.registry
+        manifest = json.loads((bundle / "manifest.json").read_text())
+        edit_manifest(bundle, "calibration", {**manifest["calibration"], "scores": []})
+        with caplog.at_level(logging.ERROR, logger="service"):
+            assert running.reload() is False
+        failures = registry.get_sample_value("anomaly_model_reloads_total", {"result": "failure"})
+        assert failures == 1
+        (refusal,) = [r.getMessage() for r in caplog.records]
+        assert refusal.startswith("reload refused, still serving model")
+        assert "manifest is malformed" in refusal and caplog.records[0].exc_info is None
+
+
+def test_archives_leave_no_unpacked_folder_behind(
+    bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    good = archive(bundle, tmp_path / "bundle.tar.gz")
+    config = serve_config(good)
+    with ServerThread(config) as running, Client(f"127.0.0.1:{running.port}") as client:
+        for _ in range(3):
+            assert running.reload() is True
+        assert client.score([random_pixels(0)])[0].ok  # served from sessions, not from files
+        assert list(scratch.iterdir()) == []
+        set_version(bundle, "refused")
+        (bundle / "golden.npz").write_bytes(b"broken")
+        archive(bundle, good)
+        assert running.reload() is False
+        assert list(scratch.iterdir()) == []
+    assert list(scratch.iterdir()) == []

@@ -9,9 +9,17 @@ import grpc
 import pytest
 
 from service.client import Client
-from service.models import LoadedModel, load_model
+from service.model_slot import LoadedModel, load_model
 from service.server import ServerThread
-from tests.service_helpers import Certs, random_pixels, serve_config, wait_until, write_certs
+from tests.service_helpers import (
+    UNPARSEABLE,
+    Certs,
+    random_pixels,
+    raw_unary,
+    serve_config,
+    wait_until,
+    write_certs,
+)
 
 TOKEN = "correct-horse-battery-staple"
 
@@ -87,6 +95,17 @@ def test_a_missing_or_wrong_token_is_unauthenticated(
         lambda: (registry.get_sample_value("anomaly_requests_total", labels) or 0) >= 1,
         "the refused stream to be counted",
     )
+
+
+def test_unparseable_bytes_without_a_token_are_unauthenticated(
+    tls_server: ServerThread, certs: Certs
+) -> None:
+    credentials = grpc.ssl_channel_credentials(root_certificates=certs.ca.read_bytes())
+    with grpc.secure_channel(f"localhost:{tls_server.port}", credentials) as channel:
+        for body in UNPARSEABLE.values():
+            with pytest.raises(grpc.RpcError) as refused:
+                raw_unary(channel, "ScoreBatch")(body, timeout=10)
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
 def test_health_stays_open_without_a_token(tls_server: ServerThread, certs: Certs) -> None:

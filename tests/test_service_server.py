@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import logging
 import re
 import struct
 import threading
@@ -20,14 +22,17 @@ from PIL import Image
 from service._proto import anomaly_pb2 as pb
 from service._proto import anomaly_pb2_grpc as pb_grpc
 from service.client import Client, Result
-from service.models import LoadedModel, load_model
+from service.model_slot import LoadedModel, load_model
 from service.preprocessing import load_image_file, preprocess, stack
 from service.scoring import SCORE_NAMES, window_max
 from service.server import ServerThread
 from tests.service_helpers import (
+    UNPARSEABLE,
     demo_test_images,
     png_bytes,
     random_pixels,
+    raw_stream,
+    raw_unary,
     scrape,
     serve_config,
     wait_until,
@@ -67,6 +72,13 @@ def scores_of(result: Result) -> tuple[float, ...]:
     assert result.scores is not None, result.error
     names = (*SCORE_NAMES, *(f"{n}_p_value" for n in SCORE_NAMES), "combined", "combined_p_value")
     return tuple(getattr(result.scores, name) for name in (*names, "threshold"))
+
+
+def tiff_32bit(dtype: type[np.int32] | type[np.float32]) -> bytes:
+    """A TIFF of 32-bit samples (PIL mode "I" or "F")."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.arange(64, dtype=dtype).reshape(8, 8)).save(buffer, format="TIFF")
+    return buffer.getvalue()
 
 
 def png_header_only(width: int, height: int) -> bytes:
@@ -204,6 +216,8 @@ BAD_IMAGES = [
         r"2 channels; expected 1 \(grey\), 3 \(RGB\) or 4 \(RGBA\)",
     ),
     (pb.Image(id="empty"), "has no data; expected encoded bytes"),
+    (pb.Image(id="tiff-i32", encoded=tiff_32bit(np.int32)), r"32-bit samples \(mode 'I'\)"),
+    (pb.Image(id="tiff-f32", encoded=tiff_32bit(np.float32)), r"32-bit samples \(mode 'F'\)"),
 ]
 
 
@@ -292,6 +306,47 @@ def test_bad_options_in_a_stream_fail_only_their_message(stub: pb_grpc.AnomalyDe
     assert replies[0].result.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
     assert "image 'x': options.target_false_alarm_rate is 0.0" in replies[0].result.error.message
     assert replies[1].result.WhichOneof("outcome") == "scores"
+
+
+@pytest.mark.parametrize("name", list(UNPARSEABLE))
+def test_an_unparseable_request_is_invalid_argument_counted_and_logged_once(
+    server: ServerThread, name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    registry = server.server.metrics.registry
+    labels = {"method": "ScoreBatch", "code": "INVALID_ARGUMENT"}
+    before = registry.get_sample_value("anomaly_requests_total", labels) or 0
+    with (
+        grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+        caplog.at_level(logging.INFO),
+        pytest.raises(grpc.RpcError) as refused,
+    ):
+        raw_unary(channel, "ScoreBatch")(UNPARSEABLE[name], timeout=30)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    details = refused.value.details()
+    assert details.startswith("the request is not a valid anomaly.v1.ScoreBatchRequest message")
+    assert "<class" not in details and "Unexpected" not in details
+    wait_until(
+        lambda: registry.get_sample_value("anomaly_requests_total", labels) == before + 1,
+        "the call to be counted",
+    )
+    (line,) = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert line.exc_info is None and "not a valid anomaly.v1.ScoreBatchRequest" in line.getMessage()
+
+
+def test_an_unparseable_stream_message_fails_alone_in_its_place(server: ServerThread) -> None:
+    good = pb.ScoreStreamRequest(image=pb.Image(id="good", encoded=png_bytes(random_pixels(9))))
+    messages = [good.SerializeToString(), *UNPARSEABLE.values(), good.SerializeToString()]
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        replies = [
+            pb.ScoreStreamResponse.FromString(reply).result
+            for reply in raw_stream(channel, "ScoreStream")(iter(messages), timeout=30)
+        ]
+    assert [r.WhichOneof("outcome") for r in replies] == ["scores", *["error"] * 4, "scores"]
+    for position, reply in enumerate(replies[1:-1], start=2):
+        assert reply.id == "" and reply.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+        assert reply.error.message.startswith(
+            f"message {position} of this stream is not a valid anomaly.v1.ScoreStreamRequest"
+        )
 
 
 def test_an_oversize_message_is_resource_exhausted(client: Client) -> None:

@@ -8,30 +8,22 @@ anomalies flagged, AUROC, where the metrics are served) and stops the service wi
 from __future__ import annotations
 
 import argparse
-import contextlib
-import signal
-import socket
-import subprocess
 import sys
-import time
 import urllib.request
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.bundle import MANIFEST, load_bundle
 from service.client import Client, Result
 from service.preprocessing import list_image_files
+from service.server_process import ServerProcess, ServerStartError
 from training.demo_data import generate_demo_dataset
 from training.fit import FitConfig, fit_bundle
 from training.metrics import auroc
 
 HOST = "127.0.0.1"
-STARTUP_TIMEOUT_S = 120.0
 GRACE_PERIOD_S = 10.0
 
 
@@ -58,12 +50,6 @@ def _test_images(data_dir: Path) -> list[LabelledImage]:
     return images
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
-
-
 def _prepare_bundle(workdir: Path, seed: int, retrain: bool, minutes: float) -> Path:
     data_dir, bundle_dir = workdir / "data", workdir / "bundle"
     if not (data_dir / "train" / "good").is_dir():
@@ -76,47 +62,6 @@ def _prepare_bundle(workdir: Path, seed: int, retrain: bool, minutes: float) -> 
     else:
         print(f"[demo] reusing the bundle in {bundle_dir} (--retrain to fit again)", flush=True)
     return bundle_dir
-
-
-@contextlib.contextmanager
-def _running_server(bundle: Path, port: int, metrics_port: int, log: Path) -> Iterator[list[int]]:
-    """Start ``python -m service`` and yield a list that receives its exit code after SIGTERM."""
-    command = [
-        sys.executable, "-m", "service", "--bundle", str(bundle), "--host", HOST,
-        "--port", str(port), "--metrics-port", str(metrics_port),
-        "--grace-period", str(GRACE_PERIOD_S),
-    ]  # fmt: skip
-    with log.open("wb") as log_file:
-        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
-    exit_code: list[int] = []
-    try:
-        _wait_until_serving(process, port, log)
-        yield exit_code
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=GRACE_PERIOD_S + 10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        exit_code.append(process.returncode)
-
-
-def _wait_until_serving(process: subprocess.Popen[bytes], port: int, log: Path) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    with grpc.insecure_channel(f"{HOST}:{port}") as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                tail = log.read_text(errors="replace")[-2000:]
-                raise DemoError(f"the server exited with code {process.returncode}:\n{tail}")
-            with contextlib.suppress(grpc.RpcError):
-                reply = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            time.sleep(0.2)
-    raise DemoError(f"the server did not report SERVING within {STARTUP_TIMEOUT_S:g} s; see {log}")
 
 
 def _scored_total(metrics_port: int) -> float:
@@ -138,15 +83,25 @@ def run(args: argparse.Namespace) -> int:
     bundle_dir = _prepare_bundle(workdir, args.seed, args.retrain, args.train_minutes)
     manifest = load_bundle(bundle_dir).manifest
     images = _test_images(workdir / "data")
-    port, metrics_port = _free_port(), _free_port()
-    print(f"[demo] starting the service on {HOST}:{port} (metrics on {metrics_port})", flush=True)
-    with _running_server(bundle_dir, port, metrics_port, workdir / "server.log") as exit_code:
-        with Client(f"{HOST}:{port}") as client:
+    serve = ["--bundle", str(bundle_dir), "--host", HOST, "--port", "0", "--metrics-port", "0"]
+    serve += ["--grace-period", str(GRACE_PERIOD_S)]
+    print("[demo] starting the service", flush=True)
+    server = ServerProcess(serve, log=workdir / "server.log")
+    try:
+        server.wait_ready()
+        metrics_port = server.metrics_port
+        print(f"[demo] serving on {server.target} (metrics on {metrics_port})", flush=True)
+        with Client(server.target) as client:
             info = client.info()
             results: list[Result] = list(
                 client.score_stream((image.image_id, image.path.read_bytes()) for image in images)
             )
         scored_metric = _scored_total(metrics_port)
+    except ServerStartError as exc:
+        raise DemoError(str(exc)) from exc
+    finally:
+        exit_code = server.stop(GRACE_PERIOD_S + 10)
+        server.close()
     failures = [r for r in results if not r.ok]
     pairs = [(r, image) for r, image in zip(results, images, strict=True) if r.ok]
     flagged = [image for r, image in pairs if r.is_anomaly]
@@ -167,9 +122,9 @@ def run(args: argparse.Namespace) -> int:
         f"{info.execution_provider}\n"
         f"  metrics            were served at http://{HOST}:{metrics_port}/metrics "
         f"(anomaly_images_scored_total read {scored_metric:g})\n"
-        f"  server             stopped with SIGTERM, exit code {exit_code[0]}; log in "
+        f"  server             stopped with SIGTERM, exit code {exit_code}; log in "
         f"{workdir / 'server.log'}"
     )
     for failure in failures:
         print(f"  failed: {failure.id}: {failure.error}", file=sys.stderr)
-    return 0 if not failures and exit_code[0] == 0 else 1
+    return 0 if not failures and exit_code == 0 else 1

@@ -22,6 +22,7 @@ import grpc
 from google.protobuf import json_format
 from tqdm import tqdm
 
+from service.client.channel import MAX_RETRIES
 from service.client.client import Client, ImageInput
 from service.client.rows import RowWriter, failure_row, result_row
 from service.preprocessing import list_image_files
@@ -45,10 +46,27 @@ def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
     return parse
 
 
+def _retries(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= MAX_RETRIES:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a number of retries from 0 to {MAX_RETRIES} (gRPC makes at most "
+            f"{MAX_RETRIES + 1} attempts of a call)"
+        )
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The client's argument parser."""
     connection = argparse.ArgumentParser(add_help=False)
-    connection.add_argument("target", help="server address, e.g. localhost:50051")
+    connection.add_argument(
+        "target",
+        help="server address, e.g. localhost:50051; replicas: dns:///NAME:PORT (every address "
+        "the name resolves to) or comma-separated IP:PORT; calls are spread round robin",
+    )
     connection.add_argument(
         "--token", help=f"bearer token (default: ${TOKEN_ENV}; or use --token-file)"
     )
@@ -58,10 +76,17 @@ def build_parser() -> argparse.ArgumentParser:
     connection.add_argument("--cert", type=Path, help="PEM client certificate (mutual TLS)")
     connection.add_argument("--key", type=Path, help="PEM private key of --cert")
     connection.add_argument(
-        "--timeout", type=_positive(float), default=30.0, help="deadline of each call, seconds"
+        "--timeout",
+        type=_positive(float),
+        default=30.0,
+        help="deadline of each call, its retries included, in seconds",
     )
     connection.add_argument(
-        "--retries", type=int, default=4, help="retries of a call on UNAVAILABLE, with backoff"
+        "--retries",
+        type=_retries,
+        default=MAX_RETRIES,
+        help=f"retries of a call refused UNAVAILABLE or RESOURCE_EXHAUSTED, with backoff "
+        f"(0 to {MAX_RETRIES})",
     )
 
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
@@ -99,16 +124,19 @@ def _connect(args: argparse.Namespace) -> Client:
         token = _read(args.token_file).decode("utf-8").strip()
     if (args.cert is None) != (args.key is None):
         raise UsageError("--cert and --key go together")
-    return Client(
-        args.target,
-        token=token,
-        tls=args.tls,
-        root_certificates=_read(args.ca) if args.ca else None,
-        certificate_chain=_read(args.cert) if args.cert else None,
-        private_key=_read(args.key) if args.key else None,
-        timeout=args.timeout,
-        retries=args.retries,
-    )
+    try:
+        return Client(
+            args.target,
+            token=token,
+            tls=args.tls,
+            root_certificates=_read(args.ca) if args.ca else None,
+            certificate_chain=_read(args.cert) if args.cert else None,
+            private_key=_read(args.key) if args.key else None,
+            timeout=args.timeout,
+            retries=args.retries,
+        )
+    except ValueError as exc:  # a target that names no server
+        raise UsageError(str(exc)) from exc
 
 
 def collect_files(paths: Sequence[Path]) -> list[Path]:

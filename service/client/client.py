@@ -1,21 +1,24 @@
 """A small synchronous client over the generated AnomalyDetector stub.
 
 Images may be file paths (sent encoded), encoded bytes, or 8-bit numpy arrays ``(H, W)`` or
-``(H, W, C)`` with C in 1, 3, 4 (sent raw). Unary calls have a deadline and are retried with
-exponential backoff on UNAVAILABLE (a server starting, stopping or unreachable); a stream is not
-retried, since its input iterator cannot be replayed. Failed calls raise ``grpc.RpcError``.
+``(H, W, C)`` with C in 1, 3, 4 (sent raw). The client reaches one server or several replicas and
+spreads its calls over them (round robin); gRPC retries a call that is refused UNAVAILABLE or
+RESOURCE_EXHAUSTED, with backoff, within the call's one deadline (service/client/channel.py).
+A stream cut by a replica that stops is resumed on another: the images it did not answer are
+sent again. Failed calls raise ``grpc.RpcError``.
 """
 
 from __future__ import annotations
 
 import os
-import random
+import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import TypeVar, Union
+from typing import Union
 
 import grpc
 import numpy as np
@@ -23,9 +26,9 @@ import numpy.typing as npt
 
 from service._proto import anomaly_pb2 as pb
 from service._proto import anomaly_pb2_grpc as pb_grpc
+from service.client.channel import channel_target, open_channel
 
 ImageInput = Union[str, "os.PathLike[str]", bytes, npt.NDArray[np.uint8]]
-T = TypeVar("T")
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
@@ -114,12 +117,55 @@ def score_options(
     return options
 
 
+class _StreamFeed:
+    """The request messages of one logical stream across its attempts (gRPC streams): what was
+    sent and not answered is sent again, first, on the next attempt. Thread-safe: gRPC pulls each
+    attempt's messages in a thread of its own."""
+
+    def __init__(self, source: Iterator[pb.ScoreStreamRequest]) -> None:
+        self._source = source
+        self._lock = threading.Lock()
+        self._unanswered: deque[pb.ScoreStreamRequest] = deque()
+        self._attempt = 0
+
+    def attempt(self) -> Iterator[pb.ScoreStreamRequest]:
+        """The messages of a new attempt; the previous attempt's iterator stops."""
+        with self._lock:
+            self._attempt += 1
+            number = self._attempt
+            resend = list(self._unanswered)
+        for again in resend:
+            if number != self._attempt:
+                return
+            yield again
+        while True:
+            with self._lock:
+                if number != self._attempt:
+                    return
+                message = next(self._source, None)
+                if message is None:
+                    return
+                self._unanswered.append(message)
+            yield message
+
+    def answered(self) -> None:
+        """The oldest message sent has been answered (replies come in order)."""
+        with self._lock:
+            self._unanswered.popleft()
+
+
 class Client:
-    """Connection to an anomaly-detection server; use as a context manager, or call close()."""
+    """Connection to an anomaly-detection service; use as a context manager, or call close().
+
+    ``target`` is one address (``host:port``, or ``dns:///name:port`` for every replica a name
+    resolves to) or several IP addresses (a sequence, or comma-separated). ``timeout`` is the
+    deadline of each unary call, its retries included; ``retries`` (0 to 4) how many times gRPC
+    may retry it, after ``backoff`` seconds at most, doubling up to ``max_backoff``.
+    """
 
     def __init__(
         self,
-        target: str,
+        target: str | Sequence[str],
         *,
         token: str | None = None,
         tls: bool = False,
@@ -132,37 +178,24 @@ class Client:
         max_backoff: float = 5.0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
-        options = [
-            ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.max_receive_message_length", -1),
-        ]
+        credentials = None
         if tls or root_certificates or certificate_chain:
             credentials = grpc.ssl_channel_credentials(
                 root_certificates=root_certificates,
                 private_key=private_key,
                 certificate_chain=certificate_chain,
             )
-            self._channel = grpc.secure_channel(target, credentials, options=options)
-        else:
-            self._channel = grpc.insecure_channel(target, options=options)
+        self._channel = open_channel(
+            channel_target(target),
+            credentials=credentials,
+            retries=retries,
+            backoff=backoff,
+            max_backoff=max_backoff,
+            max_message_bytes=max_message_bytes,
+        )
         self._stub = pb_grpc.AnomalyDetectorStub(self._channel)  # type: ignore[no-untyped-call]
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self.timeout = timeout
-        self.retries = retries
-        self.backoff = backoff
-        self.max_backoff = max_backoff
-
-    def _unary(self, method: Callable[..., T], request: object, timeout: float | None) -> T:
-        """Call with a deadline per attempt, retrying UNAVAILABLE with jittered backoff."""
-        for attempt in range(self.retries + 1):
-            try:
-                return method(request, timeout=timeout or self.timeout, metadata=self._metadata)
-            except grpc.RpcError as exc:
-                if exc.code() != grpc.StatusCode.UNAVAILABLE or attempt == self.retries:
-                    raise
-                delay = min(self.max_backoff, self.backoff * 2**attempt)
-                time.sleep(delay * random.uniform(0.5, 1.0))
-        raise AssertionError("unreachable")
 
     def score(
         self,
@@ -184,7 +217,9 @@ class Client:
             ],
             options=score_options(threshold, target_false_alarm_rate, return_anomaly_map),
         )
-        response: pb.ScoreBatchResponse = self._unary(self._stub.ScoreBatch, request, timeout)
+        response: pb.ScoreBatchResponse = self._stub.ScoreBatch(
+            request, timeout=timeout or self.timeout, metadata=self._metadata
+        )
         return [Result.from_proto(result) for result in response.results]
 
     def score_stream(
@@ -196,10 +231,13 @@ class Client:
         return_anomaly_map: bool = False,
         timeout: float | None = None,
     ) -> Iterator[Result]:
-        """Score images over one ScoreStream call, yielding results in input order.
+        """Score images over a ScoreStream call, yielding results in input order.
 
         Items are images or ``(id, image)`` pairs; the input is read lazily as the stream sends.
-        ``timeout`` bounds the whole stream (default: none).
+        ``timeout`` bounds the whole stream (default: none). When the stream ends UNAVAILABLE
+        after answering some images (its replica shut down), the rest are sent again on a new
+        stream (to another replica where there is one), so that every image gets one result; a
+        new stream that gets no answer at all (gRPC has retried it already) raises.
         """
         options = score_options(threshold, target_false_alarm_rate, return_anomaly_map)
 
@@ -209,16 +247,31 @@ class Client:
                 image_id = image_id if image_id is not None else default_id(image, index)
                 yield pb.ScoreStreamRequest(image=to_image(image, image_id), options=options)
 
-        responses = self._stub.ScoreStream(requests(), timeout=timeout, metadata=self._metadata)
-        try:
-            for response in responses:
-                yield Result.from_proto(response.result)
-        finally:
-            responses.cancel()
+        feed = _StreamFeed(requests())
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            responses = self._stub.ScoreStream(
+                feed.attempt(), timeout=left, metadata=self._metadata
+            )
+            answered = 0
+            try:
+                for response in responses:
+                    feed.answered()
+                    answered += 1
+                    yield Result.from_proto(response.result)
+                return
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE or answered == 0:
+                    raise
+            finally:
+                responses.cancel()
 
     def info(self, *, timeout: float | None = None) -> pb.ModelInfo:
         """The model being served, its device and the server's limits."""
-        info: pb.ModelInfo = self._unary(self._stub.GetModelInfo, pb.GetModelInfoRequest(), timeout)
+        info: pb.ModelInfo = self._stub.GetModelInfo(
+            pb.GetModelInfoRequest(), timeout=timeout or self.timeout, metadata=self._metadata
+        )
         return info
 
     def close(self) -> None:

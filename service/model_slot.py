@@ -1,4 +1,4 @@
-"""The served model: loading and self-testing a bundle, scoring batches, and hot reload.
+"""The served model: loading and self-testing a bundle, and swapping it in on hot reload.
 
 :class:`ModelSlot` holds the :class:`LoadedModel` in service. A reload loads and self-tests the new
 bundle in a worker thread and then swaps one reference: calls already holding the old model (and
@@ -10,19 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 
-from service.batcher import FloatArray, Portion, RunBatch, ScoreParams
 from service.bundle import BundleError, load_bundle
 from service.metrics import ServiceMetrics
 from service.preprocessing import InputSpec
 from service.scorer import DeviceError, DevicePolicy, Scorer
-from service.scoring import SCORE_NAMES, DecisionRule, ScoreBatch
+from service.scoring import Calibration
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +32,7 @@ class LoadedModel:
     scorer: Scorer
     requested_device: DevicePolicy
     loaded_at: datetime
+    source: Path  # the bundle directory or archive it was loaded from
 
     @property
     def model_id(self) -> str:
@@ -51,6 +50,11 @@ class LoadedModel:
         return self.scorer.manifest.input
 
     @property
+    def calibration(self) -> Calibration:
+        """What turns raw scores into p-values, a combined score and a verdict."""
+        return self.scorer.calibration
+
+    @property
     def provider(self) -> str:
         """The ONNX Runtime execution provider in use."""
         return self.scorer.provider
@@ -58,89 +62,51 @@ class LoadedModel:
     def describe(self) -> str:
         """One line for the log."""
         return (
-            f"model {self.model_id} version {self.model_version!r} from {self.scorer.bundle.path} "
+            f"model {self.model_id} version {self.model_version!r} from {self.source} "
             f"on {self.provider} (device policy {self.requested_device!r})"
         )
 
 
 def load_model(bundle_path: Path, device: DevicePolicy, threads: int = 0) -> LoadedModel:
-    """Load a bundle, open it on the device and run its golden self-test.
+    """Load a bundle, open it on the device, run its golden self-test and check its calibration.
 
     Raises :class:`BundleError` for a missing, corrupt or mismatched bundle and
-    :class:`DeviceError` for a device that cannot be used.
+    :class:`DeviceError` for a device that cannot be used. An archive's unpacked files are
+    removed once the ONNX Runtime sessions are open: nothing is left behind on disk.
     """
     bundle = load_bundle(bundle_path)
-    scorer = Scorer(bundle, device=device, threads=threads or None)
-    scorer.self_test()
-    return LoadedModel(scorer, device, datetime.now(UTC))
+    try:
+        scorer = Scorer(bundle, device=device, threads=threads or None)
+        scorer.self_test()
+        _check_calibration(scorer)
+    finally:
+        bundle.remove_unpacked()
+    return LoadedModel(scorer, device, datetime.now(UTC), Path(bundle_path))
 
 
-@dataclass(frozen=True)
-class ScoredImages:
-    """Scores of consecutive images of one job, with the model that produced them."""
-
-    scores: ScoreBatch
-    model_id: str
-    model_version: str
-
-    def __len__(self) -> int:
-        return int(self.scores.combined.shape[0])
-
-
-def _rule(model: LoadedModel, params: ScoreParams) -> DecisionRule:
-    return model.scorer.calibration.rule_for(
-        threshold=params.threshold, target_false_alarm_rate=params.target_false_alarm_rate
-    )
-
-
-def _part(batch: ScoreBatch, start: int, stop: int, threshold: float, maps: bool) -> ScoreBatch:
-    combined = batch.combined[start:stop]
-    return ScoreBatch(
-        raw={name: values[start:stop] for name, values in batch.raw.items()},
-        p_values={name: values[start:stop] for name, values in batch.p_values.items()},
-        combined=combined,
-        combined_p_value=batch.combined_p_value[start:stop],
-        threshold=threshold,
-        is_anomaly=combined >= threshold,
-        anomaly_map=batch.anomaly_map[start:stop]
-        if maps and batch.anomaly_map is not None
-        else None,
-    )
-
-
-def make_run_batch(metrics: ServiceMetrics) -> RunBatch[LoadedModel, ScoredImages]:
-    """The micro-batcher's inference function: score a batch, split it by job, count it."""
-    scores_by_name = {name: metrics.scores.labels(name) for name in SCORE_NAMES}
-
-    def run_batch(
-        model: LoadedModel, x: FloatArray, portions: Sequence[Portion]
-    ) -> list[ScoredImages]:
-        keep_maps = any(portion.params.keep_maps for portion in portions)
-        batch = model.scorer.score(x, keep_maps=keep_maps)
-        rules: dict[ScoreParams, DecisionRule] = {}
-        parts: list[ScoredImages] = []
-        flagged = 0
-        start = 0
-        for portion in portions:
-            params = portion.params
-            if params not in rules:
-                rules[params] = _rule(model, params)
-            stop = start + portion.count
-            part = _part(batch, start, stop, rules[params].threshold, params.keep_maps)
-            flagged += int(np.count_nonzero(part.is_anomaly))
-            parts.append(ScoredImages(part, model.model_id, model.model_version))
-            start = stop
-        labels = (model.model_id, model.model_version)
-        metrics.images_scored.labels(*labels).inc(start)
-        metrics.images_flagged.labels(*labels).inc(flagged)
-        for name, child in scores_by_name.items():
-            for value in batch.raw[name].tolist():
-                child.observe(value)
-        for value in batch.combined.tolist():
-            metrics.combined_score.observe(value)
-        return parts
-
-    return run_batch
+def _check_calibration(scorer: Scorer) -> None:
+    """Score the golden inputs end to end, with the default rule and a rate override: a
+    calibration that cannot (a weight on an unknown score, a non-finite threshold) is refused at
+    load, rather than failing every request."""
+    calibration = scorer.calibration
+    try:
+        with np.errstate(all="ignore"):
+            scored = scorer.score(scorer.bundle.golden.inputs)
+            override = calibration.rule_for(
+                target_false_alarm_rate=calibration.rule.target_false_alarm_rate
+            )
+    except Exception as exc:  # a malformed calibration fails in as many ways as it is wrong
+        raise BundleError(
+            f"the calibration cannot score the golden inputs: {type(exc).__name__}: {exc}"
+        ) from exc
+    values = [scored.combined, scored.combined_p_value, *scored.p_values.values()]
+    values.append(np.array([calibration.rule.threshold, override.threshold]))
+    if not all(np.all(np.isfinite(v)) for v in values):
+        raise BundleError(
+            "the calibration gives non-finite scores, p-values or thresholds on the golden "
+            f"inputs (default threshold {calibration.rule.threshold}, threshold for the default "
+            f"rate {override.threshold})"
+        )
 
 
 class ModelSlot:
@@ -185,6 +151,10 @@ class ModelSlot:
             except (BundleError, DeviceError, OSError) as exc:
                 self._metrics.reloads.labels("failure").inc()
                 log.error("reload refused, still serving model %s: %s", self.current.model_id, exc)
+                return False
+            except Exception:  # a fault of this software, not of the bundle: say so, keep serving
+                self._metrics.reloads.labels("failure").inc()
+                log.exception("reload failed, still serving model %s", self.current.model_id)
                 return False
             previous, self.current = self.current, model
             self._publish()
