@@ -20,7 +20,7 @@ import numpy.typing as npt
 
 from bench.images import ImageSet
 from service.preprocessing import decode_image, preprocess, preprocess_into
-from service.scorer import Scorer
+from service.runtime import Scorer
 
 SLICE_SECONDS = 0.5
 FloatArray = npt.NDArray[np.float32]

@@ -35,7 +35,7 @@ from bench.images import ImageSet, add_arguments, chosen
 from bench.report import Figures, SoakResult, environment, load_average, render, to_json
 from bench.serverproc import MeasuredServer, ServerSettings, describe_argv
 from service.bundle import load_bundle
-from service.scorer import Scorer
+from service.runtime import Scorer
 
 
 def _batch_sizes(text: str) -> list[int]:

@@ -274,7 +274,7 @@ def load_bundle(path: Path) -> Bundle:
 
     An archive is unpacked into a temporary folder, removed again if the bundle is refused;
     the caller removes it with :meth:`Bundle.remove_unpacked` once done with the files.
-    The golden self-test needs ONNX Runtime and is run by :mod:`service.scorer`.
+    The golden self-test needs ONNX Runtime and is run by :mod:`service.runtime`.
     """
     path = Path(path)
     if not path.exists():

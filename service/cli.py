@@ -20,7 +20,7 @@ from prometheus_client import REGISTRY
 from service.bundle import BundleError
 from service.config import ConfigError, ServeConfig, load_config
 from service.model_slot import LoadedModel, load_model
-from service.scorer import DeviceError
+from service.runtime import DeviceError
 from service.server import StartupError, create_server
 from service.server_process import Ready, write_ready_file
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from service.preprocessing import DEFAULT_MAX_PIXELS
-from service.scorer import DevicePolicy
+from service.runtime import DevicePolicy
 
 ENV_PREFIX = "ANOMALY_"
 DEVICES: tuple[DevicePolicy, ...] = ("auto", "cpu", "cuda")

@@ -19,7 +19,7 @@ import numpy as np
 from service.bundle import BundleError, load_bundle
 from service.metrics import ServiceMetrics
 from service.preprocessing import InputSpec
-from service.scorer import DeviceError, DevicePolicy, Scorer
+from service.runtime import DeviceError, DevicePolicy, Scorer
 from service.scoring import Calibration
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from service.scorer import cuda_device_count
+from service.runtime import cuda_device_count
 
 # A small demo dataset; training imports (torch) stay inside the fixtures so that serving tests
 # can run where torch is not installed.

@@ -25,7 +25,7 @@ from service.bundle import (
     write_golden,
     write_latent_reference,
 )
-from service.scorer import CPU, DeviceError, Scorer, cuda_device_count
+from service.runtime import CPU, DeviceError, Scorer, cuda_device_count
 from service.scoring import SCORE_NAMES, LatentReference, window_max
 
 

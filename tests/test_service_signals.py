@@ -18,7 +18,7 @@ from service._proto import anomaly_pb2 as pb
 from service._proto import anomaly_pb2_grpc as pb_grpc
 from service.client import Client
 from service.model_slot import load_model
-from service.scorer import cuda_device_count
+from service.runtime import cuda_device_count
 from service.server import ServerThread
 from service.server_process import ServerProcess
 from tests.service_helpers import (

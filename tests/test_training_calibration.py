@@ -10,7 +10,7 @@ import pytest
 
 from service.bundle import Bundle, load_bundle
 from service.preprocessing import load_image_file, stack
-from service.scorer import OnnxGraphs
+from service.runtime import OnnxGraphs
 from service.scoring import SCORE_NAMES, Calibration
 from training.calibrate import (
     SYNTHETIC_COPIES,

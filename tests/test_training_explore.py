@@ -13,7 +13,7 @@ from PIL import Image
 
 from service.bundle import MANIFEST, load_bundle
 from service.preprocessing import list_image_files, load_image_file
-from service.scorer import Scorer
+from service.runtime import Scorer
 from tests.conftest import DEMO_SIZE
 from tests.training_helpers import one_line_error
 from training.cli import main

@@ -14,7 +14,7 @@ import torch
 import training.export
 from service.bundle import DECODER, ENCODER, HEAD, Tolerance
 from service.preprocessing import InputSpec, list_image_files, load_image_file, stack
-from service.scorer import OnnxGraphs, output_differences
+from service.runtime import OnnxGraphs, output_differences
 from service.scoring import ModelOutputs
 from training.config import FitConfig
 from training.errors import ExportError

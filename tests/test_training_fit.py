@@ -11,7 +11,7 @@ from PIL import Image
 
 from service.bundle import FORMAT_VERSION, MANIFEST, load_bundle
 from service.preprocessing import list_image_files, load_image_file, stack
-from service.scorer import Scorer
+from service.runtime import Scorer
 from service.scoring import SCORE_NAMES, LatentGrid, LatentReference
 from tests.conftest import DEMO_SIZE, TINY_FIT
 from training.calibrate import WEIGHT_CANDIDATES, window_candidates

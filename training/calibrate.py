@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from service.scorer import OnnxGraphs
+from service.runtime import OnnxGraphs
 from service.scoring import Calibration, LatentReference, raw_scores
 from training.metrics import auroc
 from training.synth import synthesise_anomalies

@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     _configure_logging(args.verbose)
     from service.bundle import BundleError
     from service.preprocessing import ImageError
-    from service.scorer import DeviceError
+    from service.runtime import DeviceError
     from training.errors import TrainingError
 
     try:

@@ -17,7 +17,7 @@ from PIL import Image
 
 from service.bundle import load_bundle
 from service.preprocessing import ImageError, InputSpec, list_image_files, load_image_file, stack
-from service.scorer import DevicePolicy, Scorer
+from service.runtime import DevicePolicy, Scorer
 from service.scoring import SCORE_NAMES, F64Array
 from training.errors import DataError
 from training.metrics import auroc, average_precision, threshold_stats

@@ -18,7 +18,7 @@ import numpy.typing as npt
 
 from service.bundle import BundleError, load_bundle
 from service.preprocessing import list_image_files
-from service.scorer import DevicePolicy, Scorer
+from service.runtime import DevicePolicy, Scorer
 from service.scoring import anomaly_map, kl_divergence
 from training.data import find_images, load_images, training_folder
 from training.errors import DataError

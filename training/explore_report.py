@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from service.scorer import DevicePolicy
+from service.runtime import DevicePolicy
 from training import explore_figures as figures
 from training.errors import TrainingError
 from training.explore import ACTIVE_VARIANCE, DISTANCE_SCORE, Encoded, Exploration, explore

@@ -32,7 +32,7 @@ from service.bundle import (
     HEAD_OUTPUT,
     Tolerance,
 )
-from service.scorer import OnnxGraphs, output_differences
+from service.runtime import OnnxGraphs, output_differences
 from service.scoring import ModelOutputs
 from training.errors import ExportError
 from training.model import VAE, FlatDecoder, FlatEncoder, ProbabilityHead

@@ -40,7 +40,7 @@ from service.bundle import (
     write_manifest,
 )
 from service.preprocessing import InputSpec
-from service.scorer import OnnxGraphs, Scorer
+from service.runtime import OnnxGraphs, Scorer
 from service.scoring import Calibration, LatentGrid, LatentReference
 from training.calibrate import RuleChoice, calibrate, choose_rule
 from training.config import FitConfig

@@ -14,7 +14,7 @@ import numpy as np
 import numpy.typing as npt
 from matplotlib.colors import PowerNorm
 
-from service.scorer import Scorer
+from service.runtime import Scorer
 from training.evaluate import Evaluation
 from training.metrics import auroc, roc_curve
 

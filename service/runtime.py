@@ -1,7 +1,8 @@
-"""Runs a bundle under ONNX Runtime and scores preprocessed batches.
+"""ONNX Runtime: a bundle's graphs on a device (:class:`OnnxGraphs`), and the :class:`Scorer`
+that turns their outputs into calibrated scores with :mod:`service.scoring`'s maths.
 
-Used by the server and by ``training evaluate`` alike, so offline figures are the figures the
-service produces. The device policy is explicit: ``cuda`` fails when CUDA is not really usable,
+Used by the server, by ``training fit`` (export parity, calibration) and by ``training evaluate``
+alike, so offline figures are the figures the service produces. The device policy is explicit: ``cuda`` fails when CUDA is not really usable,
 ``auto`` picks CUDA only when a session actually runs on it, and the provider in use is reported.
 """
 
