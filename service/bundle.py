@@ -24,7 +24,7 @@ import numpy as np
 import numpy.typing as npt
 
 from service.preprocessing import InputSpec
-from service.scoring import Calibration, LatentGrid, LatentReference
+from service.scoring import Calibration, LatentBaseline, LatentGrid, LatentReference
 
 # 2: a fully convolutional VAE with a latent grid, the defect head and the latent reference.
 FORMAT_VERSION = 2
@@ -44,6 +44,7 @@ DECODER_OUTPUT = "recon"
 HEAD_INPUTS = ("image", "recon")
 HEAD_OUTPUT = "defect_map"
 GOLDEN_ARRAYS = ("inputs", "mu", "logvar", "recon", "defect_map")
+LATENT_ARRAYS = ("mean", "precision", "baseline_mean", "baseline_std", "baseline_count")
 
 
 class BundleError(RuntimeError):
@@ -174,6 +175,7 @@ class Bundle:
     manifest: Manifest
     golden: Golden
     latent_reference: LatentReference
+    latent_baseline: LatentBaseline
     # The temporary folder an archive was unpacked into (``path`` lies in it); None for a directory.
     unpacked_into: Path | None = None
 
@@ -212,27 +214,48 @@ def write_golden(path: Path, golden: Golden) -> None:
     np.savez(path, **{name: getattr(golden, name) for name in GOLDEN_ARRAYS})
 
 
-def write_latent_reference(path: Path, reference: LatentReference) -> None:
-    """Write the latent reference to ``path`` (an .npz file)."""
-    np.savez(path, mean=reference.mean, precision=reference.precision)
+def write_latent_reference(
+    path: Path, reference: LatentReference, baseline: LatentBaseline
+) -> None:
+    """Write the latent reference and baseline to ``path`` (an .npz file)."""
+    np.savez(
+        path,
+        mean=reference.mean,
+        precision=reference.precision,
+        baseline_mean=baseline.mean,
+        baseline_std=baseline.std,
+        baseline_count=np.array(baseline.count),
+    )
 
 
-def _read_latent_reference(path: Path, grid: LatentGrid) -> LatentReference:
+def _read_latent_reference(path: Path, grid: LatentGrid) -> tuple[LatentReference, LatentBaseline]:
     try:
         with np.load(path, allow_pickle=False) as data:
-            mean = np.asarray(data["mean"], dtype=np.float64)
-            precision = np.asarray(data["precision"], dtype=np.float64)
+            arrays = {name: np.asarray(data[name], dtype=np.float64) for name in LATENT_ARRAYS}
     except Exception as exc:
         raise BundleError(f"cannot read the latent reference {path}: {exc}") from exc
-    expected = (grid.cells, grid.channels)
-    if mean.shape != expected or precision.shape != (*expected, grid.channels):
-        raise BundleError(
-            f"latent reference {path} has shapes {mean.shape} and {precision.shape}; the "
-            f"manifest's latent grid expects {expected} and {(*expected, grid.channels)}"
-        )
-    if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(precision))):
-        raise BundleError(f"latent reference {path} holds values that are not finite")
-    return LatentReference(grid, mean, precision)
+    expected = {
+        "mean": (grid.cells, grid.channels),
+        "precision": (grid.cells, grid.channels, grid.channels),
+        "baseline_mean": (grid.size,),
+        "baseline_std": (grid.size,),
+        "baseline_count": (),
+    }
+    for name, shape in expected.items():
+        if arrays[name].shape != shape:
+            raise BundleError(
+                f"latent reference {path}: {name} has shape {arrays[name].shape}; the manifest's "
+                f"latent grid expects {shape}"
+            )
+        if not np.all(np.isfinite(arrays[name])):
+            raise BundleError(f"latent reference {path}: {name} holds values that are not finite")
+    count = int(arrays["baseline_count"])
+    if count < 2 or np.any(arrays["baseline_std"] < 0):
+        raise BundleError(f"latent reference {path}: the baseline is not a valid spread")
+    return (
+        LatentReference(grid, arrays["mean"], arrays["precision"]),
+        LatentBaseline(arrays["baseline_mean"], arrays["baseline_std"], count),
+    )
 
 
 def write_manifest(bundle_dir: Path, manifest: Manifest) -> None:
@@ -309,11 +332,19 @@ def _load_directory(path: Path) -> Bundle:
             f"{manifest.model_id}; the files were changed or corrupted after export"
         )
     golden = _read_golden(path / GOLDEN)
-    expected_shape = (golden.inputs.shape[0], *manifest.input.shape)
-    if golden.inputs.shape != expected_shape:
-        raise BundleError(
-            f"golden inputs have shape {golden.inputs.shape}; the manifest's input spec "
-            f"expects {expected_shape}"
-        )
-    reference = _read_latent_reference(path / LATENT_REFERENCE, manifest.latent)
-    return Bundle(path=path, manifest=manifest, golden=golden, latent_reference=reference)
+    n = golden.inputs.shape[0]
+    spec = manifest.input
+    for name, expected in (
+        ("inputs", (n, *spec.shape)),
+        ("mu", (n, manifest.latent_dim)),
+        ("logvar", (n, manifest.latent_dim)),
+        ("recon", (n, *spec.shape)),
+        ("defect_map", (n, spec.height, spec.width)),
+    ):
+        if getattr(golden, name).shape != expected:
+            raise BundleError(
+                f"golden {name} have shape {getattr(golden, name).shape}; the manifest's input "
+                f"spec and latent grid expect {expected}"
+            )
+    reference, baseline = _read_latent_reference(path / LATENT_REFERENCE, manifest.latent)
+    return Bundle(path, manifest, golden, reference, baseline)

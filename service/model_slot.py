@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from service.bundle import BundleError, load_bundle
+from service.bundle import BundleError
 from service.metrics import ServiceMetrics
 from service.preprocessing import InputSpec
-from service.runtime import DeviceError, DevicePolicy, Scorer
+from service.runtime import DeviceError, DevicePolicy, Scorer, open_scorer
 from service.scoring import Calibration
 
 log = logging.getLogger(__name__)
@@ -74,13 +74,8 @@ def load_model(bundle_path: Path, device: DevicePolicy, threads: int = 0) -> Loa
     :class:`DeviceError` for a device that cannot be used. An archive's unpacked files are
     removed once the ONNX Runtime sessions are open: nothing is left behind on disk.
     """
-    bundle = load_bundle(bundle_path)
-    try:
-        scorer = Scorer(bundle, device=device, threads=threads or None)
-        scorer.self_test()
-        _check_calibration(scorer)
-    finally:
-        bundle.remove_unpacked()
+    scorer = open_scorer(bundle_path, device=device, threads=threads or None)
+    _check_calibration(scorer)
     return LoadedModel(scorer, device, datetime.now(UTC), Path(bundle_path))
 
 

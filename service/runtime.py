@@ -2,8 +2,9 @@
 that turns their outputs into calibrated scores with :mod:`service.scoring`'s maths.
 
 Used by the server, by ``training fit`` (export parity, calibration) and by ``training evaluate``
-alike, so offline figures are the figures the service produces. The device policy is explicit: ``cuda`` fails when CUDA is not really usable,
-``auto`` picks CUDA only when a session actually runs on it, and the provider in use is reported.
+alike, so offline figures are the figures the service produces. The device policy is explicit:
+``cuda`` fails when CUDA is not really usable, ``auto`` picks CUDA only when a session actually
+runs on it, and the provider in use is reported.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from service.bundle import (
     Bundle,
     BundleError,
     Tolerance,
+    load_bundle,
 )
 from service.scoring import (
     DecisionRule,
@@ -259,11 +261,29 @@ class Scorer:
         golden = self.bundle.golden
         expected = ModelOutputs(golden.mu, golden.logvar, golden.recon, golden.defect_map)
         try:
-            output_differences(
-                expected, self.run_model(golden.inputs), self.manifest.golden_tolerance
-            )
+            actual = self.run_model(golden.inputs)
+        except Exception as exc:  # ORT raises its own types for inputs a graph does not take
+            message = " ".join(str(exc).split())
+            raise BundleError(f"golden self-test failed on {self.provider}: {message}") from exc
+        try:
+            output_differences(expected, actual, self.manifest.golden_tolerance)
         except ValueError as exc:
             raise BundleError(
                 f"golden self-test failed on {self.provider}: {exc}; the bundle does not "
                 "reproduce what was trained"
             ) from exc
+
+
+def open_scorer(path: Path, *, device: DevicePolicy = "auto", threads: int | None = None) -> Scorer:
+    """Load a bundle directory or archive, open it on the device and run its golden self-test.
+
+    Raises :class:`BundleError` or :class:`DeviceError`. An archive's unpacked files are removed
+    once the ONNX Runtime sessions are open: nothing is left behind on disk.
+    """
+    bundle = load_bundle(path)
+    try:
+        scorer = Scorer(bundle, device=device, threads=threads)
+        scorer.self_test()
+    finally:
+        bundle.remove_unpacked()
+    return scorer

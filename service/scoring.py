@@ -116,6 +116,27 @@ class LatentReference:
         return np.asarray(distance, dtype=np.float64).reshape(-1, self.grid.rows, self.grid.columns)
 
 
+@dataclass(frozen=True)
+class LatentBaseline:
+    """Mean and spread, per latent dimension, of the posterior means of held-out normal images.
+
+    What the drift of "normal" is measured against: recent traffic whose mean posterior mean
+    moves away from ``mean``, in units of ``std``, no longer looks like the normal images did.
+    """
+
+    mean: F64Array  # (D,)
+    std: F64Array  # (D,)
+    count: int
+
+    @classmethod
+    def fit(cls, mu: FloatArray) -> LatentBaseline:
+        """From the posterior means ``mu (N, D)`` of held-out normal images."""
+        if mu.ndim != 2 or mu.shape[0] < 2:
+            raise ValueError(f"a latent baseline needs (N >= 2, D) means, got {mu.shape}")
+        values = np.asarray(mu, dtype=np.float64)
+        return cls(values.mean(axis=0), values.std(axis=0, ddof=1), int(values.shape[0]))
+
+
 def anomaly_map(x: FloatArray, recon: FloatArray) -> FloatArray:
     """Per-pixel squared error averaged over channels: ``(N, C, H, W) -> (N, H, W)``."""
     # In place, channel by channel: the same float32 sums as ``np.mean(d * d, axis=1)`` (bit for

@@ -102,9 +102,10 @@ def test_the_model_id_ignores_the_manifest_and_golden(bundle_copy: Path) -> None
 
 
 def test_a_changed_latent_reference_is_refused_by_the_model_id(bundle_copy: Path) -> None:
-    reference = load_bundle(bundle_copy).latent_reference
+    bundle = load_bundle(bundle_copy)
+    reference = bundle.latent_reference
     shifted = LatentReference(reference.grid, reference.mean + 0.5, reference.precision)
-    write_latent_reference(bundle_copy / LATENT_REFERENCE, shifted)
+    write_latent_reference(bundle_copy / LATENT_REFERENCE, shifted, bundle.latent_baseline)
     with pytest.raises(BundleError, match="changed or corrupted after export"):
         load_bundle(bundle_copy)
 
@@ -121,27 +122,41 @@ def _rehash(bundle: Path) -> None:
 @pytest.mark.parametrize(
     ("change", "match"),
     [
-        ("mean shape", "latent reference .* has shapes"),
-        ("precision shape", "latent reference .* has shapes"),
+        ("mean shape", "latent reference .*: mean has shape"),
+        ("precision shape", "latent reference .*: precision has shape"),
+        ("baseline shape", "latent reference .*: baseline_std has shape"),
         ("not finite", "not finite"),
+        ("negative spread", "not a valid spread"),
         ("not an npz", "cannot read the latent reference"),
     ],
 )
 def test_a_bad_latent_reference_is_refused(bundle_copy: Path, change: str, match: str) -> None:
-    reference = load_bundle(bundle_copy).latent_reference
-    mean, precision = reference.mean, reference.precision
+    bundle = load_bundle(bundle_copy)
+    reference, baseline = bundle.latent_reference, bundle.latent_baseline
+    mean, precision, std = reference.mean, reference.precision, baseline.std
     path = bundle_copy / LATENT_REFERENCE
     if change == "mean shape":
         mean = mean[:-1]
     elif change == "precision shape":
         precision = precision[:, :1, :1]
+    elif change == "baseline shape":
+        std = std[:-1]
     elif change == "not finite":
         mean = mean.copy()
         mean[0, 0] = np.nan
+    elif change == "negative spread":
+        std = -std
     if change == "not an npz":
         path.write_bytes(b"not an npz file")
     else:
-        np.savez(path, mean=mean, precision=precision)
+        np.savez(
+            path,
+            mean=mean,
+            precision=precision,
+            baseline_mean=baseline.mean,
+            baseline_std=std,
+            baseline_count=np.array(baseline.count),
+        )
     _rehash(bundle_copy)
     with pytest.raises(BundleError, match=match):
         load_bundle(bundle_copy)

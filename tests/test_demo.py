@@ -20,7 +20,7 @@ def test_demo_scores_every_test_image_through_the_service_and_stops_cleanly(
     shutil.copytree(trained_bundle, tmp_path / "bundle")
     n_test = len(list((demo_data / "test").rglob("*.png")))
 
-    args = argparse.Namespace(workdir=tmp_path, seed=0, retrain=False, train_minutes=1.0)
+    args = argparse.Namespace(workdir=tmp_path, seed=0, retrain=False, max_steps=20)
     assert run(args) == 0
 
     out = capsys.readouterr().out

@@ -12,6 +12,7 @@ from typing import Any
 from training.config import FitConfig, add_fit_arguments
 
 log = logging.getLogger("training")
+DEMO_STEPS = 400
 
 DESCRIPTION = """\
 Train a VAE anomaly detector on images of good parts and ship it as one ONNX bundle.
@@ -124,10 +125,11 @@ def _add_demo(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--retrain", action="store_true", help="ignore a cached bundle")
     p.add_argument(
-        "--train-minutes",
-        type=float,
-        default=3.0,
-        help="time budget of the demo fit (default: 3)",
+        "--max-steps",
+        type=_positive_int,
+        default=DEMO_STEPS,
+        help=f"step budget of the demo fit (default: {DEMO_STEPS}; the full default is "
+        f"{FitConfig().max_steps})",
     )
 
 

@@ -39,16 +39,17 @@ class FitConfig:
     image_size: int = field(
         default=256,
         metadata=_option(
-            "largest model input side in pixels: the longer side of the images, never enlarged, "
-            "at most this",
+            "model input of about this many pixels squared, in the images' aspect ratio (see "
+            "--aspect); never larger than the images",
             "input",
         ),
     )
     aspect: Aspect = field(
         default="auto",
         metadata=_option(
-            "auto: the input keeps the median aspect ratio of the training images (the shorter "
-            "side rounded to a multiple of 8); square: every image is resized to a square",
+            "auto: the input keeps the median aspect ratio of the training images (sides "
+            "rounded to multiples of 8) and every image is resized to it; square: every image "
+            "is resized to a square",
             "input",
         ),
     )
@@ -98,6 +99,10 @@ class FitConfig:
             "share of training crops given a synthetic defect to repair and to segment",
             "training",
         ),
+    )
+    encoder_denoises: bool = field(
+        default=True,
+        metadata=_option("train the encoder on corrupted crops too", "training"),
     )
     jitter: float = field(
         default=0.1,

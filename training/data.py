@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,15 +87,16 @@ def resolve_color_mode(paths: list[Path], choice: ColorChoice) -> ColorMode:
 
 
 def resolve_input_size(
-    paths: list[Path], max_side: int, aspect: Aspect, multiple: int
+    paths: list[Path], side: int, aspect: Aspect, multiple: int
 ) -> tuple[int, int]:
     """Model input ``(height, width)`` for images of the sizes in ``paths`` (read from headers).
 
-    The longer side is the images' median longer side, at most ``max_side`` (images are never
-    enlarged), rounded down to a multiple of ``multiple``. With ``aspect="auto"`` the shorter
-    side keeps the images' median aspect ratio, rounded to a multiple of ``multiple``; every
-    image is then resized to that size, so an image of another shape is stretched to it.
-    ``"square"`` makes both sides the longer one.
+    The input has about ``side * side`` pixels, whatever its shape, so a model costs the same
+    per image. With ``aspect="auto"`` it keeps the images' median aspect ratio: a frame twice as
+    tall as wide becomes about ``1.41 side x 0.71 side``, and every image is resized to that size
+    (an image of another shape is stretched to it). ``"square"`` makes it ``side x side``. The
+    input is never larger than the images' median size, and both sides are multiples of
+    ``multiple``.
     """
     sizes: list[tuple[int, int]] = []
     for path in paths:
@@ -105,14 +107,21 @@ def resolve_input_size(
             continue  # unreadable files are reported by load_images
         if width > 0 and height > 0:
             sizes.append((height, width))
-    heights, widths = np.array(sizes, dtype=np.float64).reshape(-1, 2).T
-    longest = float(np.median(np.maximum(heights, widths))) if sizes else float(max_side)
-    long_side = max(multiple, int(min(max_side, longest)) // multiple * multiple)
+    if not sizes:
+        return side, side
+    heights, widths = np.array(sizes, dtype=np.float64).T
+    median_h, median_w = float(np.median(heights)), float(np.median(widths))
+    ratio = 1.0 if aspect == "square" else float(np.median(heights / widths))
+    h, w = side * math.sqrt(ratio), side / math.sqrt(ratio)
     if aspect == "square":
-        return long_side, long_side
-    ratio = float(np.median(heights / widths)) if sizes else 1.0
-    short = max(multiple, round(long_side * min(ratio, 1 / ratio) / multiple) * multiple)
-    return (long_side, short) if ratio > 1 else (short, long_side)
+        shrink = min(1.0, max(median_h, median_w) / side)
+    else:
+        shrink = min(1.0, median_h / h, median_w / w)
+
+    def fit(length: float) -> int:
+        return max(multiple, round(length * shrink / multiple) * multiple)
+
+    return fit(h), fit(w)
 
 
 def load_images(paths: list[Path], spec: InputSpec, *, skip_bad: bool) -> ImageSet:

@@ -50,14 +50,14 @@ def _test_images(data_dir: Path) -> list[LabelledImage]:
     return images
 
 
-def _prepare_bundle(workdir: Path, seed: int, retrain: bool, minutes: float) -> Path:
+def _prepare_bundle(workdir: Path, seed: int, retrain: bool, steps: int) -> Path:
     data_dir, bundle_dir = workdir / "data", workdir / "bundle"
     if not (data_dir / "train" / "good").is_dir():
         print(f"[demo] generating the demo dataset in {data_dir}", flush=True)
         generate_demo_dataset(data_dir, seed=seed)
     if retrain or not (bundle_dir / MANIFEST).is_file():
-        print(f"[demo] training a bundle in {bundle_dir} (at most {minutes:g} min)", flush=True)
-        config = FitConfig(seed=seed, time_limit_minutes=minutes, model_version="demo")
+        print(f"[demo] training a bundle in {bundle_dir} ({steps} steps)", flush=True)
+        config = FitConfig(seed=seed, max_steps=steps, model_version="demo")
         fit_bundle(data_dir, bundle_dir, config, overwrite=True)
     else:
         print(f"[demo] reusing the bundle in {bundle_dir} (--retrain to fit again)", flush=True)
@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     """Run the demo; returns the process exit code."""
     workdir: Path = args.workdir
     workdir.mkdir(parents=True, exist_ok=True)
-    bundle_dir = _prepare_bundle(workdir, args.seed, args.retrain, args.train_minutes)
+    bundle_dir = _prepare_bundle(workdir, args.seed, args.retrain, args.max_steps)
     manifest = load_bundle(bundle_dir).manifest
     images = _test_images(workdir / "data")
     serve = ["--bundle", str(bundle_dir), "--host", HOST, "--port", "0", "--metrics-port", "0"]

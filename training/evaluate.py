@@ -15,9 +15,8 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image
 
-from service.bundle import load_bundle
 from service.preprocessing import ImageError, InputSpec, list_image_files, load_image_file, stack
-from service.runtime import DevicePolicy, Scorer
+from service.runtime import DevicePolicy, Scorer, open_scorer
 from service.scoring import SCORE_NAMES, F64Array
 from training.errors import DataError
 from training.metrics import auroc, average_precision, threshold_stats
@@ -137,8 +136,7 @@ def run_evaluation(
     bundle_dir: Path, data_dir: Path, *, device: DevicePolicy = "auto", batch_size: int = 32
 ) -> tuple[Scorer, Evaluation]:
     """Load and self-test the bundle, score the test set, compute the metrics."""
-    scorer = Scorer(load_bundle(Path(bundle_dir)), device=device)
-    scorer.self_test()
+    scorer = open_scorer(Path(bundle_dir), device=device)
     test = load_test_set(Path(data_dir), scorer.manifest.input)
     parts = [
         scorer.score(test.images[i : i + batch_size], keep_maps=True)

@@ -16,10 +16,9 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from service.bundle import BundleError, load_bundle
 from service.preprocessing import list_image_files
-from service.runtime import DevicePolicy, Scorer
-from service.scoring import anomaly_map, kl_divergence
+from service.runtime import DevicePolicy, Scorer, open_scorer
+from service.scoring import kl_divergence
 from training.data import find_images, load_images, training_folder
 from training.errors import DataError
 from training.evaluate import NORMAL, TestSet, load_test_set
@@ -60,6 +59,7 @@ class Encoded:
     mu: F32Array  # (N, D)
     logvar: F32Array  # (N, D)
     recon: F32Array  # (N, C, H, W)
+    defect_map: F32Array  # (N, H, W): the defect head's anomaly probability per pixel
 
 
 @dataclass(frozen=True)
@@ -171,30 +171,6 @@ class Exploration:
     seed: int
 
 
-def load_scorer(bundle_dir: Path, device: DevicePolicy) -> Scorer:
-    """Load and self-test a bundle; check that its graphs give the manifest's shapes."""
-    scorer = Scorer(load_bundle(bundle_dir), device=device)
-    try:
-        scorer.self_test()
-    except BundleError:
-        raise
-    except Exception as exc:  # ORT raises its own types for inputs its graph does not take
-        message = " ".join(str(exc).split())
-        raise BundleError(f"bundle {bundle_dir} fails its self-test: {message}") from exc
-    golden, manifest = scorer.bundle.golden, scorer.manifest
-    if golden.mu.shape[1:] != (manifest.latent_dim,):
-        raise BundleError(
-            f"bundle {bundle_dir}: its encoder gives latents of shape {golden.mu.shape[1:]} "
-            f"but its manifest says latent_dim {manifest.latent_dim}"
-        )
-    if golden.recon.shape[1:] != manifest.input.shape:
-        raise BundleError(
-            f"bundle {bundle_dir}: its decoder gives images of shape {golden.recon.shape[1:]} "
-            f"but its manifest's input spec is {manifest.input.shape}"
-        )
-    return scorer
-
-
 def encode(
     scorer: Scorer, paths: tuple[Path, ...], labels: tuple[str, ...], x: F32Array
 ) -> Encoded:
@@ -209,6 +185,7 @@ def encode(
         np.concatenate([o.mu for o in outs]),
         np.concatenate([o.logvar for o in outs]),
         np.concatenate([o.recon for o in outs]),
+        np.concatenate([o.defect_map for o in outs]),
     )
 
 
@@ -404,7 +381,7 @@ def explore(
 ) -> Exploration:
     """Load the bundle, encode the data, and compute everything the report shows."""
     bundle_dir, data_dir = Path(bundle_dir), Path(data_dir)
-    scorer = load_scorer(bundle_dir, device)
+    scorer = open_scorer(bundle_dir, device=device)
     manifest = scorer.manifest
     log.info(
         "bundle %s: model %s, input %dx%d %s, latent size %d, on %s",
@@ -431,7 +408,7 @@ def explore(
     separation: dict[str, ClassSeparation] = {}
     defects: list[DefectCase] = []
     if test is not None and test_set is not None:
-        maps = anomaly_map(test.images, test.recon)
+        maps = test.defect_map
         d = distances(test.mu, normal.mu)
         test_distance = np.sort(d, axis=1)[:, :k].mean(axis=1)
         separation = _separation(test_set.kinds, test, test_distance, skipped)

@@ -41,7 +41,7 @@ from service.bundle import (
 )
 from service.preprocessing import InputSpec
 from service.runtime import OnnxGraphs, Scorer
-from service.scoring import Calibration, LatentGrid, LatentReference
+from service.scoring import Calibration, LatentBaseline, LatentGrid, LatentReference
 from training.calibrate import RuleChoice, calibrate, choose_rule
 from training.config import FitConfig
 from training.data import (
@@ -204,7 +204,8 @@ def build_bundle(
         graphs, parity = export_model(model, staging, holdout, threads=config.threads)
         grid = LatentGrid(model.cfg.latent_channels, *model.cfg.grid(spec.height, spec.width))
         reference = LatentReference.fit(graphs.run_in_batches(train).mu, grid)
-        write_latent_reference(staging / LATENT_REFERENCE, reference)
+        baseline = LatentBaseline.fit(graphs.run_in_batches(holdout).mu)
+        write_latent_reference(staging / LATENT_REFERENCE, reference, baseline)
         choice = choose_rule(
             graphs,
             reference,

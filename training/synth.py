@@ -145,9 +145,12 @@ def crack(image: F32Array, others: F32Array, rng: np.random.Generator) -> BoolAr
         points.append(points[-1] + length * np.array([np.sin(heading), np.cos(heading)]))
     mask = polyline_mask(h, w, np.stack(points), rng.uniform(1.0, max(1.5, side / 64)))
     level = float(image[:, mask].mean()) if mask.any() else 0.5
-    shift = rng.uniform(0.15, 0.6) * (-1 if rng.random() < 0.7 else 1)
+    # From barely visible hairlines to stark cracks: the contrast is log-uniform.
+    shift = float(np.exp(rng.uniform(np.log(0.04), np.log(0.5)))) * (
+        -1 if rng.random() < 0.7 else 1
+    )
     colour = np.clip(level + shift + rng.normal(0, 0.05, (c, 1, 1)), 0, 1).astype(np.float32)
-    return _fill(image, mask, np.broadcast_to(colour, image.shape), float(rng.uniform(0.5, 1.0)))
+    return _fill(image, mask, np.broadcast_to(colour, image.shape), float(rng.uniform(0.7, 1.0)))
 
 
 def paste(image: F32Array, others: F32Array, rng: np.random.Generator) -> BoolArray:

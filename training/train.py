@@ -26,7 +26,7 @@ from tqdm import tqdm
 from training.config import Device, FitConfig
 from training.errors import ConfigError
 from training.loss import ELBOLoss, focal_loss
-from training.model import VAE
+from training.model import VAE, reparameterise
 from training.synth import corrupt
 
 log = logging.getLogger(__name__)
@@ -192,7 +192,15 @@ def train_vae(
         corrupted, masks = corrupt(clean, config.corruption, rng)
         target = torch.from_numpy(clean).to(device)
         inputs = torch.from_numpy(corrupted).to(device)
-        recon, mu, logvar = model(inputs)
+        mu, logvar = model.encoder(inputs)
+        if not config.encoder_denoises:
+            # The encoder learns from clean crops only, so that it describes a defect rather
+            # than hides it; the decoder learns to draw the clean part from whatever it says.
+            clean_rows = torch.from_numpy(~masks.reshape(len(masks), -1).any(axis=1)).to(device)
+            keep = clean_rows.view(-1, 1, 1, 1).to(mu.dtype)
+            mu = mu * keep + mu.detach() * (1 - keep)
+            logvar = logvar * keep + logvar.detach() * (1 - keep)
+        recon = model.decoder(reparameterise(mu, logvar))
         loss, parts = loss_fn(recon, target, mu, logvar)
         head_loss = torch.zeros(())
         if model.head is not None:
