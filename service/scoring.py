@@ -4,8 +4,9 @@ Raw scores per image (all grow with how anomalous the image looks):
 - ``recon_error``: mean squared error between the input and ``decoder(mu)``;
 - ``kl``: KL(q(z|x) || N(0, I)) = 1/2 * sum(mu^2 + exp(logvar) - logvar - 1);
 - ``local_error``: the highest mean of the squared-error map over any ``window x window`` square;
-- ``latent_distance``: the largest Mahalanobis distance of a latent cell's posterior mean from the
-  posterior means of normal training images at that cell (:class:`LatentReference`);
+- ``latent_distance``: the largest mean, over any ``3 x 3`` cells of the latent grid, of the
+  Mahalanobis distance of a cell's posterior mean from the posterior means of normal training
+  images at that cell (:class:`LatentReference`);
 - ``defect_probability``: the highest mean of the defect head's per-pixel anomaly probability
   over any ``window x window`` square.
 
@@ -41,8 +42,11 @@ ThresholdMethod = Literal["empirical", "normal_tail"]
 # Share of the pooled (all cells) covariance mixed into each cell's covariance: keeps the
 # per-cell Gaussians well conditioned with a few hundred images, and sensible for parts whose
 # pose varies (where every cell sees everything).
-LATENT_SHRINKAGE = 0.5
+LATENT_SHRINKAGE = 0.9
 LATENT_RIDGE = 1e-3
+# latent_distance averages the distance map over squares of this many cells before taking the
+# largest: a defect spans neighbouring cells, a lone unusual cell is more often noise.
+LATENT_WINDOW = 3
 
 
 @dataclass(frozen=True)
@@ -190,7 +194,7 @@ def raw_scores(
         "recon_error": recon_error_from_map(squared_error),
         "kl": kl_divergence(out.mu, out.logvar),
         "local_error": window_max(squared_error, window),
-        "latent_distance": reference.distance_map(out.mu).reshape(x.shape[0], -1).max(axis=1),
+        "latent_distance": window_max(reference.distance_map(out.mu), LATENT_WINDOW),
         "defect_probability": window_max(out.defect_map, window),
     }
     return scores, out.defect_map

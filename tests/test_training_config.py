@@ -22,12 +22,12 @@ NON_DEFAULT: dict[str, tuple[list[str], Any]] = {
     "aspect": (["--aspect", "square"], "square"),
     "color_mode": (["--color-mode", "L"], "L"),
     "resize": (["--resize", "nearest"], "nearest"),
-    "width": (["--width", "16"], 16),
+    "width": (["--width", "24"], 24),
     "max_width": (["--max-width", "64"], 64),
     "res_blocks": (["--res-blocks", "2"], 2),
     "latent_channels": (["--latent-channels", "4"], 4),
     "latent_stride": (["--latent-stride", "16"], 16),
-    "head_width": (["--head-width", "8"], 8),
+    "head_width": (["--head-width", "12"], 12),
     "beta": (["--beta", "0.5"], 0.5),
     "crop_size": (["--crop-size", "64"], 64),
     "epochs": (["--epochs", "3"], 3),
@@ -36,6 +36,7 @@ NON_DEFAULT: dict[str, tuple[list[str], Any]] = {
     "learning_rate": (["--learning-rate", "1e-3"], 1e-3),
     "weight_decay": (["--weight-decay", "0"], 0.0),
     "corruption": (["--corruption", "0.25"], 0.25),
+    "encoder_denoises": (["--encoder-denoises"], True),
     "jitter": (["--jitter", "0.2"], 0.2),
     "time_limit_minutes": (["--time-limit", "2.5"], 2.5),
     "holdout_fraction": (["--holdout-fraction", "0.3"], 0.3),
@@ -154,9 +155,9 @@ def test_steps_for_is_epochs_of_batches_capped_at_max_steps() -> None:
     config = FitConfig(epochs=3, batch_size=8, max_steps=100)
     assert [config.steps_for(n) for n in (1, 8, 9, 16, 19)] == [3, 3, 6, 6, 9]
     assert FitConfig(epochs=3, batch_size=8, max_steps=7).steps_for(19) == 7
-    # The defaults: 150 passes, at most 1600 steps of 16 crops.
+    # The defaults: 150 passes, at most 1500 steps of 16 crops.
     assert FitConfig().steps_for(80) == 150 * 5 == 750
-    assert FitConfig().steps_for(1000) == 1600
+    assert FitConfig().steps_for(1000) == 1500
 
 
 def test_parse_weights() -> None:

@@ -153,25 +153,29 @@ def test_input_size_of_square_images(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("width", "height", "max_side", "expected"),
+    ("width", "height", "side", "expected", "square"),
     [
-        # 150 wide, 60 high: the long side 150 rounds down to 144, the short side keeps the
-        # ratio 0.4 (57.6, rounded to 56).
-        (150, 60, 256, (56, 144)),
-        (60, 150, 256, (144, 56)),
-        # At most max_side: 64 long, 25.6 short, rounded to 24.
-        (150, 60, 64, (24, 64)),
-        (60, 150, 64, (64, 24)),
+        # 150 wide, 60 high at about 256 x 256 pixels would be larger than the images: their
+        # own size, rounded down to multiples of 8.
+        (150, 60, 256, (56, 144), (144, 144)),
+        (60, 150, 256, (144, 56), (144, 144)),
+        # About 64 x 64 pixels in the ratio 0.4: 40.5 x 101.2, rounded down to 40 x 96.
+        (150, 60, 64, (40, 96), (64, 64)),
+        (60, 150, 64, (96, 40), (64, 64)),
     ],
     ids=["wide", "tall", "wide-limited", "tall-limited"],
 )
-def test_input_size_keeps_the_aspect_ratio(
-    tmp_path: Path, width: int, height: int, max_side: int, expected: tuple[int, int]
+def test_input_size_keeps_the_aspect_ratio_and_the_area(
+    tmp_path: Path,
+    width: int,
+    height: int,
+    side: int,
+    expected: tuple[int, int],
+    square: tuple[int, int],
 ) -> None:
     paths = sized_images(tmp_path, *[(width, height)] * 3)
-    assert resolve_input_size(paths, max_side, "auto", 8) == expected
-    side = max(expected)
-    assert resolve_input_size(paths, max_side, "square", 8) == (side, side)
+    assert resolve_input_size(paths, side, "auto", 8) == expected
+    assert resolve_input_size(paths, side, "square", 8) == square
 
 
 def test_input_size_is_the_median_of_mixed_sizes_rounded_to_the_multiple(tmp_path: Path) -> None:

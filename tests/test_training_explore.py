@@ -187,7 +187,7 @@ def _tampered_bundle(trained_bundle: Path, tmp_path: Path, change: dict[str, Any
         ("missing bundle", "does not exist"),
         ("missing data", "does not exist"),
         ("no images", "holds no images"),
-        ("input spec", "input spec expects"),
+        ("input spec", "input spec and latent grid expect"),
         ("latent size", "does not give latent_dim 7"),
         ("output is a file", "is not a folder"),
     ],

@@ -13,9 +13,9 @@ def one_line_error(capsys: pytest.CaptureFixture[str], *needles: str) -> None:
     err = capsys.readouterr().err.strip().splitlines()
     assert err, "expected an error message"
     assert err[-1].startswith("error: ")
-    assert "Traceback" not in "\n".join(err)
+    assert "Traceback" not in "\n".join(err), err
     for needle in needles:
-        assert needle in err[-1]
+        assert needle in err[-1], err[-3:]
 
 
 def fit_flags(options: Mapping[str, Any]) -> list[str]:

@@ -43,10 +43,19 @@ AVERAGED = tuple(key for key, _, _ in COLUMNS if key != "dataset")
 
 
 def dataset_names(data_dirs: Sequence[Path]) -> list[str]:
-    """A unique name per folder: its own name, numbered (``bottle-2``) where names repeat."""
+    """A unique name per folder: its own name, with as many parent folders as tell it apart
+    from the others (``v1/bottle``, ``v2/bottle``); the same folder twice gets ``-2``, ``-3``."""
+    parts = [Path(d).resolve().parts for d in data_dirs]
     names: list[str] = []
-    for data_dir in data_dirs:
-        name = base = Path(data_dir).resolve().name
+    for i, own in enumerate(parts):
+        depth = 1
+        while depth < len(own) and any(
+            other[-depth:] == own[-depth:] and other != own
+            for j, other in enumerate(parts)
+            if j != i
+        ):
+            depth += 1
+        name = base = "/".join(own[-depth:])
         copy = 1
         while name in names:
             copy += 1

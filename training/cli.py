@@ -199,11 +199,14 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _configure_logging(verbose: bool) -> None:
-    if not log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        log.addHandler(handler)
-        log.propagate = False
+    # main() may run again in one process with another stderr (tests, notebooks): replace the
+    # handler of an earlier run rather than write to that run's stream.
+    for old in log.handlers[:]:
+        log.removeHandler(old)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(handler)
+    log.propagate = False
     log.setLevel(logging.DEBUG if verbose else logging.INFO)
 
 

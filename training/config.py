@@ -58,7 +58,7 @@ class FitConfig:
     )
     resize: ResizeMethod = field(default="bilinear", metadata=_option("resampling filter", "input"))
     # Model.
-    width: int = field(default=32, metadata=_option("channels of the VAE's first level", "model"))
+    width: int = field(default=16, metadata=_option("channels of the VAE's first level", "model"))
     max_width: int = field(default=128, metadata=_option("most channels of a VAE level", "model"))
     res_blocks: int = field(default=1, metadata=_option("residual blocks per level", "model"))
     latent_channels: int = field(
@@ -68,7 +68,7 @@ class FitConfig:
         default=8, metadata=_option("input pixels per latent cell, along each side", "model")
     )
     head_width: int = field(
-        default=16,
+        default=8,
         metadata=_option("channels of the defect head's first level", "model"),
     )
     beta: float = field(
@@ -88,7 +88,7 @@ class FitConfig:
         ),
     )
     max_steps: int = field(
-        default=1600, metadata=_option("most optimiser steps, whatever the data size", "training")
+        default=1500, metadata=_option("most optimiser steps, whatever the data size", "training")
     )
     batch_size: int = field(default=16, metadata=_option("crops per step", "training"))
     learning_rate: float = field(default=2e-3, metadata=_option("peak learning rate", "training"))
@@ -101,8 +101,12 @@ class FitConfig:
         ),
     )
     encoder_denoises: bool = field(
-        default=True,
-        metadata=_option("train the encoder on corrupted crops too", "training"),
+        default=False,
+        metadata=_option(
+            "train the encoder on corrupted crops too (the latent then learns to look past "
+            "defects, and latent_distance loses its signal)",
+            "training",
+        ),
     )
     jitter: float = field(
         default=0.1,
@@ -130,23 +134,23 @@ class FitConfig:
     seed: int = field(default=0, metadata=_option("random seed", "training"))
     device: Device = field(default="auto", metadata=_option("where torch trains", "training"))
     threads: int | None = field(default=None, metadata=_option("CPU threads of torch", "training"))
-    # Decision: None chooses the window and the score weights on synthetic defects.
+    # Decision: None takes the default window and score weights (training.calibrate).
     target_false_alarm_rate: float = field(
         default=0.01, metadata=_option("false-alarm rate of the default threshold", "decision")
     )
     local_window: int | None = field(
         default=None,
         metadata=_option(
-            "side of the window of the local scores in pixels (default: chosen on synthetic "
-            "defects)",
+            "side of the window of the local scores in pixels (default: the shorter image side "
+            "/ 32)",
             "decision",
         ),
     )
     weights: Mapping[str, float] | None = field(
         default=None,
         metadata=_option(
-            "combined-score weights, e.g. defect_probability=1,local_error=1 (default: chosen on "
-            "synthetic defects)",
+            "combined-score weights, e.g. defect_probability=1,local_error=1 (default: "
+            "defect_probability, local_error and latent_distance, 1 each)",
             "decision",
             metavar="NAME=W,...",
         ),

@@ -119,7 +119,7 @@ def resolve_input_size(
         shrink = min(1.0, median_h / h, median_w / w)
 
     def fit(length: float) -> int:
-        return max(multiple, round(length * shrink / multiple) * multiple)
+        return max(multiple, math.floor(length * shrink / multiple) * multiple)
 
     return fit(h), fit(w)
 
