@@ -90,6 +90,23 @@ def test_a_tiny_target_rate_is_served_and_fails_no_neighbour(
         assert results[0].scores.threshold == model.scorer.calibration.rule.threshold
 
 
+def test_posterior_means_go_only_to_the_call_that_asked_in_a_shared_batch(
+    server: ServerThread,
+) -> None:
+    image = png_bytes(random_pixels(13))
+    target = f"127.0.0.1:{server.port}"
+    before = batches(server)
+    with Client(target, retries=0) as asking, Client(target, retries=0) as plain:
+        calls: list[Callable[[], list[Result]]] = [
+            lambda: asking.score([image, image], ids=["a", "b"], return_latent_mean=True),
+            *[lambda: plain.score([image]) for _ in range(3)],
+        ]
+        (asked, *neighbours) = at_once(*calls)
+    assert batches(server) - before == 1  # the four calls shared one batch
+    assert all(r.latent_mean() is not None for r in asked)
+    assert all(results[0].ok and results[0].latent_mean() is None for results in neighbours)
+
+
 def test_a_stream_with_a_tiny_rate_fails_no_neighbouring_stream(server: ServerThread) -> None:
     image = pb.Image(id="x", encoded=png_bytes(random_pixels(12)))
 
