@@ -24,7 +24,9 @@ normal distribution's two-sided 0.1% point for the latent shift (exact if all di
 together, conservative otherwise). The held-out set is fixed per bundle, so this is the chance that
 a bundle's held-out images are so untypical that normal traffic alarms, not a rate of alarms.
 
-Cost: per image O(latent size) numpy, once per ONNX Runtime batch, in the inference thread.
+Cost: per image O(latent size) numpy, in calls made once for many images (when the gauges are
+read, or when a window's worth of images is waiting): per ONNX Runtime batch the inference thread
+only hands its arrays over.
 """
 
 from __future__ import annotations
@@ -32,15 +34,16 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from functools import partial
 from statistics import NormalDist
 
 import numpy as np
 import numpy.typing as npt
-from prometheus_client import Gauge
 
 from service.metrics import ServiceMetrics
-from service.scoring import F64Array, FloatArray, LatentBaseline
+from service.scoring import Calibration, F64Array, FloatArray, LatentBaseline
 
 log = logging.getLogger(__name__)
 
@@ -171,31 +174,45 @@ class DriftWindow:
 
 
 @dataclass
-class _Published:
-    """The window of the model in service and its gauges (children labelled with the model)."""
+class _Watched:
+    """The model in service: its window, and the batches scored since the window was updated."""
 
     key: object
+    calibration: Calibration
     window: DriftWindow
-    images: Gauge
-    p_value_ks: Gauge
-    latent_shift: Gauge
+    raw: list[Mapping[str, F64Array]] = field(default_factory=list)
+    mu: list[FloatArray] = field(default_factory=list)
+    pending: int = 0  # images in ``raw`` and ``mu``
+
+    def flush(self) -> None:
+        """Add the pending batches to the window: one combined score and p-value computation
+        for all of them, as :meth:`Calibration.score` does it (neither depends on a request's
+        decision rule)."""
+        if not self.pending:
+            return
+        raw = {name: np.concatenate([batch[name] for batch in self.raw]) for name in self.raw[0]}
+        p_values = self.calibration.combined.p_values(self.calibration.combine(raw))
+        self.window.add(p_values, np.concatenate(self.mu))
+        self.raw, self.mu, self.pending = [], [], 0
 
 
 class DriftMonitor:
     """The drift window of the model in service, exported as gauges.
 
     :meth:`start` (at start-up and after each reload, on the event loop) begins a fresh window for
-    a model; :meth:`observe` (once per batch, in the inference thread) adds a batch's images when
-    they were scored by that model. Batches of a model already replaced are left out. The
-    statistics are published once the window is full (NaN before): a partly filled window after a
-    reload would read as drift.
+    a model; :meth:`observe` (once per batch, in the inference thread) hands it a batch's raw
+    scores and posterior means when they were computed by that model (batches of a model already
+    replaced are left out). The batches are added to the window when the gauges are read (a
+    scrape) or when a window's worth is waiting, so that the numpy calls are paid once for many
+    images rather than once per batch. The statistics are published once the window is full (NaN
+    before): a partly filled window after a reload would read as drift.
     """
 
     def __init__(self, settings: DriftSettings, metrics: ServiceMetrics) -> None:
         self.settings = settings
         self._metrics = metrics
         self._lock = threading.Lock()
-        self._current: _Published | None = None
+        self._current: _Watched | None = None
 
     def start(
         self,
@@ -203,30 +220,35 @@ class DriftMonitor:
         *,
         model_id: str,
         model_version: str,
-        calibration_size: int,
+        calibration: Calibration,
         baseline: LatentBaseline,
     ) -> None:
         """Begin a fresh window for the model ``key`` (the model object batches are run with),
-        calibrated on ``calibration_size`` held-out images."""
+        whose scores ``calibration`` turns into p-values."""
         if not self.settings.enabled:
             return
+        calibration_size = len(calibration.combined.values)
         thresholds = self.settings.for_model(calibration_size, baseline)
         metrics = self._metrics
         labels = (model_id, model_version)
+        window = DriftWindow(thresholds.window, calibration_size, baseline)
+        watched = _Watched(key, calibration, window)
         with self._lock:
             for gauge in metrics.drift_gauges():
                 gauge.clear()
             metrics.drift_window_size.labels(*labels).set(thresholds.window)
             metrics.drift_p_value_ks_threshold.labels(*labels).set(thresholds.p_value_ks)
             metrics.drift_latent_shift_threshold.labels(*labels).set(thresholds.latent_shift)
-            self._current = _Published(
-                key,
-                DriftWindow(thresholds.window, calibration_size, baseline),
-                metrics.drift_window.labels(*labels),
-                metrics.drift_p_value_ks.labels(*labels),
-                metrics.drift_latent_shift.labels(*labels),
+            metrics.drift_window.labels(*labels).set_function(
+                partial(self._read, watched, lambda window: float(window.count))
             )
-            self._publish(self._current)
+            metrics.drift_p_value_ks.labels(*labels).set_function(
+                partial(self._read, watched, _when_full(DriftWindow.p_value_ks))
+            )
+            metrics.drift_latent_shift.labels(*labels).set_function(
+                partial(self._read, watched, _when_full(DriftWindow.latent_shift))
+            )
+            self._current = watched
         log.info(
             "drift of model %s: window of %d images, p-value KS threshold %.3f, latent shift "
             "threshold %.3f over %d of %d latent dimensions",
@@ -249,20 +271,31 @@ class DriftMonitor:
                 thresholds.p_value_ks,
             )
 
-    def observe(self, key: object, p_values: F64Array, mu: FloatArray) -> None:
-        """Add a batch's combined p-values ``(N,)`` and posterior means ``(N, D)``, if ``key`` is
-        the model in service."""
+    def observe(self, key: object, raw: Mapping[str, F64Array], mu: FloatArray) -> None:
+        """Hand over a batch's raw scores ``{name: (N,)}`` and posterior means ``(N, D)``, if
+        ``key`` is the model in service."""
         with self._lock:
-            current = self._current
-            if current is None or current.key is not key:
+            watched = self._current
+            if watched is None or watched.key is not key:
                 return
-            current.window.add(p_values, mu)
-            self._publish(current)
+            watched.raw.append(raw)
+            watched.mu.append(mu)
+            watched.pending += mu.shape[0]
+            if watched.pending >= watched.window.size:
+                watched.flush()
 
-    @staticmethod
-    def _publish(current: _Published) -> None:
-        window = current.window
-        current.images.set(window.count)
-        full = window.full
-        current.p_value_ks.set(window.p_value_ks() if full else math.nan)
-        current.latent_shift.set(window.latent_shift() if full else math.nan)
+    def _read(self, watched: _Watched, statistic: Callable[[DriftWindow], float]) -> float:
+        """A gauge's value (in the thread that collects the metrics): the window brought up to
+        date first."""
+        with self._lock:
+            watched.flush()
+            return statistic(watched.window)
+
+
+def _when_full(statistic: Callable[[DriftWindow], float]) -> Callable[[DriftWindow], float]:
+    """``statistic`` of a full window, NaN before."""
+
+    def published(window: DriftWindow) -> float:
+        return statistic(window) if window.full else math.nan
+
+    return published

@@ -61,9 +61,7 @@ def make_run_batch(metrics: ServiceMetrics, drift: DriftMonitor) -> RunBatch[Loa
             for value in raw[name].tolist():
                 histogram.observe(value)
         if watch_drift:
-            # The combined score and its p-value do not depend on a request's decision rule.
-            combined = model.calibration.combine(raw)
-            drift.observe(model, model.calibration.combined.p_values(combined), mu)
+            drift.observe(model, raw, mu)
         return RawBatch(raw, maps, mu)
 
     return run_batch

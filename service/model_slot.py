@@ -152,7 +152,7 @@ class ModelSlot:
             model,
             model_id=model.model_id,
             model_version=model.model_version,
-            calibration_size=model.calibration_size,
+            calibration=model.calibration,
             baseline=model.latent_baseline,
         )
 

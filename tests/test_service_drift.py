@@ -23,7 +23,13 @@ from service.drift import (
 from service.metrics import ServiceMetrics
 from service.model_slot import LoadedModel, load_model
 from service.preprocessing import load_image_file, stack
-from service.scoring import F64Array, LatentBaseline, empirical_p_values
+from service.scoring import (
+    SCORE_NAMES,
+    Calibration,
+    F64Array,
+    LatentBaseline,
+    empirical_p_values,
+)
 from service.server import ServerThread
 from tests.service_helpers import demo_test_images, random_pixels, scrape, serve_config
 
@@ -172,10 +178,22 @@ def gauge(registry: CollectorRegistry, name: str, model: str) -> float | None:
     return registry.get_sample_value(name, {"model_id": model, "model_version": "v"})
 
 
+def held_out(count: int = CALIBRATION) -> Calibration:
+    """A calibration on ``count`` held-out images whose combined score is log(recon_error)."""
+    values = np.arange(1.0, count + 1.0)
+    raw = {name: values for name in SCORE_NAMES}
+    return Calibration.fit(raw, {"recon_error": 1.0}, target_false_alarm_rate=0.1, local_window=3)
+
+
+def scored(*recon_errors: float) -> dict[str, F64Array]:
+    """Raw scores of images: a recon_error above every held-out one has p-value 1/(n+1), one
+    below them all p-value 1."""
+    values = np.asarray(recon_errors, dtype=np.float64)
+    return {name: values for name in SCORE_NAMES}
+
+
 def start(monitor: DriftMonitor, key: object, model: str, base: LatentBaseline) -> None:
-    monitor.start(
-        key, model_id=model, model_version="v", calibration_size=CALIBRATION, baseline=base
-    )
+    monitor.start(key, model_id=model, model_version="v", calibration=held_out(), baseline=base)
 
 
 def test_the_monitor_publishes_once_full_and_starts_afresh_for_a_new_model() -> None:
@@ -188,11 +206,11 @@ def test_the_monitor_publishes_once_full_and_starts_afresh_for_a_new_model() -> 
     assert gauge(registry, "anomaly_drift_window_size_images", "m1") == 4
     assert gauge(registry, "anomaly_drift_p_value_ks_threshold", "m1") == 0.3
     assert gauge(registry, "anomaly_drift_latent_shift_threshold", "m1") == 1.5
-    monitor.observe(first, levels(1, 1, 1), latents(np.tile(base.mean + base.std, 3)))
+    monitor.observe(first, scored(100, 100, 100), latents(np.tile(base.mean + base.std, 3)))
     assert gauge(registry, "anomaly_drift_window_images", "m1") == 3
     assert math.isnan(gauge(registry, "anomaly_drift_p_value_ks_statistic", "m1") or 0.0)
     assert math.isnan(gauge(registry, "anomaly_drift_latent_shift", "m1") or 0.0)
-    monitor.observe(first, levels(1), latents(base.mean + base.std))
+    monitor.observe(first, scored(100), latents(base.mean + base.std))
     assert gauge(registry, "anomaly_drift_p_value_ks_statistic", "m1") == pytest.approx(0.9)
     assert gauge(registry, "anomaly_drift_latent_shift", "m1") == pytest.approx(1.0, rel=1e-6)
 
@@ -201,11 +219,35 @@ def test_the_monitor_publishes_once_full_and_starts_afresh_for_a_new_model() -> 
         assert gauge(registry, name, "m1") is None, name
     assert gauge(registry, "anomaly_drift_window_images", "m2") == 0
     # A batch the replaced model was still running is left out.
-    monitor.observe(first, levels(1), latents(base.mean))
+    monitor.observe(first, scored(100), latents(base.mean))
     assert gauge(registry, "anomaly_drift_window_images", "m2") == 0
     assert gauge(registry, "anomaly_drift_window_images", "m1") is None
-    monitor.observe(second, levels(5), latents(base.mean))
+    monitor.observe(second, scored(5.5), latents(base.mean))
     assert gauge(registry, "anomaly_drift_window_images", "m2") == 1
+
+
+def test_the_gauges_are_those_of_the_last_images_however_batches_and_scrapes_fall() -> None:
+    """Batches are added to the window in bulk (at a read, or when a window's worth waits)."""
+    rng = np.random.default_rng(2)
+    registry = CollectorRegistry()
+    monitor = DriftMonitor(DriftSettings(8, 0.3, 1.5), ServiceMetrics(registry))
+    base = baseline()
+    key = object()
+    start(monitor, key, "m1", base)
+    expected = DriftWindow(8, CALIBRATION, base)
+    calibration = held_out()
+    for step, batch in enumerate([1, 2, 5, 9, 1, 3, 20, 2, 1, 1, 4] * 3):
+        raw = scored(*rng.uniform(0.5, 12.0, batch))
+        mu = latents(rng.normal(0.0, 1.0, (batch, D)))
+        monitor.observe(key, raw, mu)
+        expected.add(calibration.combined.p_values(calibration.combine(raw)), mu)
+        if step % 3 == 0:  # scrapes now and then
+            ks = gauge(registry, "anomaly_drift_p_value_ks_statistic", "m1")
+            shift = gauge(registry, "anomaly_drift_latent_shift", "m1")
+            assert gauge(registry, "anomaly_drift_window_images", "m1") == expected.count
+            if expected.full:
+                assert ks == pytest.approx(expected.p_value_ks(), abs=1e-12)
+                assert shift == pytest.approx(expected.latent_shift(), rel=1e-9)
 
 
 def test_a_disabled_monitor_exports_nothing() -> None:
@@ -213,7 +255,7 @@ def test_a_disabled_monitor_exports_nothing() -> None:
     monitor = DriftMonitor(DriftSettings(0), ServiceMetrics(registry))
     key = object()
     start(monitor, key, "m1", baseline())
-    monitor.observe(key, levels(1), latents(np.zeros(D)))
+    monitor.observe(key, scored(100), latents(np.zeros(D)))
     assert not [
         sample
         for family in registry.collect()
@@ -228,7 +270,7 @@ def test_a_threshold_the_held_out_set_cannot_reach_is_logged(
     monitor = DriftMonitor(DriftSettings(32), ServiceMetrics(CollectorRegistry()))
     with caplog.at_level(logging.WARNING, logger="service.drift"):
         monitor.start(
-            object(), model_id="m", model_version="v", calibration_size=5, baseline=baseline()
+            object(), model_id="m", model_version="v", calibration=held_out(5), baseline=baseline()
         )
     (record,) = caplog.records
     assert "with 5 held-out images the p-value KS distance is at most 0.833" in record.message
