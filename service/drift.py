@@ -87,6 +87,8 @@ class DriftSettings:
 
     def for_model(self, calibration_size: int, baseline: LatentBaseline) -> DriftThresholds:
         """The thresholds for a model calibrated on ``calibration_size`` held-out images."""
+        if not self.enabled:
+            raise ValueError("drift watching is off (a window of 0 images): no thresholds")
         ks = self.p_value_ks_threshold or KOLMOGOROV_FACTOR * math.sqrt(
             1 / calibration_size + 1 / self.window
         )

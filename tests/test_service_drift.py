@@ -145,6 +145,8 @@ def test_default_thresholds_scale_with_the_held_out_set_and_the_window() -> None
     explicit = DriftSettings(128, 0.4, 2.5).for_model(16, base)
     assert (explicit.p_value_ks, explicit.latent_shift) == (0.4, 2.5)
     assert not DriftSettings(0).enabled
+    with pytest.raises(ValueError, match="off"):
+        DriftSettings(0).for_model(16, base)
 
 
 def test_normal_traffic_stays_under_the_default_thresholds() -> None:
