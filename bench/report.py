@@ -74,6 +74,15 @@ class SoakResult:
 
 
 @dataclass(frozen=True)
+class Compared:
+    """(2a) and (2b) on a server started with extra flags, measured in the same rounds."""
+
+    server_args: tuple[str, ...]
+    unary: LoadResult
+    stream: LoadResult
+
+
+@dataclass(frozen=True)
 class Figures:
     """Everything one run measured."""
 
@@ -92,6 +101,7 @@ class Figures:
     peak_rss_unbatched: int
     server_commands: list[str]
     soak: SoakResult | None = None
+    compared: Compared | None = None
 
     def best_tensor(self) -> InProcessRow:
         """(1-i) at its best batch size."""
@@ -248,6 +258,15 @@ def render(fig: Figures) -> str:
     lines += [check.line() for check in all_checks]
     passed = sum(check.passed for check in all_checks)
     lines.append(f"  {passed} of {len(all_checks)} targets met")
+    if fig.compared is not None:
+        compared = fig.compared
+        lines += ["", f"4. Against a server with {' '.join(compared.server_args)}"]
+        lines.append(_load_row(f"(a') unary x{s['concurrency']}, batching", compared.unary))
+        lines.append(_load_row(f"(b') stream, window {s['window']}", compared.stream))
+        lines.append(
+            f"  throughput (2a)/(2a') {fig.unary.ips / compared.unary.ips:.3f}, "
+            f"(2b)/(2b') {fig.stream.ips / compared.stream.ips:.3f}"
+        )
     lines += ["", "Servers started as:"] + [f"  $ {command}" for command in fig.server_commands]
     return "\n".join(lines)
 
@@ -262,5 +281,10 @@ def to_json(fig: Figures) -> dict[str, Any]:
         data[key]["images_per_s"] = getattr(fig, key).ips
     if fig.soak is not None:
         data["soak"]["growth"] = fig.soak.growth
+    if fig.compared is not None:
+        for key in ("unary", "stream"):
+            data["compared"][key]["images_per_s"] = getattr(fig.compared, key).ips
+            ratio = getattr(fig, key).ips / getattr(fig.compared, key).ips
+            data["compared"][f"{key}_ratio"] = ratio
     data["targets"] = [{**asdict(check), "passed": check.passed} for check in checks(fig)]
     return data

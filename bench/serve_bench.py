@@ -10,7 +10,10 @@ In one run, on one bundle and one set of thread settings, it measures
    unary clients of one image per call, (b) one bidirectional stream with a window of images in
    flight, and (c) (a) again with micro-batching off; plus the latency of (a)'s calls at half of
    (a)'s throughput, and the server's peak RSS;
-3. the ratios, printed next to their targets with PASS or FAIL.
+3. the ratios, printed next to their targets with PASS or FAIL;
+4. with ``--compare-server-arg``, (a) and (b) again on a third server started with those flags too,
+   in the same rounds, and the throughput ratios (the cost of a server option, e.g.
+   ``--compare-server-arg=--drift-window=0`` for what watching drift costs).
 
 See bench/README.md for how to read the table.
 """
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import json
 import statistics
@@ -32,7 +36,15 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 from bench import inprocess, loadgen
 from bench.images import ImageSet, add_arguments, chosen
-from bench.report import Figures, SoakResult, environment, load_average, render, to_json
+from bench.report import (
+    Compared,
+    Figures,
+    SoakResult,
+    environment,
+    load_average,
+    render,
+    to_json,
+)
 from bench.serverproc import MeasuredServer, ServerSettings, describe_argv
 from service.bundle import load_bundle
 from service.runtime import Scorer
@@ -102,6 +114,15 @@ def build_parser() -> argparse.ArgumentParser:
         "e.g. --server-arg=--preprocess-workers=1",
     )
     parser.add_argument(
+        "--compare-server-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="also measure (a) and (b), in the same rounds, on a server started with this flag "
+        "too (repeatable), and print the throughput ratios: the cost of a server option, e.g. "
+        "--compare-server-arg=--drift-window=0",
+    )
+    parser.add_argument(
         "--soak",
         type=float,
         default=0.0,
@@ -126,7 +147,9 @@ def _started(server: MeasuredServer) -> str:
     return command
 
 
-def _settings(args: argparse.Namespace, *, batching: bool) -> ServerSettings:
+def _settings(
+    args: argparse.Namespace, *, batching: bool, compared: bool = False
+) -> ServerSettings:
     return ServerSettings(
         bundle=args.bundle,
         device=args.device,
@@ -135,7 +158,7 @@ def _settings(args: argparse.Namespace, *, batching: bool) -> ServerSettings:
         max_batch_delay_ms=args.max_batch_delay_ms if batching else 0.0,
         batching=batching,
         stream_window=max(args.window, 1),
-        extra_args=tuple(args.server_arg),
+        extra_args=tuple(args.server_arg + (args.compare_server_arg if compared else [])),
     )
 
 
@@ -146,46 +169,56 @@ class ServicePhases:
     unary: loadgen.Phase = field(default_factory=lambda: loadgen.Phase("unary"))
     stream: loadgen.Phase = field(default_factory=lambda: loadgen.Phase("stream"))
     unbatched: loadgen.Phase = field(default_factory=lambda: loadgen.Phase("unbatched"))
+    compared_unary: loadgen.Phase = field(default_factory=lambda: loadgen.Phase("unary'"))
+    compared_stream: loadgen.Phase = field(default_factory=lambda: loadgen.Phase("stream'"))
 
 
 async def service_round(
     args: argparse.Namespace,
     batched: MeasuredServer,
     unbatched: MeasuredServer,
+    compared: MeasuredServer | None,
     images: ImageSet,
     phases: ServicePhases,
 ) -> None:
-    """One window of (2a), (2b) and (2c)."""
+    """One window of (2a), (2b) and (2c); of (a) and (b) on the compared server too, each right
+    after its counterpart."""
     seconds = args.duration / args.rounds
     unary_requests = loadgen.batch_requests(images)
-    await loadgen.unary_concurrent(
-        phases.unary,
-        batched.target,
-        unary_requests,
-        batched.snapshot,
-        concurrency=args.concurrency,
-        warmup=args.warmup,
-        duration=seconds,
-    )
-    await loadgen.stream_window(
-        phases.stream,
-        batched.target,
-        loadgen.stream_requests(images),
-        batched.snapshot,
-        window=args.window,
-        warmup=args.warmup,
-        duration=seconds,
-    )
-    await loadgen.unary_concurrent(
-        phases.unbatched,
-        unbatched.target,
-        unary_requests,
-        unbatched.snapshot,
-        concurrency=args.concurrency,
-        warmup=args.warmup,
-        duration=seconds,
-    )
-    for phase in (phases.unary, phases.stream, phases.unbatched):
+
+    async def unary(phase: loadgen.Phase, server: MeasuredServer) -> None:
+        await loadgen.unary_concurrent(
+            phase,
+            server.target,
+            unary_requests,
+            server.snapshot,
+            concurrency=args.concurrency,
+            warmup=args.warmup,
+            duration=seconds,
+        )
+
+    async def stream(phase: loadgen.Phase, server: MeasuredServer) -> None:
+        await loadgen.stream_window(
+            phase,
+            server.target,
+            loadgen.stream_requests(images),
+            server.snapshot,
+            window=args.window,
+            warmup=args.warmup,
+            duration=seconds,
+        )
+
+    await unary(phases.unary, batched)
+    if compared is not None:
+        await unary(phases.compared_unary, compared)
+    await stream(phases.stream, batched)
+    if compared is not None:
+        await stream(phases.compared_stream, compared)
+    await unary(phases.unbatched, unbatched)
+    shown = [phases.unary, phases.stream, phases.unbatched]
+    if compared is not None:
+        shown += [phases.compared_unary, phases.compared_stream]
+    for phase in shown:
         result = phase.result()
         say(
             f"    {phase.name:<10} {result.ips:7.1f} images/s so far, p99 {result.p99_ms:.0f} ms, "
@@ -296,11 +329,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     say("starting the servers, with and without micro-batching")
     commands: list[str] = []
     phases = ServicePhases()
-    with (
-        MeasuredServer(_settings(args, batching=True)) as batched,
-        MeasuredServer(_settings(args, batching=False)) as unbatched,
-    ):
+    with contextlib.ExitStack() as servers:
+        batched = servers.enter_context(MeasuredServer(_settings(args, batching=True)))
+        unbatched = servers.enter_context(MeasuredServer(_settings(args, batching=False)))
         commands += [_started(batched), _started(unbatched)]
+        compared = None
+        if args.compare_server_arg:
+            variant = _settings(args, batching=True, compared=True)
+            compared = servers.enter_context(MeasuredServer(variant))
+            commands.append(_started(compared))
         for index in range(args.rounds):
             say(f"round {index + 1} of {args.rounds}: in process on {provider}")
             bench.run(args.inproc_duration / args.rounds)
@@ -310,7 +347,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     f"(ii) {row.png_ips:7.1f}/s so far"
                 )
             say(f"round {index + 1} of {args.rounds}: the service, (a), (b) and (c)")
-            asyncio.run(service_round(args, batched, unbatched, images, phases))
+            asyncio.run(service_round(args, batched, unbatched, compared, images, phases))
         unary = phases.unary.result()
         rate = max(1.0, unary.ips / 2.0)
         say(f"latency at half load: unary calls at a fixed {rate:.1f}/s")
@@ -358,6 +395,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         peak_rss_unbatched=peak_unbatched,
         server_commands=commands,
         soak=soak,
+        compared=None
+        if compared is None
+        else Compared(
+            tuple(args.compare_server_arg),
+            phases.compared_unary.result(),
+            phases.compared_stream.result(),
+        ),
     )
     print(render(figures))
     if args.json is not None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from service.drift import DriftSettings
 from service.preprocessing import DEFAULT_MAX_PIXELS
 from service.runtime import DevicePolicy
 
@@ -57,6 +58,9 @@ class ServeConfig:
     token: str | None = field(default=None, repr=False)
     grace_period: float = 10.0
     watch_interval: float = 0.0
+    drift_window: int = 128
+    drift_ks_threshold: float = 0.0
+    drift_latent_threshold: float = 0.0
     ready_file: Path | None = None
     log_level: str = "INFO"
 
@@ -89,6 +93,13 @@ class ServeConfig:
     def max_batch_delay(self) -> float:
         """Longest time the micro-batcher holds the oldest image for company, in seconds."""
         return self.max_batch_delay_ms / 1000.0 if self.batching else 0.0
+
+    @property
+    def drift(self) -> DriftSettings:
+        """The drift window and thresholds (service/drift.py)."""
+        return DriftSettings(
+            self.drift_window, self.drift_ks_threshold, self.drift_latent_threshold
+        )
 
     @property
     def tls(self) -> bool:
@@ -169,6 +180,11 @@ def _at_least(minimum: float) -> Callable[[float], None]:
             raise ValueError(f"Must be at least {minimum:g}.")
 
     return check
+
+
+def _below_one(value: float) -> None:
+    if not 0 <= value < 1:
+        raise ValueError("Must be at least 0 and less than 1.")
 
 
 def _one_of(choices: Sequence[str]) -> Callable[[str], None]:
@@ -308,6 +324,29 @@ OPTIONS: tuple[Option, ...] = (
         "watch_interval",
         _float,
         "seconds between checks of the bundle directory for changes (0: reload on SIGHUP only)",
+        _at_least(0),
+    ),
+    Option(
+        "drift_window",
+        _int,
+        "images in the rolling window of recent images whose p-values and posterior means are "
+        "watched for drift of normal (the anomaly_drift_* metrics; 0: off)",
+        _at_least(0),
+    ),
+    Option(
+        "drift_ks_threshold",
+        _float,
+        "Kolmogorov-Smirnov distance of the window's combined p-values from uniform above which "
+        "the window is not normal (0: the level normal traffic exceeds with a 0.1%% chance for "
+        "the model's calibration size and the window)",
+        _below_one,
+    ),
+    Option(
+        "drift_latent_threshold",
+        _float,
+        "shift of the window's mean posterior mean, RMS over latent dimensions in held-out "
+        "standard deviations, above which the window is not normal (0: as for "
+        "--drift-ks-threshold)",
         _at_least(0),
     ),
     Option(

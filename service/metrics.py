@@ -3,6 +3,7 @@
 Names follow Prometheus conventions (base units, ``_total`` for counters). Every metric lives in
 the registry given to :class:`ServiceMetrics`, so tests use a fresh ``CollectorRegistry``.
 The anomaly rate is ``rate(anomaly_images_flagged_total) / rate(anomaly_images_scored_total)``.
+The drift gauges (``anomaly_drift_*``) are set by service/drift.py, which explains the statistics.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 # Raw scores span decades across models (MSE ~1e-3, KL ~1e1): two buckets per decade.
 RAW_SCORE_BUCKETS = tuple(10.0 ** (e / 2) for e in range(-14, 11))
 COMBINED_SCORE_BUCKETS = tuple(float(v) for v in range(-6, 31, 2))
+MODEL_LABELS = ("model_id", "model_version")
 
 
 class ServiceMetrics:
@@ -34,13 +36,13 @@ class ServiceMetrics:
         self.images_scored = Counter(
             f"{PREFIX}_images_scored_total",
             "Images scored, by model.",
-            ["model_id", "model_version"],
+            MODEL_LABELS,
             registry=registry,
         )
         self.images_flagged = Counter(
             f"{PREFIX}_images_flagged_total",
             "Images whose verdict was anomalous, by model.",
-            ["model_id", "model_version"],
+            MODEL_LABELS,
             registry=registry,
         )
         self.image_errors = Counter(
@@ -126,6 +128,45 @@ class ServiceMetrics:
             "Default threshold on the combined score (requests may override it).",
             registry=registry,
         )
+        self.drift_window = Gauge(
+            f"{PREFIX}_drift_window_images",
+            "Images in the drift window of the model in service (its most recent images).",
+            MODEL_LABELS,
+            registry=registry,
+        )
+        self.drift_window_size = Gauge(
+            f"{PREFIX}_drift_window_size_images",
+            "Size of the drift window; the drift statistics are computed once it is full.",
+            MODEL_LABELS,
+            registry=registry,
+        )
+        self.drift_p_value_ks = Gauge(
+            f"{PREFIX}_drift_p_value_ks_statistic",
+            "Kolmogorov-Smirnov distance between the combined p-values of the drift window and "
+            "the uniform distribution they have for normal images (NaN until the window is full).",
+            MODEL_LABELS,
+            registry=registry,
+        )
+        self.drift_p_value_ks_threshold = Gauge(
+            f"{PREFIX}_drift_p_value_ks_threshold",
+            "The p-value KS distance above which the drift window no longer looks normal.",
+            MODEL_LABELS,
+            registry=registry,
+        )
+        self.drift_latent_shift = Gauge(
+            f"{PREFIX}_drift_latent_shift",
+            "RMS over latent dimensions of the drift window's mean posterior mean minus that of "
+            "the held-out normal images, in their standard deviations (NaN until the window is "
+            "full).",
+            MODEL_LABELS,
+            registry=registry,
+        )
+        self.drift_latent_shift_threshold = Gauge(
+            f"{PREFIX}_drift_latent_shift_threshold",
+            "The latent shift above which the drift window no longer looks normal.",
+            MODEL_LABELS,
+            registry=registry,
+        )
         # Series exist at 0 from the start, so that rate() and increase() see their first jump.
         for result in ("success", "failure"):
             self.reloads.labels(result)
@@ -147,3 +188,14 @@ class ServiceMetrics:
         self.decision_threshold.set(threshold)
         self.images_scored.labels(model_id, model_version)
         self.images_flagged.labels(model_id, model_version)
+
+    def drift_gauges(self) -> tuple[Gauge, ...]:
+        """Every drift gauge (all labelled with the model)."""
+        return (
+            self.drift_window,
+            self.drift_window_size,
+            self.drift_p_value_ks,
+            self.drift_p_value_ks_threshold,
+            self.drift_latent_shift,
+            self.drift_latent_shift_threshold,
+        )

@@ -3,7 +3,8 @@
 :class:`ModelSlot` holds the :class:`LoadedModel` in service. A reload loads and self-tests the new
 bundle in a worker thread and then swaps one reference: calls already holding the old model (and
 batches already formed on it) finish on it, new calls get the new one. A bundle that fails to load
-is refused, logged and counted, and the old model keeps serving.
+is refused, logged and counted, and the old model keeps serving. Each model served gets a fresh
+drift window (service/drift.py).
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ from pathlib import Path
 import numpy as np
 
 from service.bundle import BundleError
+from service.drift import DriftMonitor
 from service.metrics import ServiceMetrics
 from service.preprocessing import InputSpec
 from service.runtime import DeviceError, DevicePolicy, Scorer, open_scorer
-from service.scoring import Calibration
+from service.scoring import Calibration, LatentBaseline
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,16 @@ class LoadedModel:
     def calibration(self) -> Calibration:
         """What turns raw scores into p-values, a combined score and a verdict."""
         return self.scorer.calibration
+
+    @property
+    def calibration_size(self) -> int:
+        """Number of held-out normal images the scores were calibrated on."""
+        return len(self.calibration.combined.values)
+
+    @property
+    def latent_baseline(self) -> LatentBaseline:
+        """Mean and spread of the held-out normal images' posterior means (for drift)."""
+        return self.scorer.bundle.latent_baseline
 
     @property
     def provider(self) -> str:
@@ -111,6 +123,7 @@ class ModelSlot:
         self,
         model: LoadedModel,
         metrics: ServiceMetrics,
+        drift: DriftMonitor,
         *,
         bundle_path: Path,
         device: DevicePolicy,
@@ -118,6 +131,7 @@ class ModelSlot:
     ) -> None:
         self.current = model
         self._metrics = metrics
+        self._drift = drift
         self._bundle_path = bundle_path
         self._device = device
         self._threads = threads
@@ -133,6 +147,13 @@ class ModelSlot:
             requested_device=model.requested_device,
             false_alarm_rate=model.scorer.calibration.rule.target_false_alarm_rate,
             threshold=model.scorer.calibration.rule.threshold,
+        )
+        self._drift.start(
+            model,
+            model_id=model.model_id,
+            model_version=model.model_version,
+            calibration=model.calibration,
+            baseline=model.latent_baseline,
         )
 
     async def reload(self) -> bool:

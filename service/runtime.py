@@ -239,11 +239,12 @@ class Scorer:
         keep_maps: bool = False,
     ) -> ScoreBatch:
         """Score a preprocessed batch ``(N, C, H, W)``; keep anomaly maps only when asked."""
-        raw, amap = self.raw_scores(batch)
+        raw, amap, _ = self.raw_scores(batch)
         return self.calibration.score(raw, rule, amap if keep_maps else None)
 
-    def raw_scores(self, batch: FloatArray) -> tuple[dict[str, F64Array], FloatArray]:
-        """The model's part of :meth:`score`: raw scores and anomaly maps, before calibration.
+    def raw_scores(self, batch: FloatArray) -> tuple[dict[str, F64Array], FloatArray, FloatArray]:
+        """The model's part of :meth:`score`: raw scores, anomaly maps and the posterior means
+        ``(N, D)``, before calibration.
 
         The server runs this once per batch and calibrates each request's rows with its own rule.
         """
@@ -254,7 +255,10 @@ class Scorer:
                 f"{', '.join(map(str, expected))}) float32"
             )
         out = self.run_model(batch)
-        return raw_scores(batch, out, self.calibration.local_window, self.bundle.latent_reference)
+        raw, amap = raw_scores(
+            batch, out, self.calibration.local_window, self.bundle.latent_reference
+        )
+        return raw, amap, out.mu
 
     def self_test(self) -> None:
         """Reproduce the golden outputs within the bundle's tolerance, or raise BundleError."""

@@ -278,6 +278,7 @@ class ScoreBatch:
     threshold: float
     is_anomaly: npt.NDArray[np.bool_]
     anomaly_map: FloatArray | None = None
+    latent_mean: FloatArray | None = None  # (N, D) posterior means, when asked for
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from service._proto import anomaly_pb2_grpc as pb_grpc
 from service.admission import AdmissionControl
 from service.batcher import MicroBatcher
 from service.config import ServeConfig
+from service.drift import DriftMonitor
 from service.inference import RawBatch, make_run_batch
 from service.interceptors import interceptors
 from service.metrics import ServiceMetrics
@@ -195,11 +196,17 @@ async def create_server(
     metrics = ServiceMetrics(registry if registry is not None else CollectorRegistry())
     if model is None:
         model = await asyncio.to_thread(load_model, config.bundle, config.device, config.threads)
+    drift = DriftMonitor(config.drift, metrics)
     models = ModelSlot(
-        model, metrics, bundle_path=config.bundle, device=config.device, threads=config.threads
+        model,
+        metrics,
+        drift,
+        bundle_path=config.bundle,
+        device=config.device,
+        threads=config.threads,
     )
     batcher: MicroBatcher[LoadedModel, RawBatch] = MicroBatcher(
-        make_run_batch(metrics),
+        make_run_batch(metrics, drift),
         metrics,
         max_batch_size=config.max_batch_size,
         max_delay=config.max_batch_delay,
@@ -217,6 +224,7 @@ async def create_server(
         pool,
         metrics,
         limits=limits,
+        drift=config.drift,
         decode_workers=config.preprocess_workers,
         stream_window=config.stream_window,
     )

@@ -30,7 +30,8 @@ from service.batcher import (
     MicroBatcher,
     Part,
 )
-from service.inference import RawBatch, count_scored, score_rows
+from service.drift import DriftSettings
+from service.inference import RawBatch, ScoreParams, count_scored, score_rows
 from service.metrics import ServiceMetrics
 from service.model_slot import LoadedModel, ModelSlot
 from service.scoring import DecisionRule, ScoreBatch
@@ -133,6 +134,7 @@ class AnomalyDetectorServicer(pb_grpc.AnomalyDetectorServicer):
         metrics: ServiceMetrics,
         *,
         limits: Limits,
+        drift: DriftSettings,
         decode_workers: int,
         stream_window: int,
     ) -> None:
@@ -142,6 +144,7 @@ class AnomalyDetectorServicer(pb_grpc.AnomalyDetectorServicer):
         self._pool = decode_pool
         self._metrics = metrics
         self._limits = limits
+        self._drift = drift
         self._workers = decode_workers
         self._window = stream_window
         self._draining = False
@@ -163,10 +166,10 @@ class AnomalyDetectorServicer(pb_grpc.AnomalyDetectorServicer):
         model: LoadedModel,
         parts: Sequence[Part[RawBatch]],
         rule: DecisionRule,
-        keep_maps: bool,
+        params: ScoreParams,
     ) -> list[ScoreBatch]:
-        """This call's scores from its rows of the batches, with its own rule; counted."""
-        scored = score_rows(model, parts, rule, keep_maps)
+        """This call's scores from its rows of the batches, with its own options; counted."""
+        scored = score_rows(model, parts, rule, params)
         count_scored(self._metrics, model, scored)
         return scored
 
@@ -248,7 +251,7 @@ class AnomalyDetectorServicer(pb_grpc.AnomalyDetectorServicer):
                 except Exception as exc:  # logged by the batcher
                     await abort(context, grpc.StatusCode.INTERNAL, f"scoring failed: {exc}")
                 try:
-                    scored = self._finish(model, parts, rule, params.keep_maps)
+                    scored = self._finish(model, parts, rule, params)
                 except Exception as exc:  # a fault of this call's own scoring: it alone fails
                     log.exception("scoring a call's rows failed")
                     await abort(context, grpc.StatusCode.INTERNAL, f"scoring failed: {exc}")
@@ -287,7 +290,7 @@ class AnomalyDetectorServicer(pb_grpc.AnomalyDetectorServicer):
             return self._image_error(
                 image.id, DEADLINE_EXCEEDED, f"image {image.id!r} was not scored: {exc}"
             )
-        scored = self._finish(model, parts, rule, params.keep_maps)
+        scored = self._finish(model, parts, rule, params)
         return scored_results([image.id], scored, model.model_id)[0]
 
     def _image_error(self, image_id: str, code: grpc.StatusCode, message: str) -> pb.ImageResult:
@@ -381,5 +384,5 @@ class AnomalyDetectorServicer(pb_grpc.AnomalyDetectorServicer):
     async def GetModelInfo(  # noqa: N802 (gRPC method name)
         self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInfo:
-        """Describe the model in service and this server's limits."""
-        return model_info(self._models.current, self._limits)
+        """Describe the model in service, this server's limits and its drift settings."""
+        return model_info(self._models.current, self._limits, self._drift)

@@ -14,6 +14,7 @@ from PIL import Image
 
 from service._proto import anomaly_pb2 as pb
 from service.batcher import FloatArray
+from service.drift import DriftSettings
 from service.inference import ScoreParams
 from service.model_slot import LoadedModel
 from service.preprocessing import (
@@ -79,7 +80,7 @@ def score_params(options: pb.ScoreOptions) -> ScoreParams:
                 f"options.target_false_alarm_rate is {rate}; expected a number strictly "
                 "between 0 and 1"
             )
-    return ScoreParams(threshold, rate, options.return_anomaly_map)
+    return ScoreParams(threshold, rate, options.return_anomaly_map, options.return_latent_mean)
 
 
 def check_batch(images: Sequence[pb.Image], max_images: int) -> None:
@@ -159,6 +160,7 @@ def scored_results(
             "is_anomaly": batch.is_anomaly.tolist(),
         }
         maps = batch.anomaly_map
+        means = None if batch.latent_mean is None else batch.latent_mean.tolist()
         for index in range(len(batch.combined)):
             scores = pb.Scores(
                 threshold=batch.threshold,
@@ -168,6 +170,8 @@ def scored_results(
                 amap = maps[index]
                 scores.anomaly_map.height, scores.anomaly_map.width = amap.shape
                 scores.anomaly_map.values = amap.astype("<f4", copy=False).tobytes()
+            if means is not None:
+                scores.latent_mean.extend(means[index])
             results.append(pb.ImageResult(id=next(id_iter), scores=scores, model_id=model_id))
     return results
 
@@ -177,8 +181,23 @@ def rfc3339(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-def model_info(model: LoadedModel, limits: Limits) -> pb.ModelInfo:
-    """The ModelInfo message of a loaded model."""
+def drift_monitoring(model: LoadedModel, settings: DriftSettings) -> pb.DriftMonitoring | None:
+    """The DriftMonitoring message of a loaded model; None when drift is not watched."""
+    if not settings.enabled:
+        return None
+    baseline = model.latent_baseline
+    thresholds = settings.for_model(model.calibration_size, baseline)
+    return pb.DriftMonitoring(
+        window_size=thresholds.window,
+        p_value_ks_threshold=thresholds.p_value_ks,
+        latent_shift_threshold=thresholds.latent_shift,
+        latent_dimensions=thresholds.latent_dimensions,
+        latent_baseline_size=baseline.count,
+    )
+
+
+def model_info(model: LoadedModel, limits: Limits, drift: DriftSettings) -> pb.ModelInfo:
+    """The ModelInfo message of a loaded model served with these limits and drift settings."""
     manifest = model.scorer.manifest
     calibration = manifest.calibration
     rule = calibration.rule
@@ -201,7 +220,7 @@ def model_info(model: LoadedModel, limits: Limits) -> pb.ModelInfo:
             target_false_alarm_rate=rule.target_false_alarm_rate,
             method=rule.method,
         ),
-        calibration_size=len(calibration.combined.values),
+        calibration_size=model.calibration_size,
         trained_at=manifest.created_at,
         loaded_at=rfc3339(model.loaded_at),
         limits=pb.ServingLimits(
@@ -216,6 +235,7 @@ def model_info(model: LoadedModel, limits: Limits) -> pb.ModelInfo:
             columns=manifest.latent.columns,
         ),
         combined_weights=dict(calibration.weights),
+        drift=drift_monitoring(model, drift),
     )
 
 

@@ -126,6 +126,11 @@ def test_queries_use_only_recording_rules_that_exist() -> None:
         ("call errors by code", r'sum by \(method, code\).*code!="OK"'),
         ("image errors by code", r"sum by \(code\).*anomaly_image_errors_total"),
         ("model version and provider", r"anomaly_model_info"),
+        ("p-value drift", r"anomaly_drift_p_value_ks_statistic\{"),
+        ("its threshold", r"anomaly_drift_p_value_ks_threshold\{"),
+        ("latent drift", r"anomaly_drift_latent_shift\{"),
+        ("its threshold", r"anomaly_drift_latent_shift_threshold\{"),
+        ("drift window fill", r"anomaly_drift_window_images\{.*/ anomaly_drift_window_size"),
     ],
 )
 def test_dashboard_shows(need: str, pattern: str) -> None:

@@ -4,8 +4,8 @@ API must give back the anomaly rate that was sent, the alerts must evaluate on t
 every query of the Grafana dashboard must parse and return data. The container health check and
 the load generator run against the same server.
 
-The scrape config is deploy/prometheus/prometheus.yml with three edits only: the target addresses
-(free loopback ports) and 1-second scrape and evaluation intervals, so the test takes seconds.
+Prometheus runs with the project's scrape config, edited only for loopback ports and 1-second
+intervals (tests/prometheus_live.py), so the test takes seconds.
 
 Exactness: Prometheus extrapolates rate() to the window's edges, by the same factor for the
 flagged and the scored counter when their first samples are in the same proportion as their
@@ -20,13 +20,10 @@ import math
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.parse
-import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,11 +33,18 @@ import pytest
 
 from service.client import Client
 from service.server_process import ServerProcess
+from tests.prometheus_live import (
+    DEPLOY,
+    JOB,
+    Prometheus,
+    free_port,
+    needs_prometheus,
+    start_prometheus,
+    stop,
+    wait_for,
+)
 
-REPO = Path(__file__).resolve().parents[1]
-DEPLOY = REPO / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "anomaly-service.json"
-JOB = "anomaly-service"
 ROUNDS = 3
 FORCE_FLAG = -1.0e6  # a threshold every combined score reaches
 FORCE_PASS = 1.0e6  # a threshold no combined score reaches
@@ -53,79 +57,10 @@ DASHBOARD_VARIABLES = {
     "__range": "5m",
 }
 
-PROMETHEUS_BIN = shutil.which("prometheus")
-
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.timeout(240),
-    pytest.mark.skipif(
-        PROMETHEUS_BIN is None,
-        reason="prometheus not installed: run `make deploy-tools` (Debian package prometheus; "
-        "needs root and apt-get)",
-    ),
-]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240), needs_prometheus]
 
 
 # --- helpers ---------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def wait_for(
-    what: str,
-    check: Callable[[], bool],
-    timeout: float,
-    diagnose: Callable[[], str] = str,
-) -> None:
-    """Poll ``check`` until it holds; fail with ``diagnose()`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{diagnose()}")
-
-
-@dataclass(frozen=True)
-class Prometheus:
-    """The HTTP API of the Prometheus under test."""
-
-    url: str
-
-    def get(self, path: str, **params: str) -> Any:
-        query = urllib.parse.urlencode(params)
-        with urllib.request.urlopen(f"{self.url}{path}?{query}", timeout=10) as reply:
-            body = json.loads(reply.read())
-        assert body["status"] == "success", body
-        return body["data"]
-
-    def query(self, expr: str, at: float | None = None) -> list[dict[str, Any]]:
-        params = {"query": expr} if at is None else {"query": expr, "time": f"{at:.3f}"}
-        data = self.get("/api/v1/query", **params)
-        result: list[dict[str, Any]] = data["result"]
-        return result
-
-    def value(self, expr: str, at: float | None = None) -> float | None:
-        """The value of a query that gives at most one series."""
-        result = self.query(expr, at)
-        assert len(result) <= 1, result
-        return float(result[0]["value"][1]) if result else None
-
-    def equals(self, expr: str, expected: float) -> Callable[[], bool]:
-        """A check for wait_for: the query gives ``expected`` now."""
-        return lambda: self.value(expr) == expected
-
-    def ready(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"{self.url}/-/ready", timeout=2) as reply:
-                return bool(reply.status == 200)
-        except OSError:
-            return False
 
 
 @dataclass(frozen=True)
@@ -182,36 +117,6 @@ def healthy(target: str) -> bool:
     return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
 
-def prometheus_config(metrics_port: int, prometheus_port: int) -> str:
-    """deploy/prometheus/prometheus.yml pointed at loopback, scraping every second."""
-    text = (DEPLOY / "prometheus" / "prometheus.yml").read_text(encoding="utf-8")
-    for old, new in (
-        ("scrape_interval: 15s", "scrape_interval: 1s"),
-        ("scrape_timeout: 10s", "scrape_timeout: 1s"),
-        ("evaluation_interval: 15s", "evaluation_interval: 1s"),
-        (f"- {JOB}:9100", f"- 127.0.0.1:{metrics_port}"),
-        ("- localhost:9090", f"- 127.0.0.1:{prometheus_port}"),
-    ):
-        assert text.count(old) == 1, f"prometheus.yml changed: {old!r} expected once"
-        text = text.replace(old, new)
-    return text
-
-
-def stop(process: subprocess.Popen[bytes], sig: int, timeout: float) -> int | None:
-    if process.poll() is None:
-        process.send_signal(sig)
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(5)
-    return process.returncode
-
-
-def log_tail(path: Path) -> str:
-    return path.read_text(encoding="utf-8", errors="replace")[-3000:] if path.exists() else ""
-
-
 # --- the stack ---------------------------------------------------------------------------------
 
 
@@ -219,15 +124,11 @@ def log_tail(path: Path) -> str:
 def stack(
     trained_bundle: Path, demo_data: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Stack]:
-    prometheus_bin = PROMETHEUS_BIN
-    assert prometheus_bin is not None  # the module is skipped otherwise
     tmp = tmp_path_factory.mktemp("live")
     bundle = tmp / "bundle"
     shutil.copytree(trained_bundle, bundle)  # a copy: the test breaks it to provoke a reload error
     images = sorted((demo_data / "test").rglob("*.png"))
     assert len(images) >= 10
-    prometheus_port = free_port()
-    prometheus_log = tmp / "prometheus.log"
     started = time.time()
     server = ServerProcess(
         [
@@ -250,25 +151,7 @@ def stack(
             first = send_round(client, images)
             assert 0 < first.flagged < first.scored
             # Prometheus starts now: its first sample of the counters is one whole round.
-            (tmp / "rules").mkdir()
-            for rule_file in (DEPLOY / "prometheus" / "rules").glob("*.yml"):
-                shutil.copy(rule_file, tmp / "rules" / rule_file.name)
-            config = tmp / "prometheus.yml"
-            config.write_text(prometheus_config(metrics_port, prometheus_port), encoding="utf-8")
-            with prometheus_log.open("wb") as out:
-                prometheus_process = subprocess.Popen(
-                    [
-                        prometheus_bin,
-                        f"--config.file={config}",
-                        f"--storage.tsdb.path={tmp / 'data'}",
-                        f"--web.listen-address=127.0.0.1:{prometheus_port}",
-                        "--log.level=warn",
-                    ],
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                )
-            prom = Prometheus(f"http://127.0.0.1:{prometheus_port}")
-            wait_for("Prometheus", prom.ready, 60, lambda: log_tail(prometheus_log))
+            prometheus_process, prom = start_prometheus(tmp, metrics_port)
             scored_total = f'sum(anomaly_images_scored_total{{job="{JOB}"}})'
             sent = [first]
             wait_for("the first scrape", prom.equals(scored_total, first.scored), 30)

@@ -120,8 +120,14 @@ def test_rule_unit_tests_pass() -> None:
         ),
         # The anomaly-rate alert at 50 times instead of 5 times the expected rate.
         ("alerts.yml", "5 * model_version:", "50 * model_version:"),
+        # The drift alert below its threshold instead of above.
+        (
+            "alerts.yml",
+            "anomaly_drift_p_value_ks_statistic > anomaly_drift",
+            "anomaly_drift_p_value_ks_statistic < anomaly_drift",
+        ),
     ],
-    ids=["anomaly-rate-inverted", "anomaly-rate-alert-at-50x"],
+    ids=["anomaly-rate-inverted", "anomaly-rate-alert-at-50x", "score-drift-inverted"],
 )
 def test_rule_unit_tests_catch_a_broken_rule(
     tmp_path: Path, rule_file: str, original: str, broken: str
@@ -193,6 +199,8 @@ def test_alerts_have_severity_annotations_and_a_hold_duration() -> None:
         "AnomalyServingOnCPU",
         "AnomalyServiceErrorRatioHigh",
         "AnomalyQueueSaturated",
+        "AnomalyScoreDrift",
+        "AnomalyLatentDrift",
     } <= {a["alert"] for a in alerts}
     for alert in alerts:
         name = alert["alert"]

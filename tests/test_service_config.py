@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from service.config import ConfigError, ServeConfig, load_config
+from service.drift import DriftSettings
 
 
 def test_defaults_need_only_the_bundle() -> None:
@@ -25,6 +26,8 @@ def test_environment_fills_in_and_flags_win() -> None:
         "ANOMALY_MAX_BATCH_DELAY_MS": "0.5",
         "ANOMALY_BATCHING": "off",
         "ANOMALY_LOG_LEVEL": "debug",
+        "ANOMALY_DRIFT_WINDOW": "64",
+        "ANOMALY_DRIFT_KS_THRESHOLD": "0.4",
     }
     config = load_config(["--port", "7000"], environ=env)
     assert config.bundle == Path("/models/b")
@@ -34,6 +37,7 @@ def test_environment_fills_in_and_flags_win() -> None:
     assert config.max_batch_delay_ms == 0.5
     assert not config.batching and config.max_batch_delay == 0.0
     assert config.log_level == "DEBUG"
+    assert config.drift == DriftSettings(64, 0.4, 0.0)
     assert load_config(["--batching"], environ=env).batching
 
 
@@ -62,6 +66,17 @@ def test_environment_fills_in_and_flags_win() -> None:
             "must not exceed '--max-queue-per-client'",
         ),
         (["--max-queue", "100"], {}, "'--max-queue-per-client' has value '256'. It must not"),
+        (["--drift-window", "-1"], {}, "'--drift-window' has value '-1'. Must be at least 0"),
+        (
+            ["--drift-ks-threshold", "1"],
+            {},
+            "'--drift-ks-threshold' has value '1'. Must be at least 0 and less than 1",
+        ),
+        (
+            [],
+            {"ANOMALY_DRIFT_LATENT_THRESHOLD": "-2"},
+            "'ANOMALY_DRIFT_LATENT_THRESHOLD' has value '-2'. Must be at least 0",
+        ),
     ],
 )
 def test_bad_values_are_refused_naming_their_source(

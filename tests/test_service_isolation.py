@@ -67,20 +67,31 @@ def batches(server: ServerThread) -> float:
     return value or 0.0
 
 
+def with_neighbours(
+    server: ServerThread, image: bytes, call: Callable[[Client], list[Result]], neighbours: int
+) -> tuple[list[Result], list[list[Result]]]:
+    """``call`` on one client and ``neighbours`` plain calls of ``image`` on another, released
+    together; they must have shared one batch. The results of ``call``, then of the others."""
+    target = f"127.0.0.1:{server.port}"
+    before = batches(server)
+    with Client(target, retries=0) as own, Client(target, retries=0) as plain:
+        calls: list[Callable[[], list[Result]]] = [
+            partial(call, own),
+            *[partial(plain.score, [image]) for _ in range(neighbours)],
+        ]
+        (result, *others) = at_once(*calls)
+    assert batches(server) - before == 1  # the calls shared one batch
+    return result, others
+
+
 @pytest.mark.parametrize("rate", TINY_RATES)
 def test_a_tiny_target_rate_is_served_and_fails_no_neighbour(
     server: ServerThread, model: LoadedModel, rate: float
 ) -> None:
     image = png_bytes(random_pixels(11))
-    target = f"127.0.0.1:{server.port}"
-    before = batches(server)
-    with Client(target, retries=0) as tiny, Client(target, retries=0) as plain:
-        calls: list[Callable[[], list[Result]]] = [
-            lambda: tiny.score([image], target_false_alarm_rate=rate),
-            *[lambda: plain.score([image]) for _ in range(4)],
-        ]
-        (rated, *neighbours) = at_once(*calls)
-    assert batches(server) - before == 1  # the five calls shared one batch
+    rated, neighbours = with_neighbours(
+        server, image, lambda tiny: tiny.score([image], target_false_alarm_rate=rate), 4
+    )
     assert rated[0].ok and rated[0].scores is not None
     expected = model.scorer.calibration.rule_for(target_false_alarm_rate=rate).threshold
     assert rated[0].scores.threshold == expected > model.scorer.calibration.rule.threshold
@@ -88,6 +99,20 @@ def test_a_tiny_target_rate_is_served_and_fails_no_neighbour(
         assert results[0].ok, results[0].error
         assert results[0].scores is not None
         assert results[0].scores.threshold == model.scorer.calibration.rule.threshold
+
+
+def test_posterior_means_go_only_to_the_call_that_asked_in_a_shared_batch(
+    server: ServerThread,
+) -> None:
+    image = png_bytes(random_pixels(13))
+    asked, neighbours = with_neighbours(
+        server,
+        image,
+        lambda asking: asking.score([image, image], ids=["a", "b"], return_latent_mean=True),
+        3,
+    )
+    assert all(r.latent_mean() is not None for r in asked)
+    assert all(results[0].ok and results[0].latent_mean() is None for results in neighbours)
 
 
 def test_a_stream_with_a_tiny_rate_fails_no_neighbouring_stream(server: ServerThread) -> None:

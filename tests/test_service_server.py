@@ -22,6 +22,7 @@ from PIL import Image
 from service._proto import anomaly_pb2 as pb
 from service._proto import anomaly_pb2_grpc as pb_grpc
 from service.client import Client, Result
+from service.config import ServeConfig
 from service.model_slot import LoadedModel, load_model
 from service.preprocessing import load_image_file, preprocess, stack
 from service.scoring import SCORE_NAMES, window_max
@@ -173,6 +174,23 @@ def test_anomaly_maps_come_only_when_asked(client: Client, model: LoadedModel) -
     assert float(window_max(amap[None], window)[0]) == pytest.approx(
         mapped[0].scores.defect_probability, rel=1e-6
     )
+
+
+def test_latent_means_come_only_when_asked(client: Client, model: LoadedModel) -> None:
+    pixels = [random_pixels(4), random_pixels(5)]
+    plain = client.score(pixels)
+    asked = client.score(pixels, return_latent_mean=True)
+    streamed = list(client.score_stream(pixels, return_latent_mean=True))
+    assert [r.latent_mean() for r in plain] == [None, None]
+    for index, image in enumerate(pixels):
+        expected = model.scorer.run_model(stack([_preprocessed(image, model)])).mu[0]
+        assert expected.shape == (model.scorer.manifest.latent_dim,)
+        for result in (asked[index], streamed[index]):
+            mean = result.latent_mean()
+            assert mean is not None
+            np.testing.assert_array_equal(mean, expected)
+            # Asking for the means changes no score.
+            assert scores_of(result) == scores_of(plain[index])
 
 
 def _preprocessed(pixels: npt.NDArray[np.uint8], model: LoadedModel) -> npt.NDArray[np.float32]:
@@ -406,6 +424,15 @@ def test_model_info_describes_model_device_and_limits(client: Client, model: Loa
     assert info.loaded_at.endswith("Z")
     assert info.limits.max_images_per_request == MAX_REQUEST_IMAGES
     assert info.limits.max_message_bytes == MAX_MESSAGE
+    # Drift is watched by default, with thresholds set from the held-out set and the window.
+    assert info.HasField("drift")
+    defaults = ServeConfig(bundle=Path("b")).drift
+    thresholds = defaults.for_model(info.calibration_size, model.latent_baseline)
+    assert info.drift.window_size == defaults.window == 128
+    assert info.drift.p_value_ks_threshold == thresholds.p_value_ks
+    assert info.drift.latent_shift_threshold == thresholds.latent_shift
+    assert info.drift.latent_dimensions == thresholds.latent_dimensions == info.latent_dim
+    assert info.drift.latent_baseline_size == model.latent_baseline.count >= 2
 
 
 def test_health_and_reflection(server: ServerThread) -> None:

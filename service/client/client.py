@@ -102,14 +102,26 @@ class Result:
         values = np.frombuffer(amap.values, dtype="<f4").astype(np.float32, copy=False)
         return values.reshape(amap.height, amap.width)
 
+    def latent_mean(self) -> npt.NDArray[np.float32] | None:
+        """The latent posterior mean ``(D,)`` (channel-major over the latent grid), when the
+        request asked for it."""
+        if self.scores is None or not self.scores.latent_mean:
+            return None
+        return np.asarray(self.scores.latent_mean, dtype=np.float32)
+
 
 def score_options(
-    threshold: float | None, target_false_alarm_rate: float | None, return_anomaly_map: bool
+    threshold: float | None,
+    target_false_alarm_rate: float | None,
+    return_anomaly_map: bool,
+    return_latent_mean: bool,
 ) -> pb.ScoreOptions:
     """ScoreOptions from keyword arguments (the server checks their ranges)."""
     if threshold is not None and target_false_alarm_rate is not None:
         raise ValueError("give a threshold or a target false-alarm rate, not both")
-    options = pb.ScoreOptions(return_anomaly_map=return_anomaly_map)
+    options = pb.ScoreOptions(
+        return_anomaly_map=return_anomaly_map, return_latent_mean=return_latent_mean
+    )
     if threshold is not None:
         options.threshold = threshold
     elif target_false_alarm_rate is not None:
@@ -205,6 +217,7 @@ class Client:
         threshold: float | None = None,
         target_false_alarm_rate: float | None = None,
         return_anomaly_map: bool = False,
+        return_latent_mean: bool = False,
         timeout: float | None = None,
     ) -> list[Result]:
         """Score images in one ScoreBatch call; results in input order."""
@@ -215,7 +228,9 @@ class Client:
                 to_image(image, ids[i] if ids is not None else default_id(image, i))
                 for i, image in enumerate(images)
             ],
-            options=score_options(threshold, target_false_alarm_rate, return_anomaly_map),
+            options=score_options(
+                threshold, target_false_alarm_rate, return_anomaly_map, return_latent_mean
+            ),
         )
         response: pb.ScoreBatchResponse = self._stub.ScoreBatch(
             request, timeout=timeout or self.timeout, metadata=self._metadata
@@ -229,6 +244,7 @@ class Client:
         threshold: float | None = None,
         target_false_alarm_rate: float | None = None,
         return_anomaly_map: bool = False,
+        return_latent_mean: bool = False,
         timeout: float | None = None,
     ) -> Iterator[Result]:
         """Score images over a ScoreStream call, yielding results in input order.
@@ -239,7 +255,9 @@ class Client:
         stream (to another replica where there is one), so that every image gets one result; a
         new stream that gets no answer at all (gRPC has retried it already) raises.
         """
-        options = score_options(threshold, target_false_alarm_rate, return_anomaly_map)
+        options = score_options(
+            threshold, target_false_alarm_rate, return_anomaly_map, return_latent_mean
+        )
 
         def requests() -> Iterator[pb.ScoreStreamRequest]:
             for index, item in enumerate(images):
