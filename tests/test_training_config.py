@@ -13,6 +13,7 @@ from service.scoring import SCORE_NAMES
 from training.cli import build_parser, main
 from training.config import FitConfig, parse_weights
 from training.errors import ConfigError
+from training.model import VAEConfig
 
 COMMANDS = ("fit", "benchmark")
 POSITIONAL = {"fit": ["data", "--out", "bundle"], "benchmark": ["a", "b", "--out", "suite"]}
@@ -184,3 +185,7 @@ def test_to_dict_is_json_ready() -> None:
     assert data["weights"] == {"kl": 1.0} and type(data["weights"]) is dict
     assert {f.name for f in fields(FitConfig)} == set(data)
     assert FitConfig(**data) == config
+
+
+def test_model_defaults_are_the_networks_defaults() -> None:
+    assert FitConfig().model_config(channels=VAEConfig.channels) == VAEConfig()

@@ -57,18 +57,26 @@ class FitConfig:
         default="auto", metadata=_option("auto: greyscale if every image is, else RGB", "input")
     )
     resize: ResizeMethod = field(default="bilinear", metadata=_option("resampling filter", "input"))
-    # Model.
-    width: int = field(default=16, metadata=_option("channels of the VAE's first level", "model"))
-    max_width: int = field(default=128, metadata=_option("most channels of a VAE level", "model"))
-    res_blocks: int = field(default=1, metadata=_option("residual blocks per level", "model"))
+    # Model: the defaults are VAEConfig's, so that the two cannot disagree.
+    width: int = field(
+        default=VAEConfig.width, metadata=_option("channels of the VAE's first level", "model")
+    )
+    max_width: int = field(
+        default=VAEConfig.max_width, metadata=_option("most channels of a VAE level", "model")
+    )
+    res_blocks: int = field(
+        default=VAEConfig.res_blocks, metadata=_option("residual blocks per level", "model")
+    )
     latent_channels: int = field(
-        default=8, metadata=_option("latent channels per cell of the latent grid", "model")
+        default=VAEConfig.latent_channels,
+        metadata=_option("latent channels per cell of the latent grid", "model"),
     )
     latent_stride: int = field(
-        default=8, metadata=_option("input pixels per latent cell, along each side", "model")
+        default=VAEConfig.latent_stride,
+        metadata=_option("input pixels per latent cell, along each side", "model"),
     )
     head_width: int = field(
-        default=8,
+        default=VAEConfig.head_width,
         metadata=_option("channels of the defect head's first level", "model"),
     )
     beta: float = field(

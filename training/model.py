@@ -33,12 +33,12 @@ class VAEConfig:
     """Everything that rebuilds the networks; stored in the bundle's manifest."""
 
     channels: int = 3
-    width: int = 32
+    width: int = 16
     max_width: int = 128
     res_blocks: int = 1
     latent_channels: int = 8
     latent_stride: int = 8
-    head_width: int = 16  # 0: no defect head
+    head_width: int = 8  # 0: no defect head
 
     def __post_init__(self) -> None:
         if self.channels not in (1, 3):

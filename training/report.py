@@ -15,10 +15,11 @@ import numpy.typing as npt
 from matplotlib.colors import PowerNorm
 
 from service.runtime import Scorer
+from service.scoring import SCORE_NAMES
 from training.evaluate import Evaluation
 from training.metrics import auroc, roc_curve
 
-SCORES = ("recon_error", "kl", "local_error", "combined")
+SCORES = (*SCORE_NAMES, "combined")
 CASES_PER_GROUP = 3
 
 
@@ -54,9 +55,12 @@ def _roc(path: Path, ev: Evaluation) -> Path:
 
 
 def _histograms(path: Path, ev: Evaluation) -> Path:
-    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    columns = -(-len(SCORES) // 2)
+    fig, axes = plt.subplots(2, columns, figsize=(4.7 * columns, 7), squeeze=False)
     labels = ev.test.labels
-    for ax, name in zip(axes.ravel(), SCORES, strict=True):
+    for ax in axes.ravel()[len(SCORES) :]:
+        ax.set_visible(False)
+    for ax, name in zip(axes.ravel(), SCORES, strict=False):
         values = ev.scores[name]
         shown = values if name == "combined" else np.log10(np.maximum(values, 1e-12))
         bins = np.linspace(float(shown.min()), float(shown.max()), 30)
