@@ -19,7 +19,14 @@ from service.batcher import FloatArray, Part, RunBatch
 from service.drift import DriftMonitor
 from service.metrics import ServiceMetrics
 from service.model_slot import LoadedModel
-from service.scoring import SCORE_NAMES, Calibration, DecisionRule, F64Array, ScoreBatch
+from service.scoring import (
+    SCORE_NAMES,
+    Calibration,
+    DecisionRule,
+    F64Array,
+    MapParts,
+    ScoreBatch,
+)
 
 
 @dataclass(frozen=True)
@@ -41,11 +48,11 @@ class ScoreParams:
 
 @dataclass(frozen=True)
 class RawBatch:
-    """The output of one batch: raw scores ``{name: (N,)}``, anomaly maps ``(N, H, W)`` and
-    posterior means ``(N, D)``."""
+    """The output of one batch: raw scores ``{name: (N,)}``, what its anomaly maps are made of
+    and posterior means ``(N, D)``."""
 
     raw: dict[str, F64Array]
-    maps: FloatArray
+    maps: MapParts
     mu: FloatArray
 
 
@@ -79,7 +86,7 @@ def score_rows(
         batch = calibration.score(
             {name: values[rows] for name, values in part.output.raw.items()},
             rule,
-            part.output.maps[rows] if params.keep_maps else None,
+            part.output.maps.rows(rows) if params.keep_maps else None,
         )
         if params.keep_latent_means:
             batch = replace(batch, latent_mean=part.output.mu[rows])

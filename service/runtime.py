@@ -34,6 +34,7 @@ from service.scoring import (
     DecisionRule,
     F64Array,
     FloatArray,
+    MapParts,
     ModelOutputs,
     ScoreBatch,
     raw_scores,
@@ -239,12 +240,12 @@ class Scorer:
         keep_maps: bool = False,
     ) -> ScoreBatch:
         """Score a preprocessed batch ``(N, C, H, W)``; keep anomaly maps only when asked."""
-        raw, amap, _ = self.raw_scores(batch)
-        return self.calibration.score(raw, rule, amap if keep_maps else None)
+        raw, parts, _ = self.raw_scores(batch)
+        return self.calibration.score(raw, rule, parts if keep_maps else None)
 
-    def raw_scores(self, batch: FloatArray) -> tuple[dict[str, F64Array], FloatArray, FloatArray]:
-        """The model's part of :meth:`score`: raw scores, anomaly maps and the posterior means
-        ``(N, D)``, before calibration.
+    def raw_scores(self, batch: FloatArray) -> tuple[dict[str, F64Array], MapParts, FloatArray]:
+        """The model's part of :meth:`score`: raw scores, what anomaly maps are made of and the
+        posterior means ``(N, D)``, before calibration.
 
         The server runs this once per batch and calibrates each request's rows with its own rule.
         """
@@ -255,10 +256,10 @@ class Scorer:
                 f"{', '.join(map(str, expected))}) float32"
             )
         out = self.run_model(batch)
-        raw, amap = raw_scores(
+        raw, parts = raw_scores(
             batch, out, self.calibration.local_window, self.bundle.latent_reference
         )
-        return raw, amap, out.mu
+        return raw, parts, out.mu
 
     def self_test(self) -> None:
         """Reproduce the golden outputs within the bundle's tolerance, or raise BundleError."""

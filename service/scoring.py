@@ -185,19 +185,77 @@ def window_max(amap: npt.NDArray[np.floating[Any]], window: int) -> F64Array:
     return np.asarray(sums.reshape(n, -1).max(axis=1) / float(k * k), dtype=np.float64)
 
 
+@dataclass(frozen=True)
+class MapParts:
+    """Where in a batch each local score sees its evidence; the anomaly map is made from these
+    on request only (:meth:`Calibration.anomaly_map`)."""
+
+    squared_error: FloatArray  # (N, H, W)
+    defect_map: FloatArray  # (N, H, W), the defect head's probabilities
+    latent_distance: F64Array  # (N, rows, columns), per latent cell
+
+    def rows(self, index: slice) -> MapParts:
+        """The parts of some images of the batch."""
+        return MapParts(
+            self.squared_error[index], self.defect_map[index], self.latent_distance[index]
+        )
+
+
 def raw_scores(
     x: FloatArray, out: ModelOutputs, window: int, reference: LatentReference
-) -> tuple[dict[str, F64Array], FloatArray]:
-    """All raw scores of a batch, and its anomaly maps (the defect head's probabilities)."""
+) -> tuple[dict[str, F64Array], MapParts]:
+    """All raw scores of a batch, and the parts its anomaly maps are made of."""
     squared_error = anomaly_map(x, out.recon)
+    distances = reference.distance_map(out.mu)
     scores = {
         "recon_error": recon_error_from_map(squared_error),
         "kl": kl_divergence(out.mu, out.logvar),
         "local_error": window_max(squared_error, window),
-        "latent_distance": window_max(reference.distance_map(out.mu), LATENT_WINDOW),
+        "latent_distance": window_max(distances, LATENT_WINDOW),
         "defect_probability": window_max(out.defect_map, window),
     }
-    return scores, out.defect_map
+    return scores, MapParts(squared_error, out.defect_map, distances)
+
+
+def box_mean(amap: npt.NDArray[np.floating[Any]], window: int) -> F64Array:
+    """Mean of ``amap`` over the square of side ``window`` centred on each position, clipped at
+    the borders: ``(N, H, W) -> (N, H, W)``."""
+    n, h, w = amap.shape
+    k = max(1, min(window, h, w))
+    integral = np.zeros((n, h + 1, w + 1), dtype=np.float64)
+    integral[:, 1:, 1:] = np.cumsum(np.cumsum(amap, axis=1, dtype=np.float64), axis=2)
+    row0, row1 = _window_bounds(h, k)
+    col0, col1 = _window_bounds(w, k)
+    sums = (
+        integral[:, row1][:, :, col1]
+        - integral[:, row0][:, :, col1]
+        - integral[:, row1][:, :, col0]
+        + integral[:, row0][:, :, col0]
+    )
+    area = np.outer(row1 - row0, col1 - col0).astype(np.float64)
+    return np.asarray(sums / area, dtype=np.float64)
+
+
+def _window_bounds(size: int, window: int) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.intp]]:
+    start = np.arange(size) - window // 2
+    return np.clip(start, 0, size), np.clip(start + window, 0, size)
+
+
+def position_maps(raw: Mapping[str, F64Array], parts: MapParts, window: int) -> dict[str, F64Array]:
+    """Each score's evidence at every pixel ``(N, H, W)``, in the units of the score: the local
+    error and defect probability averaged over the window around the pixel, the latent distance
+    of the cells around the pixel's cell; image-wide scores are the same everywhere."""
+    n, h, w = parts.squared_error.shape
+    cells = box_mean(parts.latent_distance, LATENT_WINDOW)
+    rows = (np.arange(h) * cells.shape[1]) // h
+    columns = (np.arange(w) * cells.shape[2]) // w
+    return {
+        "recon_error": np.broadcast_to(np.asarray(raw["recon_error"])[:, None, None], (n, h, w)),
+        "kl": np.broadcast_to(np.asarray(raw["kl"])[:, None, None], (n, h, w)),
+        "local_error": box_mean(parts.squared_error, window),
+        "latent_distance": cells[:, rows][:, :, columns],
+        "defect_probability": box_mean(parts.defect_map, window),
+    }
 
 
 def empirical_p_values(reference_sorted: F64Array, scores: F64Array) -> F64Array:
@@ -342,15 +400,27 @@ class Calibration:
             )
         return self.rule
 
+    def anomaly_map(self, raw: Mapping[str, F64Array], parts: MapParts) -> FloatArray:
+        """The combined score at every pixel ``(N, H, W)``: the weighted sum of each score's
+        standardised log evidence there (:func:`position_maps`), on the scale of ``combined``."""
+        maps = position_maps(raw, parts, self.local_window)
+        total = np.zeros(parts.squared_error.shape, dtype=np.float64)
+        for name, weight in self.weights.items():
+            if weight:
+                total += weight * self.scores[name].standardise(maps[name])
+        return total.astype(np.float32)
+
     def score(
         self,
         raw: Mapping[str, F64Array],
         rule: DecisionRule | None = None,
-        amap: FloatArray | None = None,
+        parts: MapParts | None = None,
     ) -> ScoreBatch:
-        """Turn raw scores into p-values, combined score and verdicts."""
+        """Turn raw scores into p-values, combined score and verdicts; anomaly maps when given
+        the parts they are made of."""
         rule = rule or self.rule
         combined = self.combine(raw)
+        amap = None if parts is None else self.anomaly_map(raw, parts)
         return ScoreBatch(
             raw={name: np.asarray(raw[name], dtype=np.float64) for name in SCORE_NAMES},
             p_values={name: self.scores[name].p_values(raw[name]) for name in SCORE_NAMES},

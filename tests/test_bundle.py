@@ -26,7 +26,7 @@ from service.bundle import (
     write_latent_reference,
 )
 from service.runtime import CPU, DeviceError, Scorer, cuda_device_count
-from service.scoring import SCORE_NAMES, LatentReference, window_max
+from service.scoring import SCORE_NAMES, LatentReference
 
 
 @pytest.fixture()
@@ -52,12 +52,11 @@ def test_a_trained_bundle_loads_and_passes_its_self_test(trained_bundle: Path) -
     assert scored.anomaly_map.shape == (len(bundle.golden.inputs), *bundle.manifest.input.shape[1:])
     assert np.all((scored.combined_p_value > 0) & (scored.combined_p_value <= 1))
     assert set(scored.raw) == set(scored.p_values) == set(SCORE_NAMES)
-    # The anomaly map is the defect head's probability map, from which defect_probability comes.
-    np.testing.assert_allclose(scored.anomaly_map, bundle.golden.defect_map, atol=1e-5)
-    window = bundle.manifest.calibration.local_window
-    np.testing.assert_allclose(
-        scored.raw["defect_probability"], window_max(scored.anomaly_map, window), rtol=1e-6
-    )
+    # The anomaly map is the combined score at every pixel, made from the model's outputs.
+    raw, parts, _ = scorer.raw_scores(bundle.golden.inputs)
+    expected = bundle.manifest.calibration.anomaly_map(raw, parts)
+    np.testing.assert_array_equal(scored.anomaly_map, expected)
+    np.testing.assert_allclose(parts.defect_map, bundle.golden.defect_map, atol=1e-5)
     assert bundle.latent_reference.grid == bundle.manifest.latent
 
 

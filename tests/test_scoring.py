@@ -20,8 +20,10 @@ from service.scoring import (
     ModelOutputs,
     ScoreCalibration,
     anomaly_map,
+    box_mean,
     empirical_p_values,
     kl_divergence,
+    position_maps,
     raw_scores,
     threshold_for_rate,
     window_max,
@@ -83,7 +85,7 @@ def _outputs(n: int, height: int, width: int) -> tuple[np.ndarray, ModelOutputs]
 def test_raw_scores_are_every_score_by_its_definition() -> None:
     x, out = _outputs(3, 16, 32)
     _, reference = _reference_case()
-    raw, amap = raw_scores(x, out, 3, reference)
+    raw, parts = raw_scores(x, out, 3, reference)
     assert list(raw) == list(SCORE_NAMES)
     assert all(values.shape == (3,) and values.dtype == np.float64 for values in raw.values())
     squared = ((x - out.recon) ** 2).mean(axis=1)
@@ -101,8 +103,76 @@ def test_raw_scores_are_every_score_by_its_definition() -> None:
     ]
     np.testing.assert_allclose(raw["latent_distance"], np.max(means, axis=0), rtol=1e-12)
     np.testing.assert_array_equal(raw["defect_probability"], window_max(out.defect_map, 3))
-    # The anomaly map is the defect head's probability map.
-    np.testing.assert_array_equal(amap, out.defect_map)
+    # What the anomaly map is made of: the three local evidences, as computed for the scores.
+    np.testing.assert_array_equal(parts.squared_error, anomaly_map(x, out.recon))
+    np.testing.assert_array_equal(parts.defect_map, out.defect_map)
+    np.testing.assert_array_equal(parts.latent_distance, distances)
+
+
+def _brute_force_box_mean(amap: np.ndarray, window: int) -> np.ndarray:
+    _, h, w = amap.shape
+    result = np.zeros(amap.shape)
+    for r in range(h):
+        for c in range(w):
+            r0, c0 = max(0, r - window // 2), max(0, c - window // 2)
+            r1, c1 = min(h, r - window // 2 + window), min(w, c - window // 2 + window)
+            result[:, r, c] = amap[:, r0:r1, c0:c1].mean(axis=(1, 2))
+    return result
+
+
+@pytest.mark.parametrize("window", [1, 2, 3, 4, 7, 40])
+def test_box_mean_is_the_centred_window_mean_clipped_at_the_borders(window: int) -> None:
+    amap = np.random.default_rng(window).random((2, 9, 13))
+    np.testing.assert_allclose(box_mean(amap, window), _brute_force_box_mean(amap, min(window, 9)))
+
+
+def test_position_maps_hold_each_scores_evidence_where_it_is() -> None:
+    x, out = _outputs(3, 16, 32)
+    _, reference = _reference_case()
+    raw, parts = raw_scores(x, out, 4, reference)
+    maps = position_maps(raw, parts, 4)
+    assert set(maps) == set(SCORE_NAMES)
+    assert all(m.shape == (3, 16, 32) for m in maps.values())
+    # Image-wide scores are the same everywhere.
+    for name in ("recon_error", "kl"):
+        np.testing.assert_array_equal(
+            maps[name], np.broadcast_to(raw[name][:, None, None], maps[name].shape)
+        )
+    # Over the positions whose window lies inside the image, the highest local mean is the score.
+    inside = (slice(None), slice(2, 16 - 1), slice(2, 32 - 1))
+    for name in ("local_error", "defect_probability"):
+        np.testing.assert_allclose(maps[name][inside].max(axis=(1, 2)), raw[name], rtol=1e-12)
+    # Each pixel carries the (3x3-averaged) distance of the latent cell it lies in.
+    cells = box_mean(parts.latent_distance, LATENT_WINDOW)
+    cell_h, cell_w = 16 // GRID.rows, 32 // GRID.columns
+    for r, c in [(0, 0), (15, 31), (9, 20)]:
+        np.testing.assert_array_equal(
+            maps["latent_distance"][:, r, c], cells[:, r // cell_h, c // cell_w]
+        )
+
+
+def test_the_anomaly_map_is_the_combined_score_at_every_pixel() -> None:
+    x, out = _outputs(4, 16, 32)
+    _, reference = _reference_case()
+    raw, parts = raw_scores(x, out, 4, reference)
+    weights = {"local_error": 1.0, "latent_distance": 0.5, "kl": 2.0}
+    calibration = Calibration.fit(raw, weights, target_false_alarm_rate=0.25, local_window=4)
+    batch = calibration.score(raw, parts=parts)
+    assert batch.anomaly_map is not None and batch.anomaly_map.dtype == np.float32
+    maps = position_maps(raw, parts, 4)
+    expected = sum(
+        w * calibration.scores[name].standardise(maps[name]) for name, w in weights.items()
+    )
+    np.testing.assert_allclose(batch.anomaly_map, expected, rtol=1e-5, atol=1e-5)
+    # With the local error alone, the map's highest value where the window fits is the combined
+    # score: the map shows where the verdict comes from.
+    alone = Calibration.fit(raw, {"local_error": 1.0}, target_false_alarm_rate=0.25, local_window=4)
+    amap = alone.score(raw, parts=parts).anomaly_map
+    assert amap is not None
+    inside = (slice(None), slice(2, 15), slice(2, 31))
+    np.testing.assert_allclose(amap[inside].max(axis=(1, 2)), alone.combine(raw), rtol=1e-5)
+    # No parts, no map.
+    assert calibration.score(raw).anomaly_map is None
 
 
 def test_latent_reference_is_the_brute_force_mahalanobis_distance() -> None:

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from service.bundle import load_bundle
 from service.preprocessing import InputSpec, list_image_files, load_image_file, stack
 from service.scoring import window_max
 from training.config import FitConfig
@@ -109,7 +110,7 @@ def known_case(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     spec = InputSpec(height=SIZE, width=SIZE)
     good = list_image_files(root / "data" / "test" / "good")
     holdout = stack([load_image_file(p, spec) for p in good])
-    config = FitConfig(image_size=SIZE, local_window=4, weights={"recon_error": 1.0})
+    config = FitConfig(image_size=SIZE, local_window=1, weights={"local_error": 1.0})
     bundle = build_bundle(
         _known_model(), holdout, holdout, spec, root / "bundle", config=config, facts={}
     )
@@ -132,7 +133,9 @@ def test_metrics_of_the_known_case(known_case: tuple[Path, Path]) -> None:
     assert metrics["f1_at_threshold"] == 1.0
     assert metrics["fpr_at_threshold"] == 0.0
     assert metrics["tpr_at_threshold"] == 1.0
-    assert metrics["pixel_auroc"] == 1.0  # the defect map is monotone in the squared error
+    # The anomaly map is the standardised log local error at each pixel (window 1: the squared
+    # error itself), high exactly on the black square.
+    assert metrics["pixel_auroc"] == 1.0
     assert metrics["auroc_combined_by_type"] == {"hole": 1.0}
 
 
@@ -144,15 +147,18 @@ def test_scores_are_the_closed_form_ones(known_case: tuple[Path, Path]) -> None:
     np.testing.assert_array_equal(evaluation.scores["kl"], 0.0)
     np.testing.assert_array_equal(evaluation.scores["latent_distance"], 0.0)
     hole = evaluation.test.labels
-    # local_error with window 4 finds the black square: at least 0.25 * 16 / 16.
+    # local_error with window 1 is the largest squared error: 0.25 on the black square.
     assert np.all(evaluation.scores["local_error"][hole] > 0.2)
     assert np.all(evaluation.scores["local_error"][~hole] < 0.001)
-    # The anomaly maps are the defect head's probabilities, a sigmoid of the squared error.
+    # The defect head's probabilities are a sigmoid of the squared error.
     expected_map = _expected_map(evaluation.test.images)
-    np.testing.assert_allclose(evaluation.maps, expected_map, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(
-        evaluation.scores["defect_probability"], window_max(expected_map, 4), rtol=1e-4
+        evaluation.scores["defect_probability"], window_max(expected_map, 1), rtol=1e-4
     )
+    # The anomaly map is the combined score at each pixel: here the standardised log squared error.
+    squared = np.mean((evaluation.test.images - 0.5) ** 2, axis=1)
+    local = load_bundle(bundle).manifest.calibration.scores["local_error"]
+    np.testing.assert_allclose(evaluation.maps, local.standardise(squared), rtol=1e-4, atol=1e-4)
     assert np.all(evaluation.scores["defect_probability"][hole] > 0.99)
     assert np.all(evaluation.scores["defect_probability"][~hole] < 0.01)
 

@@ -12,7 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import numpy.typing as npt
-from matplotlib.colors import PowerNorm
+from matplotlib.colors import Normalize
 
 from service.runtime import Scorer
 from service.scoring import SCORE_NAMES
@@ -95,9 +95,11 @@ def to_display(image: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
     return image[0] if image.shape[0] == 1 else np.transpose(image, (1, 2, 0))
 
 
-def map_norm(maps: npt.NDArray[np.float32]) -> PowerNorm:
-    """One colour scale for a set of anomaly maps; a square-root norm keeps faint errors visible."""
-    return PowerNorm(gamma=0.5, vmin=0.0, vmax=float(np.percentile(maps, 99.9)))
+def map_norm(maps: npt.NDArray[np.float32]) -> Normalize:
+    """One colour scale for a set of anomaly maps (on the combined score's scale, which can be
+    negative): from their 1st to their 99.9th percentile."""
+    low, high = (float(v) for v in np.percentile(maps, [1.0, 99.9]))
+    return Normalize(vmin=low, vmax=high if high > low else low + 1.0)
 
 
 def _cases(path: Path, scorer: Scorer, ev: Evaluation) -> Path:
