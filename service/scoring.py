@@ -167,18 +167,26 @@ def kl_divergence(mu: FloatArray, logvar: FloatArray) -> F64Array:
     return np.asarray(0.5 * np.sum(mu64 * mu64 + np.exp(lv64) - lv64 - 1.0, axis=1))
 
 
-def window_max(amap: npt.NDArray[np.floating[Any]], window: int) -> F64Array:
-    """Highest mean of ``amap`` over any square of side ``window``: ``(N, H, W) -> (N,)``."""
+def _summed_area(amap: npt.NDArray[np.floating[Any]]) -> F64Array:
+    """The summed-area table ``(N, H + 1, W + 1)`` of ``amap (N, H, W)``, zero-padded on top and
+    left, in float64."""
     n, h, w = amap.shape
-    k = max(1, min(window, h, w))
-    # The summed-area table, built in place (row by row down, then along each row): the same
-    # float64 sums as two ``np.cumsum`` calls, without their temporaries and strided scan.
+    # Built in place (row by row down, then along each row): the same float64 sums as two
+    # ``np.cumsum`` calls, without their temporaries and strided scan.
     integral = np.zeros((n, h + 1, w + 1), dtype=np.float64)
     inner = integral[:, 1:, 1:]
     inner[...] = amap
     for row in range(1, h):
         np.add(inner[:, row], inner[:, row - 1], out=inner[:, row])
     np.cumsum(inner, axis=2, out=inner)
+    return integral
+
+
+def window_max(amap: npt.NDArray[np.floating[Any]], window: int) -> F64Array:
+    """Highest mean of ``amap`` over any square of side ``window``: ``(N, H, W) -> (N,)``."""
+    n, h, w = amap.shape
+    k = max(1, min(window, h, w))
+    integral = _summed_area(amap)
     sums = integral[:, k:, k:] - integral[:, :-k, k:]
     sums -= integral[:, k:, :-k]
     sums += integral[:, :-k, :-k]
@@ -220,10 +228,9 @@ def raw_scores(
 def box_mean(amap: npt.NDArray[np.floating[Any]], window: int) -> F64Array:
     """Mean of ``amap`` over the square of side ``window`` centred on each position, clipped at
     the borders: ``(N, H, W) -> (N, H, W)``."""
-    n, h, w = amap.shape
+    _, h, w = amap.shape
     k = max(1, min(window, h, w))
-    integral = np.zeros((n, h + 1, w + 1), dtype=np.float64)
-    integral[:, 1:, 1:] = np.cumsum(np.cumsum(amap, axis=1, dtype=np.float64), axis=2)
+    integral = _summed_area(amap)
     row0, row1 = _window_bounds(h, k)
     col0, col1 = _window_bounds(w, k)
     sums = (
@@ -404,11 +411,7 @@ class Calibration:
         """The combined score at every pixel ``(N, H, W)``: the weighted sum of each score's
         standardised log evidence there (:func:`position_maps`), on the scale of ``combined``."""
         maps = position_maps(raw, parts, self.local_window)
-        total = np.zeros(parts.squared_error.shape, dtype=np.float64)
-        for name, weight in self.weights.items():
-            if weight:
-                total += weight * self.scores[name].standardise(maps[name])
-        return total.astype(np.float32)
+        return _combine(self.scores, self.weights, maps).astype(np.float32)
 
     def score(
         self,
@@ -485,6 +488,7 @@ def _combine(
     weights: Mapping[str, float],
     raw: Mapping[str, F64Array],
 ) -> F64Array:
+    """Weighted sum of standardised log scores, per image ``(N,)`` or per pixel ``(N, H, W)``."""
     first = np.asarray(raw[SCORE_NAMES[0]])
     total = np.zeros(first.shape, dtype=np.float64)
     for name, weight in weights.items():

@@ -123,6 +123,7 @@ def test_choose_rule_keeps_a_given_window_and_weights(
         graphs,
         bundle.latent_reference,
         holdout,
+        graphs.run_in_batches(holdout),
         seed=0,
         local_window=5,
         weights={"kl": 1.0},
@@ -131,7 +132,13 @@ def test_choose_rule_keeps_a_given_window_and_weights(
     assert choice.method.startswith("window and weights given by the user")
     assert 0.0 <= choice.synthetic_auroc <= 1.0
     only_window = choose_rule(
-        graphs, bundle.latent_reference, holdout, seed=0, local_window=3, weights=None
+        graphs,
+        bundle.latent_reference,
+        holdout,
+        graphs.run_in_batches(holdout),
+        seed=0,
+        local_window=3,
+        weights=None,
     )
     assert (only_window.local_window, dict(only_window.weights)) == (3, dict(DEFAULT_WEIGHTS))
     assert only_window.method.startswith("window given by the user")
@@ -143,7 +150,13 @@ def test_choose_rule_defaults_and_their_synthetic_auroc(
     bundle, graphs, holdout = bundle_and_holdout
     height, width = bundle.manifest.input.height, bundle.manifest.input.width
     choice = choose_rule(
-        graphs, bundle.latent_reference, holdout, seed=0, local_window=None, weights=None
+        graphs,
+        bundle.latent_reference,
+        holdout,
+        graphs.run_in_batches(holdout),
+        seed=0,
+        local_window=None,
+        weights=None,
     )
     assert choice.local_window == default_window(height, width)
     assert dict(choice.weights) == dict(DEFAULT_WEIGHTS)
@@ -152,7 +165,13 @@ def test_choose_rule_defaults_and_their_synthetic_auroc(
     # Synthetic defects drawn into the images are visible to the demo model.
     assert choice.synthetic_auroc > 0.6
     again = choose_rule(
-        graphs, bundle.latent_reference, holdout, seed=0, local_window=None, weights=None
+        graphs,
+        bundle.latent_reference,
+        holdout,
+        graphs.run_in_batches(holdout),
+        seed=0,
+        local_window=None,
+        weights=None,
     )
     assert again.to_dict() == choice.to_dict()
 
@@ -166,14 +185,15 @@ def test_calibrate_matches_the_bundle(
         graphs,
         bundle.latent_reference,
         holdout,
+        graphs.run_in_batches(holdout),
         seed=0,
         local_window=stored.local_window,
         weights=stored.weights,
     )
     calibration = calibrate(
-        graphs,
         bundle.latent_reference,
         holdout,
+        graphs.run_in_batches(holdout),
         choice,
         target_false_alarm_rate=stored.rule.target_false_alarm_rate,
     )

@@ -18,7 +18,7 @@ import numpy as np
 import numpy.typing as npt
 
 from service.runtime import OnnxGraphs
-from service.scoring import Calibration, LatentReference, raw_scores
+from service.scoring import Calibration, LatentReference, ModelOutputs, raw_scores
 from training.metrics import auroc
 from training.synth import synthesise_anomalies
 
@@ -62,12 +62,15 @@ def choose_rule(
     graphs: OnnxGraphs,
     reference: LatentReference,
     normal: F32Array,
+    normal_out: ModelOutputs,
     *,
     seed: int,
     local_window: int | None,
     weights: Mapping[str, float] | None,
 ) -> RuleChoice:
-    """The given window and weights, or the defaults, with their synthetic-defect AUROC."""
+    """The given window and weights, or the defaults, with their synthetic-defect AUROC.
+
+    ``normal_out`` are the graphs' outputs for ``normal``, computed once by the caller."""
     _, _, height, width = normal.shape
     given = [
         part
@@ -78,7 +81,7 @@ def choose_rule(
     weighting = dict(weights) if weights is not None else dict(DEFAULT_WEIGHTS)
     synthetic = synthesise_anomalies(normal, copies=SYNTHETIC_COPIES, seed=seed)
     labels = np.r_[np.zeros(normal.shape[0]), np.ones(synthetic.shape[0])]
-    normal_raw, _ = raw_scores(normal, graphs.run_in_batches(normal), window, reference)
+    normal_raw, _ = raw_scores(normal, normal_out, window, reference)
     synthetic_raw, _ = raw_scores(synthetic, graphs.run_in_batches(synthetic), window, reference)
     calibration = Calibration.fit(
         normal_raw, weighting, target_false_alarm_rate=0.5, local_window=window
@@ -93,15 +96,16 @@ def choose_rule(
 
 
 def calibrate(
-    graphs: OnnxGraphs,
     reference: LatentReference,
     normal: F32Array,
+    normal_out: ModelOutputs,
     choice: RuleChoice,
     *,
     target_false_alarm_rate: float,
 ) -> Calibration:
-    """Fit the calibration of every score and the default threshold on held-out normals."""
-    raw, _ = raw_scores(normal, graphs.run_in_batches(normal), choice.local_window, reference)
+    """Fit the calibration of every score and the default threshold on held-out normals, from
+    the graphs' outputs ``normal_out`` for them."""
+    raw, _ = raw_scores(normal, normal_out, choice.local_window, reference)
     return Calibration.fit(
         raw,
         choice.weights,

@@ -204,12 +204,14 @@ def build_bundle(
         graphs, parity = export_model(model, staging, holdout, threads=config.threads)
         grid = LatentGrid(model.cfg.latent_channels, *model.cfg.grid(spec.height, spec.width))
         reference = LatentReference.fit(graphs.run_in_batches(train).mu, grid)
-        baseline = LatentBaseline.fit(graphs.run_in_batches(holdout).mu)
+        holdout_out = graphs.run_in_batches(holdout)
+        baseline = LatentBaseline.fit(holdout_out.mu)
         write_latent_reference(staging / LATENT_REFERENCE, reference, baseline)
         choice = choose_rule(
             graphs,
             reference,
             holdout,
+            holdout_out,
             seed=config.seed,
             local_window=config.local_window,
             weights=config.weights,
@@ -221,9 +223,9 @@ def build_bundle(
             choice.synthetic_auroc,
         )
         calibration = calibrate(
-            graphs,
             reference,
             holdout,
+            holdout_out,
             choice,
             target_false_alarm_rate=config.target_false_alarm_rate,
         )
