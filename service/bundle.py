@@ -1,11 +1,11 @@
 """The bundle: the one artifact between training and serving, read and written only here.
 
 A bundle is a directory (or a ``.tar.gz`` / ``.tar`` archive of one) holding ``encoder.onnx``,
-``decoder.onnx``, ``defect_head.onnx``, ``latent_reference.npz``, ``golden.npz`` and
-``manifest.json``. The manifest describes the model completely: input spec, latent grid,
-calibration, decision rule, golden tolerances and training facts. Its ``model_id`` is a content
-hash of the files that decide the scores (the three graphs and the latent reference), checked on
-every load.
+``decoder.onnx``, ``defect_head.onnx``, ``coarse.onnx``, ``latent_reference.npz``,
+``golden.npz`` and ``manifest.json``. The manifest describes the model completely: input spec,
+latent grid, calibration, decision rule, golden tolerances and training facts. Its ``model_id``
+is a content hash of the files that decide the scores (the four graphs and the latent
+reference), checked on every load.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import shutil
 import tarfile
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,26 +24,36 @@ import numpy as np
 import numpy.typing as npt
 
 from service.preprocessing import InputSpec
-from service.scoring import Calibration, LatentBaseline, LatentGrid, LatentReference
+from service.scoring import (
+    Calibration,
+    LatentBaseline,
+    LatentGrid,
+    LatentReference,
+    ModelOutputs,
+)
 
 # 2: a fully convolutional VAE with a latent grid, the defect head and the latent reference.
-FORMAT_VERSION = 2
+# 3: and the coarse VAE (coarse.onnx), with its coarse_error score.
+FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
 ENCODER = "encoder.onnx"
 DECODER = "decoder.onnx"
 HEAD = "defect_head.onnx"
+COARSE = "coarse.onnx"
 LATENT_REFERENCE = "latent_reference.npz"
 GOLDEN = "golden.npz"
-BUNDLE_FILES = (MANIFEST, ENCODER, DECODER, HEAD, LATENT_REFERENCE, GOLDEN)
+BUNDLE_FILES = (MANIFEST, ENCODER, DECODER, HEAD, COARSE, LATENT_REFERENCE, GOLDEN)
 # The files whose content decides the scores, hashed into the model id.
-MODEL_FILES = (ENCODER, DECODER, HEAD, LATENT_REFERENCE)
+MODEL_FILES = (ENCODER, DECODER, HEAD, COARSE, LATENT_REFERENCE)
 ENCODER_INPUT = "image"
 ENCODER_OUTPUTS = ("mu", "logvar")
 DECODER_INPUT = "z"
 DECODER_OUTPUT = "recon"
 HEAD_INPUTS = ("image", "recon")
 HEAD_OUTPUT = "defect_map"
-GOLDEN_ARRAYS = ("inputs", "mu", "logvar", "recon", "defect_map")
+COARSE_INPUT = "image"
+COARSE_OUTPUTS = ("coarse_input", "coarse_recon")
+GOLDEN_ARRAYS = ("inputs", "mu", "logvar", "recon", "defect_map", *COARSE_OUTPUTS)
 LATENT_ARRAYS = ("mean", "precision", "baseline_mean", "baseline_std", "baseline_count")
 
 
@@ -93,6 +103,7 @@ class Manifest:
                 "encoder": ENCODER,
                 "decoder": DECODER,
                 "defect_head": HEAD,
+                "coarse": COARSE,
                 "latent_reference": LATENT_REFERENCE,
                 "golden": GOLDEN,
             },
@@ -100,6 +111,7 @@ class Manifest:
                 "encoder": {"inputs": [ENCODER_INPUT], "outputs": list(ENCODER_OUTPUTS)},
                 "decoder": {"inputs": [DECODER_INPUT], "outputs": [DECODER_OUTPUT]},
                 "defect_head": {"inputs": list(HEAD_INPUTS), "outputs": [HEAD_OUTPUT]},
+                "coarse": {"inputs": [COARSE_INPUT], "outputs": list(COARSE_OUTPUTS)},
             },
             "input": self.input.to_dict(),
             "latent_dim": self.latent.size,
@@ -165,6 +177,19 @@ class Golden:
     logvar: npt.NDArray[np.float32]
     recon: npt.NDArray[np.float32]
     defect_map: npt.NDArray[np.float32]
+    coarse_input: npt.NDArray[np.float32]
+    coarse_recon: npt.NDArray[np.float32]
+
+    def outputs(self) -> ModelOutputs:
+        """The expected outputs of every graph for :attr:`inputs`."""
+        return ModelOutputs(
+            self.mu, self.logvar, self.recon, self.defect_map, self.coarse_input, self.coarse_recon
+        )
+
+    @classmethod
+    def of(cls, inputs: npt.NDArray[np.float32], out: ModelOutputs) -> Golden:
+        """Golden vectors from inputs and the graphs' outputs for them."""
+        return cls(inputs, *(getattr(out, f.name) for f in fields(ModelOutputs)))
 
 
 @dataclass(frozen=True)
@@ -199,6 +224,11 @@ class Bundle:
     def head_path(self) -> Path:
         """Path of ``defect_head.onnx``."""
         return self.path / HEAD
+
+    @property
+    def coarse_path(self) -> Path:
+        """Path of ``coarse.onnx``."""
+        return self.path / COARSE
 
 
 def compute_model_id(bundle_dir: Path) -> str:
@@ -346,5 +376,18 @@ def _load_directory(path: Path) -> Bundle:
                 f"golden {name} have shape {getattr(golden, name).shape}; the manifest's input "
                 f"spec and latent grid expect {expected}"
             )
+    coarse = golden.coarse_input.shape
+    if (
+        len(coarse) != 4
+        or coarse[:2] != (n, spec.channels)
+        or golden.coarse_recon.shape != coarse
+        or spec.height % coarse[2]
+        or spec.height // coarse[2] * coarse[3] != spec.width
+    ):
+        raise BundleError(
+            f"golden coarse_input and coarse_recon have shapes {coarse} and "
+            f"{golden.coarse_recon.shape}; expected ({n}, {spec.channels}, H/f, W/f) each, for "
+            f"the input of {spec.height}x{spec.width} downsampled by a whole factor f"
+        )
     reference, baseline = _read_latent_reference(path / LATENT_REFERENCE, manifest.latent)
     return Bundle(path, manifest, golden, reference, baseline)

@@ -19,6 +19,8 @@ import numpy as np
 import onnxruntime as ort
 
 from service.bundle import (
+    COARSE_INPUT,
+    COARSE_OUTPUTS,
     DECODER_INPUT,
     DECODER_OUTPUT,
     ENCODER_INPUT,
@@ -126,11 +128,12 @@ class OnnxGraphs:
         encoder: Path,
         decoder: Path,
         head: Path,
+        coarse: Path,
         *,
         device: DevicePolicy = "auto",
         threads: int | None = None,
     ) -> None:
-        self.paths = (Path(encoder), Path(decoder), Path(head))
+        self.paths = (Path(encoder), Path(decoder), Path(head), Path(coarse))
         self.provider = choose_provider(device)
         self._threads = threads
         self._sessions = self._open(self.provider)
@@ -152,12 +155,14 @@ class OnnxGraphs:
             raise BundleError(f"ONNX Runtime cannot load {self.paths[0].parent}: {exc}") from exc
 
     def run(self, batch: FloatArray) -> ModelOutputs:
-        """Encoder, decoder on the latent mean, then the defect head: ``(N, C, H, W)`` in [0, 1]."""
-        encoder, _, head = self._sessions
+        """Encoder, decoder on the latent mean, the defect head, and the coarse VAE: ``(N, C, H,
+        W)`` in [0, 1]."""
+        encoder, _, head, coarse = self._sessions
         mu, logvar = encoder.run(list(ENCODER_OUTPUTS), {ENCODER_INPUT: batch})
         recon = self.decode(mu)
         (defect_map,) = head.run([HEAD_OUTPUT], dict(zip(HEAD_INPUTS, (batch, recon), strict=True)))
-        return ModelOutputs(mu=mu, logvar=logvar, recon=recon, defect_map=defect_map)
+        coarse_input, coarse_recon = coarse.run(list(COARSE_OUTPUTS), {COARSE_INPUT: batch})
+        return ModelOutputs(mu, logvar, recon, defect_map, coarse_input, coarse_recon)
 
     def decode(self, z: FloatArray) -> FloatArray:
         """The decoder alone: latents ``(N, D)`` -> images ``(N, C, H, W)`` in [0, 1]."""
@@ -210,6 +215,7 @@ class Scorer:
             bundle.encoder_path,
             bundle.decoder_path,
             bundle.head_path,
+            bundle.coarse_path,
             device=device,
             threads=threads,
         )
@@ -264,7 +270,7 @@ class Scorer:
     def self_test(self) -> None:
         """Reproduce the golden outputs within the bundle's tolerance, or raise BundleError."""
         golden = self.bundle.golden
-        expected = ModelOutputs(golden.mu, golden.logvar, golden.recon, golden.defect_map)
+        expected = golden.outputs()
         try:
             actual = self.run_model(golden.inputs)
         except Exception as exc:  # ORT raises its own types for inputs a graph does not take

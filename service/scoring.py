@@ -8,7 +8,10 @@ Raw scores per image (all grow with how anomalous the image looks):
   Mahalanobis distance of a cell's posterior mean from the posterior means of normal training
   images at that cell (:class:`LatentReference`);
 - ``defect_probability``: the highest mean of the defect head's per-pixel anomaly probability
-  over any ``window x window`` square.
+  over any ``window x window`` square;
+- ``coarse_error``: the highest mean of the coarse VAE's squared-error map (at its own, lower
+  resolution) over any square of an eighth of its shorter side: large defects, which the local
+  model redraws, are what the coarse model cannot.
 
 Calibration, fitted on held-out normal images, turns each raw score into a p-value (the share of
 held-out normal scores at least as high, conformal style: ``(1 + #{cal >= s}) / (n + 1)``), defines
@@ -36,6 +39,7 @@ SCORE_NAMES: tuple[str, ...] = (
     "local_error",
     "latent_distance",
     "defect_probability",
+    "coarse_error",
 )
 _LOG_FLOOR = 1e-12
 ThresholdMethod = Literal["empirical", "normal_tail"]
@@ -47,6 +51,8 @@ LATENT_RIDGE = 1e-3
 # latent_distance averages the distance map over squares of this many cells before taking the
 # largest: a defect spans neighbouring cells, a lone unusual cell is more often noise.
 LATENT_WINDOW = 3
+# coarse_error's window is the coarse map's shorter side over this.
+COARSE_WINDOW_DIVISOR = 8
 
 
 @dataclass(frozen=True)
@@ -57,6 +63,8 @@ class ModelOutputs:
     logvar: FloatArray  # (N, D)
     recon: FloatArray  # (N, C, H, W)
     defect_map: FloatArray  # (N, H, W), the defect head's anomaly probability per pixel
+    coarse_input: FloatArray  # (N, C, H/f, W/f), the image downsampled for the coarse VAE
+    coarse_recon: FloatArray  # (N, C, H/f, W/f), the coarse VAE's reconstruction of it
 
 
 @dataclass(frozen=True)
@@ -201,12 +209,21 @@ class MapParts:
     squared_error: FloatArray  # (N, H, W)
     defect_map: FloatArray  # (N, H, W), the defect head's probabilities
     latent_distance: F64Array  # (N, rows, columns), per latent cell
+    coarse_error: FloatArray  # (N, H/f, W/f), the coarse VAE's squared error
 
     def rows(self, index: slice) -> MapParts:
         """The parts of some images of the batch."""
         return MapParts(
-            self.squared_error[index], self.defect_map[index], self.latent_distance[index]
+            self.squared_error[index],
+            self.defect_map[index],
+            self.latent_distance[index],
+            self.coarse_error[index],
         )
+
+
+def coarse_window(coarse_map: npt.NDArray[np.floating[Any]]) -> int:
+    """The side of ``coarse_error``'s window on a coarse map ``(N, h, w)``."""
+    return max(1, int(min(coarse_map.shape[1:])) // COARSE_WINDOW_DIVISOR)
 
 
 def raw_scores(
@@ -215,14 +232,16 @@ def raw_scores(
     """All raw scores of a batch, and the parts its anomaly maps are made of."""
     squared_error = anomaly_map(x, out.recon)
     distances = reference.distance_map(out.mu)
+    coarse = anomaly_map(out.coarse_input, out.coarse_recon)
     scores = {
         "recon_error": recon_error_from_map(squared_error),
         "kl": kl_divergence(out.mu, out.logvar),
         "local_error": window_max(squared_error, window),
         "latent_distance": window_max(distances, LATENT_WINDOW),
         "defect_probability": window_max(out.defect_map, window),
+        "coarse_error": window_max(coarse, coarse_window(coarse)),
     }
-    return scores, MapParts(squared_error, out.defect_map, distances)
+    return scores, MapParts(squared_error, out.defect_map, distances, coarse)
 
 
 def box_mean(amap: npt.NDArray[np.floating[Any]], window: int) -> F64Array:
@@ -251,18 +270,26 @@ def _window_bounds(size: int, window: int) -> tuple[npt.NDArray[np.intp], npt.ND
 def position_maps(raw: Mapping[str, F64Array], parts: MapParts, window: int) -> dict[str, F64Array]:
     """Each score's evidence at every pixel ``(N, H, W)``, in the units of the score: the local
     error and defect probability averaged over the window around the pixel, the latent distance
-    of the cells around the pixel's cell; image-wide scores are the same everywhere."""
+    of the cells around the pixel's cell, the coarse error averaged over its window around the
+    pixel's coarse pixel; image-wide scores are the same everywhere."""
     n, h, w = parts.squared_error.shape
     cells = box_mean(parts.latent_distance, LATENT_WINDOW)
-    rows = (np.arange(h) * cells.shape[1]) // h
-    columns = (np.arange(w) * cells.shape[2]) // w
+    coarse = box_mean(parts.coarse_error, coarse_window(parts.coarse_error))
     return {
         "recon_error": np.broadcast_to(np.asarray(raw["recon_error"])[:, None, None], (n, h, w)),
         "kl": np.broadcast_to(np.asarray(raw["kl"])[:, None, None], (n, h, w)),
         "local_error": box_mean(parts.squared_error, window),
-        "latent_distance": cells[:, rows][:, :, columns],
+        "latent_distance": _upsample(cells, h, w),
         "defect_probability": box_mean(parts.defect_map, window),
+        "coarse_error": _upsample(coarse, h, w),
     }
+
+
+def _upsample(grid: F64Array, height: int, width: int) -> F64Array:
+    """Each pixel of a ``height x width`` image takes the value of the grid square it lies in."""
+    rows = (np.arange(height) * grid.shape[1]) // height
+    columns = (np.arange(width) * grid.shape[2]) // width
+    return np.asarray(grid[:, rows][:, :, columns])
 
 
 def empirical_p_values(reference_sorted: F64Array, scores: F64Array) -> F64Array:

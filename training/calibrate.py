@@ -28,6 +28,7 @@ DEFAULT_WEIGHTS: Mapping[str, float] = {
     "defect_probability": 1.0,
     "local_error": 1.0,
     "latent_distance": 1.0,
+    "coarse_error": 1.0,
 }
 # The default local window is the shorter image side over this: specks of a few pixels count.
 WINDOW_DIVISOR = 32

@@ -79,6 +79,18 @@ class FitConfig:
         default=VAEConfig.head_width,
         metadata=_option("channels of the defect head's first level", "model"),
     )
+    coarse_factor: int = field(
+        default=VAEConfig.coarse_factor,
+        metadata=_option(
+            "the coarse VAE sees whole images downsampled by this factor (2, 4 or 8); input "
+            "sides must be multiples of 8 times it",
+            "model",
+        ),
+    )
+    coarse_width: int = field(
+        default=VAEConfig.coarse_width,
+        metadata=_option("channels of the coarse VAE's first level", "model"),
+    )
     beta: float = field(
         default=1.0, metadata=_option("weight of the KL term (1: the ELBO)", "model")
     )
@@ -158,7 +170,7 @@ class FitConfig:
         default=None,
         metadata=_option(
             "combined-score weights, e.g. defect_probability=1,local_error=1 (default: "
-            "defect_probability, local_error and latent_distance, 1 each)",
+            "defect_probability, local_error, latent_distance and coarse_error, 1 each)",
             "decision",
             metavar="NAME=W,...",
         ),
@@ -190,10 +202,12 @@ class FitConfig:
             model = self.model_config(channels=1)
         except ValueError as exc:
             raise ConfigError(f"model options: {exc}") from exc
-        if self.crop_size % model.size_multiple:
+        if not model.coarse_factor:
+            raise ConfigError("option coarse_factor has value 0; expected 2, 4 or 8")
+        if self.crop_size % model.crop_multiple:
             raise ConfigError(
                 f"option crop_size has value {self.crop_size}; expected a multiple of "
-                f"{model.size_multiple}"
+                f"{model.crop_multiple}"
             )
         if self.image_size % model.size_multiple:
             raise ConfigError(
@@ -239,6 +253,8 @@ class FitConfig:
             latent_channels=self.latent_channels,
             latent_stride=self.latent_stride,
             head_width=self.head_width,
+            coarse_factor=self.coarse_factor,
+            coarse_width=self.coarse_width,
         )
 
     def steps_for(self, n_train: int) -> int:

@@ -32,6 +32,7 @@ AUROC_KEYS: dict[str, str] = {
     "local_error": "auroc_local",
     "latent_distance": "auroc_latent",
     "defect_probability": "auroc_defect",
+    "coarse_error": "auroc_coarse",
 }
 
 

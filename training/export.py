@@ -1,8 +1,8 @@
 """ONNX export that proves itself: export, check the graphs, compare ONNX Runtime with PyTorch.
 
-The encoder, decoder and defect head are exported at the bundle's input size. A model whose
-ONNX Runtime outputs (through the service's own :class:`OnnxGraphs`) differ from PyTorch's beyond
-:data:`PARITY_TOLERANCE` on real inputs is refused: :func:`export_model` raises
+The encoder, decoder, defect head and coarse VAE are exported at the bundle's input size. A model
+whose ONNX Runtime outputs (through the service's own :class:`OnnxGraphs`) differ from PyTorch's
+beyond :data:`PARITY_TOLERANCE` on real inputs is refused: :func:`export_model` raises
 :class:`ExportError` and nothing is written.
 """
 
@@ -21,6 +21,9 @@ import onnx
 import torch
 
 from service.bundle import (
+    COARSE,
+    COARSE_INPUT,
+    COARSE_OUTPUTS,
     DECODER,
     DECODER_INPUT,
     DECODER_OUTPUT,
@@ -35,7 +38,7 @@ from service.bundle import (
 from service.runtime import OnnxGraphs, output_differences
 from service.scoring import ModelOutputs
 from training.errors import ExportError
-from training.model import VAE, FlatDecoder, FlatEncoder, ProbabilityHead
+from training.model import VAE, CoarseGraph, FlatDecoder, FlatEncoder, ProbabilityHead
 
 F32Array = npt.NDArray[np.float32]
 
@@ -106,7 +109,8 @@ def _export_one(
 
 def torch_outputs(model: VAE, images: F32Array, batch_size: int = 16) -> ModelOutputs:
     """What the exported graphs must give: the model's inference path in PyTorch, on CPU."""
-    assert model.head is not None, "a bundle needs the defect head"
+    assert model.head is not None and model.coarse is not None, "a bundle needs every part"
+    coarse = CoarseGraph(model.coarse, model.cfg.coarse_factor)
     parts: list[ModelOutputs] = []
     with torch.no_grad():
         for start in range(0, images.shape[0], batch_size):
@@ -114,11 +118,8 @@ def torch_outputs(model: VAE, images: F32Array, batch_size: int = 16) -> ModelOu
             mu, logvar = model.encoder(x)
             recon = model.decoder(mu)
             defect = ProbabilityHead(model.head)(x, recon)
-            parts.append(
-                ModelOutputs(
-                    *(t.numpy() for t in (mu.flatten(1), logvar.flatten(1), recon, defect))
-                )
-            )
+            outputs = (mu.flatten(1), logvar.flatten(1), recon, defect, *coarse(x))
+            parts.append(ModelOutputs(*(t.numpy() for t in outputs)))
     return ModelOutputs(
         *(np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(ModelOutputs))
     )
@@ -127,7 +128,7 @@ def torch_outputs(model: VAE, images: F32Array, batch_size: int = 16) -> ModelOu
 def export_model(
     model: VAE, out_dir: Path, examples: F32Array, *, threads: int | None = None
 ) -> tuple[OnnxGraphs, ParityReport]:
-    """Write the three graphs into ``out_dir``, check them, and prove parity with PyTorch.
+    """Write the four graphs into ``out_dir``, check them, and prove parity with PyTorch.
 
     ``examples`` are real preprocessed images ``(N, C, H, W)`` at the bundle's input size (at
     least two, so the batch axis is exercised); the graphs are fixed to that size.
@@ -135,9 +136,11 @@ def export_model(
     model = model.cpu().eval()
     if model.head is None:
         raise ExportError("the model has no defect head; a bundle needs one")
+    if model.coarse is None:
+        raise ExportError("the model has no coarse VAE; a bundle needs one")
     _, _, height, width = examples.shape
     grid = model.cfg.grid(height, width)
-    paths = (out_dir / ENCODER, out_dir / DECODER, out_dir / HEAD)
+    paths = (out_dir / ENCODER, out_dir / DECODER, out_dir / HEAD, out_dir / COARSE)
     expected = torch_outputs(model, examples)
     x = torch.from_numpy(np.ascontiguousarray(examples[:2]))
     mu = torch.from_numpy(expected.mu[:2])
@@ -152,6 +155,8 @@ def export_model(
             _export_one(decoder, (mu,), paths[1], [DECODER_INPUT], [DECODER_OUTPUT])
             head = ProbabilityHead(model.head).eval()
             _export_one(head, (x, recon), paths[2], HEAD_INPUTS, [HEAD_OUTPUT])
+            coarse = CoarseGraph(model.coarse, model.cfg.coarse_factor).eval()
+            _export_one(coarse, (x,), paths[3], [COARSE_INPUT], COARSE_OUTPUTS)
     except Exception as exc:  # the exporter raises many types
         raise ExportError(f"ONNX export failed: {type(exc).__name__}: {exc}") from exc
     for path in paths:

@@ -55,7 +55,7 @@ from training.data import (
 from training.errors import ExportError, TrainingError
 from training.export import GOLDEN_TOLERANCE, OPSET, export_model
 from training.model import VAE
-from training.train import select_device, train_vae
+from training.train import select_device, train_both
 
 __all__ = ["FitConfig", "fit_bundle"]
 
@@ -147,8 +147,8 @@ def _fit(data_dir: Path, out_dir: Path, config: FitConfig, overwrite: bool) -> N
     )  # fmt: skip
     holdout = images.images[holdout_idx]
     model = VAE(config.model_config(channels=spec.channels))
-    result = train_vae(model, images.images[train_idx], holdout, config, device)
-    log.info("training: %s", result.stop_reason)
+    result, coarse = train_both(model, images.images[train_idx], holdout, config, device)
+    log.info("training: %s; coarse VAE: %s", result.stop_reason, coarse.stop_reason)
     facts = {
         "data": {
             "folder": str(folder.resolve()),
@@ -164,6 +164,7 @@ def _fit(data_dir: Path, out_dir: Path, config: FitConfig, overwrite: bool) -> N
         "loss": "negative ELBO: Gaussian pixel NLL with the batch's maximum-likelihood sigma "
         f"(calibrated decoder) + beta * KL, beta={config.beta}",
         "training": result.summary(),
+        "coarse_training": coarse.summary(),
         "device_trained_on": str(device),
     }
     build_bundle(
@@ -263,7 +264,7 @@ def _write_bundle(
 ) -> None:
     inputs = np.ascontiguousarray(holdout[:GOLDEN_IMAGES])
     out = graphs.run(inputs)
-    write_golden(staging / GOLDEN, Golden(inputs, out.mu, out.logvar, out.recon, out.defect_map))
+    write_golden(staging / GOLDEN, Golden.of(inputs, out))
     manifest = Manifest(
         model_id=compute_model_id(staging),
         model_version=model_version,

@@ -8,12 +8,20 @@ mirrors it with transposed convolutions and ends in a sigmoid, so reconstruction
 and applied to whole images, and each cell describes only its neighbourhood, so fine detail
 survives while the KL term still limits how much a cell can say.
 
+Coarse VAE. The same VAE at a quarter of the resolution (``coarse_factor``), with no defect
+head, trained on whole images rather than crops: each of its cells describes a
+``coarse_factor * 8``-pixel square, and it sees the whole part at once, so it cannot redraw a
+defect that covers much of the image (a broken bottle neck, a dark region of a solar cell) the
+way the local model, which learns every neighbourhood on its own, can. Its reconstruction error
+is the ``coarse_error`` score.
+
 Defect head. A small U-Net that reads the input beside its reconstruction and gives a per-pixel
 anomaly logit (DRAEM, Zavrtanik et al., 2021): it learns, from synthetic defects, which
 differences between an image and its reconstruction are defects and which are the ordinary
 imperfections of the reconstruction.
 
-The exported graphs (:class:`FlatEncoder`, :class:`FlatDecoder`, :class:`ProbabilityHead`) hold
+The exported graphs (:class:`FlatEncoder`, :class:`FlatDecoder`, :class:`ProbabilityHead`,
+:class:`CoarseGraph`) hold
 only the inference path at one input size, with the latent flattened to ``(N, D)``.
 """
 
@@ -26,6 +34,8 @@ import torch
 from torch import Tensor, nn
 
 STRIDES = (2, 4, 8, 16, 32)
+COARSE_FACTORS = (2, 4, 8)
+COARSE_STRIDE = 8  # the coarse VAE's pixels per latent cell, at its own resolution
 
 
 @dataclass(frozen=True)
@@ -39,6 +49,8 @@ class VAEConfig:
     latent_channels: int = 8
     latent_stride: int = 8
     head_width: int = 8  # 0: no defect head
+    coarse_factor: int = 4  # 0: no coarse VAE (the coarse VAE itself)
+    coarse_width: int = 32
 
     def __post_init__(self) -> None:
         if self.channels not in (1, 3):
@@ -51,6 +63,12 @@ class VAEConfig:
                 f"res_blocks is {self.res_blocks} and head_width {self.head_width}; "
                 "expected integers >= 0"
             )
+        if self.coarse_factor and self.coarse_factor not in COARSE_FACTORS:
+            raise ValueError(
+                f"coarse_factor is {self.coarse_factor}; expected one of {list(COARSE_FACTORS)}"
+            )
+        if self.coarse_width < 1:
+            raise ValueError(f"coarse_width is {self.coarse_width}; expected an integer >= 1")
         if self.latent_stride not in STRIDES:
             raise ValueError(
                 f"latent_stride is {self.latent_stride}; expected one of {list(STRIDES)}"
@@ -62,9 +80,29 @@ class VAEConfig:
         return self.latent_stride.bit_length() - 1
 
     @property
-    def size_multiple(self) -> int:
-        """Input sides must be multiples of this: the latent stride, and the head's 8."""
+    def crop_multiple(self) -> int:
+        """Training crops' sides must be multiples of this: the latent stride, and the head's 8."""
         return max(self.latent_stride, HEAD_STRIDE if self.head_width else 1)
+
+    @property
+    def size_multiple(self) -> int:
+        """Input sides must be multiples of this: the crop multiple, and the coarse VAE's cell."""
+        return max(self.crop_multiple, self.coarse_factor * COARSE_STRIDE)
+
+    def coarse(self) -> VAEConfig:
+        """The coarse VAE's configuration (it has no head and no coarse VAE of its own)."""
+        if not self.coarse_factor:
+            raise ValueError("this configuration has no coarse VAE")
+        return VAEConfig(
+            channels=self.channels,
+            width=self.coarse_width,
+            max_width=self.max_width,
+            res_blocks=self.res_blocks,
+            latent_channels=self.latent_channels,
+            latent_stride=COARSE_STRIDE,
+            head_width=0,
+            coarse_factor=0,
+        )
 
     def grid(self, height: int, width: int) -> tuple[int, int]:
         """Latent cells ``(rows, columns)`` of a ``height x width`` input."""
@@ -204,7 +242,8 @@ class DefectHead(nn.Module):
 
 
 class VAE(nn.Module):
-    """Encoder, reparameterisation, decoder, and (when configured) the defect head."""
+    """Encoder, reparameterisation, decoder, and (when configured) the defect head and the
+    coarse VAE, trained apart on whole images downsampled by ``cfg.coarse_factor``."""
 
     def __init__(self, cfg: VAEConfig) -> None:
         super().__init__()
@@ -212,6 +251,12 @@ class VAE(nn.Module):
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
         self.head = DefectHead(cfg) if cfg.head_width else None
+        self.coarse = VAE(cfg.coarse()) if cfg.coarse_factor else None
+
+    def own_parameters(self) -> list[nn.Parameter]:
+        """The encoder's, decoder's and head's parameters: not the coarse VAE's."""
+        parts = [self.encoder, self.decoder, *([self.head] if self.head is not None else [])]
+        return [p for part in parts for p in part.parameters()]
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Reconstruction from a sampled latent in training, from ``mu`` in eval mode."""
@@ -262,3 +307,24 @@ class ProbabilityHead(nn.Module):
 
     def forward(self, image: Tensor, recon: Tensor) -> Tensor:
         return torch.sigmoid(self.head(image, recon)).squeeze(1)
+
+
+def downsample(images: Tensor, factor: int) -> Tensor:
+    """The coarse VAE's input: the mean of each ``factor x factor`` square of pixels."""
+    return nn.functional.avg_pool2d(images, factor)
+
+
+class CoarseGraph(nn.Module):
+    """The exported coarse VAE: ``image (N, C, H, W)`` -> its downsampled input and the coarse
+    VAE's reconstruction of it from the posterior mean, each ``(N, C, H/f, W/f)``."""
+
+    def __init__(self, coarse: VAE, factor: int) -> None:
+        super().__init__()
+        self.coarse = coarse
+        self.factor = factor
+
+    def forward(self, image: Tensor) -> tuple[Tensor, Tensor]:
+        small = downsample(image, self.factor)
+        mu, _ = self.coarse.encoder(small)
+        recon: Tensor = self.coarse.decoder(mu)
+        return small, recon

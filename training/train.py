@@ -7,6 +7,9 @@ defect head to find the defect's pixels from the corrupted crop and its reconstr
 budget is a number of steps (:meth:`FitConfig.steps_for`); AdamW's learning rate warms up and
 anneals over it, and the final weights are kept. Held-out images are scored at full size a few
 times along the way for the history; they never steer the training.
+
+The coarse VAE is trained afterwards by the same loop, on whole images downsampled by the
+coarse factor (the crop size exceeds them), for the same number of steps (:func:`train_both`).
 """
 
 from __future__ import annotations
@@ -26,13 +29,15 @@ from tqdm import tqdm
 from training.config import Device, FitConfig
 from training.errors import ConfigError
 from training.loss import ELBOLoss, focal_loss
-from training.model import VAE, reparameterise
+from training.model import VAE, downsample, reparameterise
 from training.synth import corrupt
 
 log = logging.getLogger(__name__)
 
 F32Array = npt.NDArray[np.float32]
 VALIDATIONS = 10  # full-size validation passes over a run, for the history
+# Under a time limit, the local model may use this share of it; the coarse VAE gets the rest.
+LOCAL_TIME_SHARE = 0.8
 
 
 @dataclass(frozen=True)
@@ -156,14 +161,52 @@ def _validate(model: VAE, loss_fn: ELBOLoss, x: Tensor, batch_size: int) -> tupl
     return tuple(float(v) for v in totals / x.shape[0])
 
 
+def train_both(
+    model: VAE,
+    train_images: F32Array,
+    val_images: F32Array,
+    config: FitConfig,
+    device: torch.device,
+) -> tuple[TrainResult, TrainResult]:
+    """Train the local model and its head, then the coarse VAE; results in that order.
+
+    A time limit (``config.time_limit_minutes``) bounds the two together."""
+    if model.coarse is None:
+        raise ConfigError("the model has no coarse VAE; a bundle needs one")
+    limit = None if config.time_limit_minutes is None else 60 * config.time_limit_minutes
+    local = train_vae(
+        model,
+        train_images,
+        val_images,
+        config,
+        device,
+        time_limit_s=None if limit is None else LOCAL_TIME_SHARE * limit,
+    )
+    factor = model.cfg.coarse_factor
+    coarse = train_vae(
+        model.coarse,
+        downsample(torch.from_numpy(train_images), factor).numpy(),
+        downsample(torch.from_numpy(val_images), factor).numpy(),
+        config,
+        device,
+        time_limit_s=None if limit is None else max(1.0, limit - local.seconds),
+        name="coarse",
+    )
+    return local, coarse
+
+
 def train_vae(
     model: VAE,
     train_images: F32Array,
     val_images: F32Array,
     config: FitConfig,
     device: torch.device,
+    *,
+    time_limit_s: float | None = None,
+    name: str = "fit",
 ) -> TrainResult:
-    """Train ``model`` (and its defect head) on crops of ``train_images`` for the step budget."""
+    """Train ``model`` (and its defect head, not its coarse VAE) on crops of ``train_images``
+    for the step budget, or until ``time_limit_s`` seconds have passed."""
     rng = np.random.default_rng(config.seed)
     model.to(device).train()
     x_train = torch.from_numpy(train_images)
@@ -172,16 +215,16 @@ def train_vae(
     crop = (min(config.crop_size, height), min(config.crop_size, width))
     loss_fn = ELBOLoss(config.beta)
     optimiser = torch.optim.AdamW(
-        model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
+        model.own_parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
     )
     total = config.steps_for(train_images.shape[0])
-    limit = None if config.time_limit_minutes is None else 60 * config.time_limit_minutes
+    limit = time_limit_s
     budget = Budget(total, limit)
     record_every = max(1, total // VALIDATIONS)
     history: list[StepStats] = []
     sums, count = np.zeros(4), 0
     stop_reason = f"completed {total} steps"
-    bar = tqdm(total=total, desc="fit", unit="step", disable=not config.progress)
+    bar = tqdm(total=total, desc=name, unit="step", disable=not config.progress)
     step = 0
     while step < total:
         for group in optimiser.param_groups:
@@ -226,12 +269,12 @@ def train_vae(
             )
             if not config.progress:
                 log.info(
-                    "step %d/%d: mse %.2e, kl %.1f, head loss %.4f; held-out mse %.2e, %.0f s",
-                    step, total, history[-1].train_mse, history[-1].train_kl,
+                    "%s step %d/%d: mse %.2e, kl %.1f, head loss %.4f; held-out mse %.2e, %.0f s",
+                    name, step, total, history[-1].train_mse, history[-1].train_kl,
                     history[-1].head_loss, val[1], budget.elapsed(),
                 )  # fmt: skip
         if out_of_time:
-            stop_reason = f"time limit of {config.time_limit_minutes} minutes reached"
+            stop_reason = f"time limit of {limit:.0f} s reached"
             break
     bar.close()
     model.eval()
