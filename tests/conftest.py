@@ -23,6 +23,7 @@ TINY_FIT: dict[str, Any] = {
     "max_width": 16,
     "latent_channels": 2,
     "head_width": 4,
+    "coarse_width": 8,
     "epochs": 10,
     "max_steps": 20,
     "batch_size": 8,

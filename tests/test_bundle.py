@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import tarfile
+from dataclasses import fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ import pytest
 
 from service.bundle import (
     BUNDLE_FILES,
+    COARSE,
     FORMAT_VERSION,
     GOLDEN,
     HEAD,
@@ -26,7 +28,7 @@ from service.bundle import (
     write_latent_reference,
 )
 from service.runtime import CPU, DeviceError, Scorer, cuda_device_count
-from service.scoring import SCORE_NAMES, LatentReference
+from service.scoring import SCORE_NAMES, LatentReference, ModelOutputs
 
 
 @pytest.fixture()
@@ -110,7 +112,7 @@ def test_a_changed_latent_reference_is_refused_by_the_model_id(bundle_copy: Path
 
 
 def _golden_arrays(golden: Golden) -> tuple[np.ndarray, ...]:
-    return (golden.inputs, golden.mu, golden.logvar, golden.recon, golden.defect_map)
+    return (golden.inputs, *(getattr(golden.outputs(), f.name) for f in fields(ModelOutputs)))
 
 
 def _rehash(bundle: Path) -> None:
@@ -161,13 +163,24 @@ def test_a_bad_latent_reference_is_refused(bundle_copy: Path, change: str, match
         load_bundle(bundle_copy)
 
 
-def test_a_format_1_bundle_is_refused_saying_to_retrain(bundle_copy: Path) -> None:
-    _edit_manifest(bundle_copy, format_version=1)
+@pytest.mark.parametrize("old", [1, 2])
+def test_an_older_bundle_is_refused_saying_to_retrain(bundle_copy: Path, old: int) -> None:
+    _edit_manifest(bundle_copy, format_version=old)
     with pytest.raises(BundleError) as info:
         load_bundle(bundle_copy)
     message = str(info.value)
-    assert f"format_version is 1; this software reads {FORMAT_VERSION}" in message
+    assert f"format_version is {old}; this software reads {FORMAT_VERSION}" in message
     assert "train it again with `python -m training fit`" in message
+
+
+def test_a_format_2_bundle_without_the_coarse_vae_gets_the_retrain_message(
+    bundle_copy: Path,
+) -> None:
+    """A real format-2 bundle has no coarse.onnx."""
+    (bundle_copy / COARSE).unlink()
+    _edit_manifest(bundle_copy, format_version=2)
+    with pytest.raises(BundleError, match="train it again"):
+        load_bundle(bundle_copy)
 
 
 def test_a_format_1_bundle_without_the_new_files_gets_the_retrain_message(
@@ -184,7 +197,7 @@ def test_a_format_1_bundle_without_the_new_files_gets_the_retrain_message(
 @pytest.mark.parametrize(
     ("changes", "match"),
     [
-        ({"format_version": 99}, "format_version is 99; this software reads 2$"),
+        ({"format_version": 99}, "format_version is 99; this software reads 3$"),
         ({"latent_grid": {"channels": 2, "rows": 3, "columns": 4}}, "does not give latent_dim"),
         ({"latent_grid": {"channels": 2}}, "manifest is malformed"),
         ({"latent_dim": "many"}, "manifest is malformed"),
@@ -250,28 +263,29 @@ def test_a_calibration_of_the_wrong_type_is_refused(bundle_copy: Path, calibrati
 
 def test_a_bundle_that_drifted_from_its_golden_outputs_is_refused(bundle_copy: Path) -> None:
     golden = load_bundle(bundle_copy).golden
-    drifted = Golden(
-        golden.inputs, golden.mu, golden.logvar, golden.recon + 0.05, golden.defect_map
-    )
+    drifted = replace(golden, recon=golden.recon + 0.05)
     write_golden(bundle_copy / GOLDEN, drifted)
     scorer = Scorer(load_bundle(bundle_copy), device="cpu")
     with pytest.raises(BundleError, match="golden self-test failed on CPUExecutionProvider: recon"):
         scorer.self_test()
-    head_drift = Golden(
-        golden.inputs, golden.mu, golden.logvar, golden.recon, 1 - golden.defect_map
-    )
+    head_drift = replace(golden, defect_map=1 - golden.defect_map)
     write_golden(bundle_copy / GOLDEN, head_drift)
     with pytest.raises(BundleError, match="CPUExecutionProvider: defect_map differs"):
+        Scorer(load_bundle(bundle_copy), device="cpu").self_test()
+    coarse_drift = replace(golden, coarse_recon=golden.coarse_recon + 0.05)
+    write_golden(bundle_copy / GOLDEN, coarse_drift)
+    with pytest.raises(BundleError, match="CPUExecutionProvider: coarse_recon differs"):
         Scorer(load_bundle(bundle_copy), device="cpu").self_test()
 
 
 def test_a_golden_of_the_wrong_shape_is_refused(bundle_copy: Path) -> None:
     golden = load_bundle(bundle_copy).golden
-    write_golden(
-        bundle_copy / GOLDEN,
-        Golden(golden.inputs[:, :, :-1], golden.mu, golden.logvar, golden.recon, golden.defect_map),
-    )
+    write_golden(bundle_copy / GOLDEN, replace(golden, inputs=golden.inputs[:, :, :-1]))
     with pytest.raises(BundleError, match="golden inputs have shape"):
+        load_bundle(bundle_copy)
+    coarse = golden.coarse_input
+    write_golden(bundle_copy / GOLDEN, replace(golden, coarse_input=coarse[:, :, :, :-1]))
+    with pytest.raises(BundleError, match="golden coarse_input and coarse_recon have shapes"):
         load_bundle(bundle_copy)
 
 

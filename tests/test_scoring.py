@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from service.scoring import (
+    COARSE_WINDOW_DIVISOR,
     LATENT_RIDGE,
     LATENT_SHRINKAGE,
     LATENT_WINDOW,
@@ -21,6 +22,7 @@ from service.scoring import (
     ScoreCalibration,
     anomaly_map,
     box_mean,
+    coarse_window,
     empirical_p_values,
     kl_divergence,
     position_maps,
@@ -78,6 +80,8 @@ def _outputs(n: int, height: int, width: int) -> tuple[np.ndarray, ModelOutputs]
         logvar=rng.standard_normal((n, GRID.size)).astype(np.float32),
         recon=rng.random((n, 3, height, width), dtype=np.float32),
         defect_map=rng.random((n, height, width), dtype=np.float32),
+        coarse_input=rng.random((n, 3, height // 2, width // 2), dtype=np.float32),
+        coarse_recon=rng.random((n, 3, height // 2, width // 2), dtype=np.float32),
     )
     return x, out
 
@@ -103,10 +107,24 @@ def test_raw_scores_are_every_score_by_its_definition() -> None:
     ]
     np.testing.assert_allclose(raw["latent_distance"], np.max(means, axis=0), rtol=1e-12)
     np.testing.assert_array_equal(raw["defect_probability"], window_max(out.defect_map, 3))
-    # What the anomaly map is made of: the three local evidences, as computed for the scores.
+    coarse = ((out.coarse_input - out.coarse_recon) ** 2).mean(axis=1)  # (3, 8, 16)
+    assert coarse_window(coarse) == 8 // COARSE_WINDOW_DIVISOR == 1
+    np.testing.assert_allclose(raw["coarse_error"], coarse.max(axis=(1, 2)), rtol=1e-6)
+    # What the anomaly map is made of: the four local evidences, as computed for the scores.
     np.testing.assert_array_equal(parts.squared_error, anomaly_map(x, out.recon))
     np.testing.assert_array_equal(parts.defect_map, out.defect_map)
     np.testing.assert_array_equal(parts.latent_distance, distances)
+    np.testing.assert_allclose(parts.coarse_error, coarse, rtol=1e-6)
+
+
+def test_the_coarse_window_is_an_eighth_of_the_shorter_side() -> None:
+    assert coarse_window(np.zeros((1, 64, 64))) == 8
+    assert coarse_window(np.zeros((1, 44, 90))) == 5
+    assert coarse_window(np.zeros((1, 4, 4))) == 1
+    amap = np.random.default_rng(1).random((2, 24, 40))
+    # On a 24-row map the window is 3: the largest mean over 3 x 3 squares, by brute force.
+    means = [amap[:, r : r + 3, c : c + 3].mean(axis=(1, 2)) for r in range(22) for c in range(38)]
+    np.testing.assert_allclose(window_max(amap, coarse_window(amap)), np.max(means, axis=0))
 
 
 def _brute_force_box_mean(amap: np.ndarray, window: int) -> np.ndarray:
@@ -148,6 +166,10 @@ def test_position_maps_hold_each_scores_evidence_where_it_is() -> None:
     for r, c in [(0, 0), (15, 31), (9, 20)]:
         np.testing.assert_array_equal(
             maps["latent_distance"][:, r, c], cells[:, r // cell_h, c // cell_w]
+        )
+        # And the coarse error of the coarse pixel it lies in (each covers 2 x 2 pixels here).
+        np.testing.assert_array_equal(
+            maps["coarse_error"][:, r, c], parts.coarse_error[:, r // 2, c // 2]
         )
 
 

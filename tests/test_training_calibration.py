@@ -31,6 +31,7 @@ def _normal_scores(n: int) -> dict[str, np.ndarray]:
         "local_error": RNG.lognormal(-3.0, 0.5, n),
         "latent_distance": RNG.gamma(9.0, 0.5, n),
         "defect_probability": RNG.beta(2.0, 20.0, n),
+        "coarse_error": RNG.lognormal(-4.0, 0.4, n),
     }
 
 
@@ -107,7 +108,12 @@ def bundle_and_holdout(
     """The session bundle, its ONNX graphs and its held-out normal images."""
     bundle = load_bundle(trained_bundle)
     graphs = OnnxGraphs(
-        bundle.encoder_path, bundle.decoder_path, bundle.head_path, device="cpu", threads=1
+        bundle.encoder_path,
+        bundle.decoder_path,
+        bundle.head_path,
+        bundle.coarse_path,
+        device="cpu",
+        threads=1,
     )
     names = bundle.manifest.training["data"]["holdout_files"]
     folder = demo_data / "train" / "good"

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import training.export
-from service.bundle import DECODER, ENCODER, HEAD, Tolerance
+from service.bundle import COARSE, DECODER, ENCODER, HEAD, Tolerance
 from service.preprocessing import InputSpec, list_image_files, load_image_file, stack
 from service.runtime import OnnxGraphs, output_differences
 from service.scoring import ModelOutputs
@@ -43,6 +43,7 @@ def test_bundle_graphs_pass_the_checker(trained_bundle: Path) -> None:
         (ENCODER, ["image"], ["mu", "logvar"]),
         (DECODER, ["z"], ["recon"]),
         (HEAD, ["image", "recon"], ["defect_map"]),
+        (COARSE, ["image"], ["coarse_input", "coarse_recon"]),
     ):
         model = onnx.load(str(trained_bundle / name))
         onnx.checker.check_model(model, full_check=True)
@@ -54,14 +55,14 @@ def test_bundle_graphs_pass_the_checker(trained_bundle: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "spec", [SPEC, InputSpec(height=32, width=48)], ids=["square", "non-square"]
+    "spec", [SPEC, InputSpec(height=32, width=64)], ids=["square", "non-square"]
 )
 def test_ort_matches_torch_on_real_inputs(demo_data: Path, tmp_path: Path, spec: InputSpec) -> None:
     model = _random_model()
     images = _real_inputs(demo_data, spec)
     expected = torch_outputs(model, images)
     graphs, report = export_model(model, tmp_path, images, threads=1)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([ENCODER, DECODER, HEAD])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([ENCODER, DECODER, HEAD, COARSE])
     assert report.n_inputs == 5 and report.tolerance == PARITY_TOLERANCE
     assert set(report.max_abs_diff) == {f.name for f in fields(ModelOutputs)}
     assert all(d <= 1e-3 for d in report.max_abs_diff.values())
@@ -69,6 +70,9 @@ def test_ort_matches_torch_on_real_inputs(demo_data: Path, tmp_path: Path, spec:
     assert expected.mu.shape == (5, model.cfg.latent_channels * rows * columns)
     assert expected.recon.shape == images.shape
     assert expected.defect_map.shape == (5, spec.height, spec.width)
+    factor = model.cfg.coarse_factor
+    coarse_shape = (5, 3, spec.height // factor, spec.width // factor)
+    assert expected.coarse_input.shape == expected.coarse_recon.shape == coarse_shape
     tol = PARITY_TOLERANCE
     for batch_size in (1, 2, 5):
         out = graphs.run_in_batches(images, batch_size=batch_size)
@@ -111,17 +115,23 @@ def test_torch_outputs_are_the_flat_inference_path(demo_data: Path) -> None:
     np.testing.assert_allclose(out.logvar, logvar.flatten(1).numpy(), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(out.recon, recon.numpy(), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(out.defect_map, probability.numpy(), rtol=1e-5, atol=1e-6)
+    assert model.coarse is not None
+    with torch.no_grad():
+        small = torch.nn.functional.avg_pool2d(torch.from_numpy(images), model.cfg.coarse_factor)
+        coarse_recon = model.coarse.decoder(model.coarse.encoder(small)[0])
+    np.testing.assert_allclose(out.coarse_input, small.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out.coarse_recon, coarse_recon.numpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_output_differences_refuse_outputs_beyond_tolerance() -> None:
     ones = np.ones((2, 3), dtype=np.float32)
-    expected = ModelOutputs(ones, ones, ones, ones)
-    close = ModelOutputs(*(v + 1e-5 for v in (ones, ones, ones, ones)))
+    expected = ModelOutputs(*[ones] * 6)
+    close = ModelOutputs(*[ones + 1e-5] * 6)
     assert output_differences(expected, close, Tolerance(1e-4, 0.0))["mu"] < 2e-5
-    far = ModelOutputs(ones, ones, ones, ones + 0.01)
-    with pytest.raises(ValueError, match=r"defect_map differs by up to 0\.01"):
+    far = ModelOutputs(ones, ones, ones, ones, ones, ones + 0.01)
+    with pytest.raises(ValueError, match=r"coarse_recon differs by up to 0\.01"):
         output_differences(expected, far, Tolerance(1e-4, 1e-3))
-    short = ModelOutputs(ones[:1], ones, ones, ones)
+    short = ModelOutputs(ones[:1], *[ones] * 5)
     with pytest.raises(ValueError, match="mu has shape"):
         output_differences(expected, short, Tolerance(1, 1))
 
@@ -152,9 +162,17 @@ def test_a_model_without_a_defect_head_is_refused(demo_data: Path, tmp_path: Pat
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_model_without_a_coarse_vae_is_refused(demo_data: Path, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    cfg = VAEConfig(width=8, max_width=16, latent_channels=4, head_width=4, coarse_factor=0)
+    with pytest.raises(ExportError, match="no coarse VAE"):
+        export_model(VAE(cfg).eval(), tmp_path, _real_inputs(demo_data))
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_onnx_graphs_run_any_batch_size(trained_bundle: Path) -> None:
     graphs = OnnxGraphs(
-        trained_bundle / ENCODER, trained_bundle / DECODER, trained_bundle / HEAD, device="cpu"
+        *(trained_bundle / name for name in (ENCODER, DECODER, HEAD, COARSE)), device="cpu"
     )
     images = np.random.default_rng(0).random((3, 3, 32, 32), dtype=np.float32)
     whole = graphs.run_in_batches(images, batch_size=3)

@@ -27,11 +27,15 @@ def test_bundle_loads_and_self_tests(trained_bundle: Path) -> None:
     scorer.self_test()
     spec = scorer.manifest.input
     assert (spec.height, spec.width, spec.color_mode, spec.scale) == (32, 32, "RGB", 1 / 255)
-    assert scorer.manifest.format_version == FORMAT_VERSION == 2
+    assert scorer.manifest.format_version == FORMAT_VERSION == 3
     assert scorer.manifest.latent == LatentGrid(channels=2, rows=4, columns=4)
     assert scorer.manifest.latent_dim == 32
     golden = scorer.bundle.golden
     assert golden.defect_map.shape == (golden.inputs.shape[0], 32, 32)
+    # The coarse VAE sees the 32x32 input downsampled by 4.
+    assert (
+        golden.coarse_input.shape == golden.coarse_recon.shape == (golden.inputs.shape[0], 3, 8, 8)
+    )
 
 
 def test_manifest_records_the_fit(trained_bundle: Path) -> None:
@@ -47,10 +51,21 @@ def test_manifest_records_the_fit(trained_bundle: Path) -> None:
     assert run["steps"] == run["planned_steps"] == steps == 20
     assert run["stop_reason"] == "completed 20 steps"
     assert run["history"][-1]["step"] == 20 and run["final"]["step"] == 20
+    coarse = training["coarse_training"]
+    assert coarse["steps"] == coarse["planned_steps"] == 20
+    assert coarse["stop_reason"] == "completed 20 steps"
+    assert training["model"]["coarse_factor"] == 4
     assert set(training["versions"]) >= {"torch", "onnx", "onnxruntime", "numpy"}
     parity = training["export"]["parity"]
     assert max(parity["max_abs_diff"].values()) <= parity["tolerance"]["atol"] + 1e-3
-    assert set(parity["max_abs_diff"]) == {"mu", "logvar", "recon", "defect_map"}
+    assert set(parity["max_abs_diff"]) == {
+        "mu",
+        "logvar",
+        "recon",
+        "defect_map",
+        "coarse_input",
+        "coarse_recon",
+    }
     decision = training["decision"]
     assert decision["local_window"] == default_window(32, 32)
     assert decision["weights"] == dict(DEFAULT_WEIGHTS)
@@ -96,22 +111,25 @@ def test_the_latent_reference_is_fitted_on_the_training_images(
 def test_a_fit_on_non_square_images_keeps_their_aspect_ratio(
     demo_data: Path, tmp_path: Path
 ) -> None:
-    # The demo flanges cut to 64 wide, 48 high: the input becomes 32x24, a 3x4 latent grid.
+    # The demo flanges cut to 64 wide, 48 high: the input stays wider than high, about 32x32
+    # pixels in sides of multiples of 16 (a coarse factor of 2): 32x16, a 2x4 latent grid.
     folder = tmp_path / "wide"
     folder.mkdir()
     for path in list_image_files(demo_data / "train" / "good")[:12]:
         with Image.open(path) as image:
             image.crop((0, 8, 64, 56)).save(folder / path.name)
-    bundle_dir = fit_bundle(folder, tmp_path / "bundle", FitConfig(**{**TINY_FIT, "max_steps": 4}))
+    options = {**TINY_FIT, "max_steps": 4, "coarse_factor": 2}
+    bundle_dir = fit_bundle(folder, tmp_path / "bundle", FitConfig(**options))
     scorer = Scorer(load_bundle(bundle_dir), device="cpu")
     scorer.self_test()
     manifest = scorer.manifest
-    assert (manifest.input.height, manifest.input.width) == (24, 32)
-    assert manifest.latent == LatentGrid(channels=2, rows=3, columns=4)
+    assert (manifest.input.height, manifest.input.width) == (16, 32)
+    assert manifest.latent == LatentGrid(channels=2, rows=2, columns=4)
+    assert scorer.bundle.golden.coarse_input.shape[2:] == (8, 16)
     assert manifest.training["training"]["steps"] == 4
     images = stack([load_image_file(p, manifest.input) for p in sorted(folder.iterdir())])
     scored = scorer.score(images, keep_maps=True)
-    assert scored.anomaly_map is not None and scored.anomaly_map.shape == (12, 24, 32)
+    assert scored.anomaly_map is not None and scored.anomaly_map.shape == (12, 16, 32)
     assert all(np.all(np.isfinite(scored.raw[name])) for name in SCORE_NAMES)
 
 

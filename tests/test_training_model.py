@@ -8,7 +8,9 @@ import torch
 
 from service.scoring import LatentGrid
 from training.model import (
+    COARSE_STRIDE,
     VAE,
+    CoarseGraph,
     FlatDecoder,
     FlatEncoder,
     ProbabilityHead,
@@ -19,7 +21,14 @@ pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def _small(**changes: int) -> VAEConfig:
-    options = {"width": 4, "max_width": 16, "latent_channels": 3, "head_width": 2, **changes}
+    options = {
+        "width": 4,
+        "max_width": 16,
+        "latent_channels": 3,
+        "head_width": 2,
+        "coarse_factor": 0,
+        **changes,
+    }
     return VAEConfig(**options)
 
 
@@ -46,14 +55,19 @@ def test_any_input_size_keeps_its_shape(
 
 
 def test_grid_latent_size_and_size_multiple() -> None:
-    cfg = VAEConfig(latent_channels=4, latent_stride=8)
+    cfg = VAEConfig(latent_channels=4, latent_stride=8, coarse_factor=0)
     assert cfg.grid(32, 48) == (4, 6)
     assert cfg.latent_size(32, 48) == 4 * 4 * 6
     assert cfg.levels == 3
     # The defect head halves the input three times: it needs multiples of 8 even at stride 4.
-    assert VAEConfig(latent_stride=4).size_multiple == 8
-    assert VAEConfig(latent_stride=4, head_width=0).size_multiple == 4
-    assert VAEConfig(latent_stride=16).size_multiple == 16
+    assert VAEConfig(latent_stride=4, coarse_factor=0).size_multiple == 8
+    assert VAEConfig(latent_stride=4, head_width=0, coarse_factor=0).size_multiple == 4
+    assert VAEConfig(latent_stride=16, coarse_factor=0).size_multiple == 16
+    # The coarse VAE's cells are 8 of its pixels, each the mean of factor x factor input pixels.
+    assert VAEConfig().size_multiple == 32 and VAEConfig().crop_multiple == 8
+    assert VAEConfig(coarse_factor=2).size_multiple == 16
+    with pytest.raises(ValueError, match="multiple of 32"):
+        VAEConfig().grid(32, 48)
     assert VAEConfig(width=8, max_width=16, latent_stride=16).level_widths() == [8, 16, 16, 16]
     for height, width in ((30, 48), (32, 44), (0, 32), (4, 8)):
         with pytest.raises(ValueError, match="multiple of 8"):
@@ -132,3 +146,27 @@ def test_bad_model_config_names_the_field(field: str, value: int) -> None:
 def test_config_round_trips_through_its_dict() -> None:
     cfg = _small(latent_stride=16, res_blocks=2)
     assert VAEConfig(**cfg.to_dict()) == cfg
+
+
+def test_the_coarse_vae_sees_the_whole_image_downsampled() -> None:
+    torch.manual_seed(0)
+    cfg = _small(coarse_factor=4, coarse_width=4)
+    model = VAE(cfg).eval()
+    assert model.coarse is not None and model.coarse.cfg == cfg.coarse()
+    assert model.coarse.head is None and model.coarse.coarse is None
+    assert cfg.coarse().latent_stride == COARSE_STRIDE and cfg.coarse().width == 4
+    x = torch.rand(2, 3, 64, 96)
+    with torch.no_grad():
+        small, recon = CoarseGraph(model.coarse, 4)(x)
+    np.testing.assert_allclose(
+        small.numpy(), x.view(2, 3, 16, 4, 24, 4).mean(dim=(3, 5)).numpy(), rtol=1e-5, atol=1e-6
+    )
+    assert recon.shape == small.shape == (2, 3, 16, 24)
+    # The local model's parameters do not include the coarse VAE's: they are trained apart.
+    own = {id(p) for p in model.own_parameters()}
+    assert own.isdisjoint(id(p) for p in model.coarse.parameters())
+    assert len(own) + len(list(model.coarse.parameters())) == len(list(model.parameters()))
+    with pytest.raises(ValueError, match="coarse_factor is 3"):
+        VAEConfig(coarse_factor=3)
+    with pytest.raises(ValueError, match="no coarse VAE"):
+        _small().coarse()

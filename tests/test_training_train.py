@@ -21,7 +21,7 @@ from training.train import (
     learning_rate,
     random_crops,
     select_device,
-    train_vae,
+    train_both,
 )
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -46,6 +46,8 @@ def _config(**changes: Any) -> FitConfig:
         "max_width": 8,
         "latent_channels": 2,
         "head_width": 2,
+        "coarse_factor": 2,
+        "coarse_width": 4,
         "epochs": 3,
         "max_steps": 1000,
         "batch_size": 4,
@@ -56,11 +58,17 @@ def _config(**changes: Any) -> FitConfig:
     return FitConfig(**options)
 
 
-def _train(config: FitConfig, images: F32Array | None = None) -> TrainResult:
+def _train_both(
+    config: FitConfig, images: F32Array | None = None
+) -> tuple[TrainResult, TrainResult]:
     images = _images() if images is None else images
     torch.manual_seed(config.seed)  # as fit does: the reparameterisation noise is torch's
     model = VAE(config.model_config(channels=images.shape[1]))
-    return train_vae(model, images[:8], images[8:], config, torch.device("cpu"))
+    return train_both(model, images[:8], images[8:], config, torch.device("cpu"))
+
+
+def _train(config: FitConfig, images: F32Array | None = None) -> TrainResult:
+    return _train_both(config, images)[0]
 
 
 @pytest.mark.parametrize(
@@ -81,7 +89,8 @@ def test_the_loop_runs_exactly_the_step_budget(
     config = _config(epochs=epochs, max_steps=max_steps)
     result = _train(config)
     assert config.steps_for(8) == expected
-    assert batches == [config.batch_size] * expected
+    # Each step corrupts one batch: the local model's steps, then the coarse VAE's.
+    assert batches == [config.batch_size] * expected * 2
     assert result.steps == result.planned_steps == expected
     assert result.stop_reason == f"completed {expected} steps"
     steps = [s.step for s in result.history]
@@ -118,10 +127,12 @@ def test_the_same_seed_gives_bit_identical_weights() -> None:
 def test_a_time_limit_stops_early_and_says_so() -> None:
     # A limit shorter than one step: the loop stops after its first step.
     config = _config(epochs=500, time_limit_minutes=1e-9)
-    result = _train(config)
-    assert result.planned_steps == config.steps_for(8) == 1000
-    assert result.steps == 1
-    assert result.stop_reason == "time limit of 1e-09 minutes reached"
+    result, coarse = _train_both(config)
+    assert result.planned_steps == coarse.planned_steps == config.steps_for(8) == 1000
+    assert result.steps == coarse.steps == 1
+    # The local model may use 80% of the limit, the coarse VAE the rest.
+    assert result.stop_reason == "time limit of 4.8e-08 s reached"
+    assert coarse.stop_reason.startswith("time limit of") and coarse.stop_reason.endswith("reached")
 
 
 @pytest.mark.parametrize("time_limit", [None, 1e-9], ids=["completed", "time-limited"])
@@ -134,13 +145,35 @@ def test_the_history_ends_at_the_final_weights(time_limit: float | None) -> None
 
 
 def test_training_on_crops_validates_on_whole_images() -> None:
-    # Crops of 8x8 from 16x24 images: the model is fully convolutional.
-    images = _images(height=16, width=24)
+    # Crops of 8x8 from 16x32 images: the model is fully convolutional.
+    images = _images(height=16, width=32)
     result = _train(_config(crop_size=8, epochs=1), images)
     assert result.steps == 2
     with torch.no_grad():
         recon, mu, _ = result.model(torch.from_numpy(images[8:]))
-    assert recon.shape == (4, 1, 16, 24) and mu.shape == (4, 2, 2, 3)
+    assert recon.shape == (4, 1, 16, 32) and mu.shape == (4, 2, 2, 4)
+
+
+def test_the_coarse_vae_trains_on_whole_downsampled_images_for_the_same_steps() -> None:
+    images = _images(height=16, width=32)
+    config = _config(crop_size=8, epochs=3)
+    torch.manual_seed(0)
+    untrained = VAE(config.model_config(channels=1))
+    assert untrained.coarse is not None
+    before = {k: v.clone() for k, v in untrained.coarse.state_dict().items()}
+    local, coarse = _train_both(config, images)
+    assert local.steps == coarse.steps == config.steps_for(8) == 6
+    assert coarse.model is local.model.coarse
+    after = coarse.model.state_dict()
+    assert any(
+        not torch.equal(before[k], after[k]) for k in before if before[k].is_floating_point()
+    )
+    with torch.no_grad():
+        small = torch.nn.functional.avg_pool2d(torch.from_numpy(images[8:]), 2)
+        recon, mu, _ = coarse.model(small)
+    assert recon.shape == (4, 1, 8, 16) and mu.shape == (4, 2, 1, 2)
+    # Its held-out history is measured on the downsampled whole images.
+    assert coarse.history and coarse.history[-1].val_mse > 0
 
 
 def test_random_crops_have_the_requested_size_and_come_from_the_images() -> None:

@@ -189,7 +189,9 @@ def train_both(
         downsample(torch.from_numpy(val_images), factor).numpy(),
         config,
         device,
-        time_limit_s=None if limit is None else max(1.0, limit - local.seconds),
+        time_limit_s=(
+            None if limit is None else max(limit - local.seconds, (1 - LOCAL_TIME_SHARE) * limit)
+        ),
         name="coarse",
     )
     return local, coarse
@@ -274,7 +276,7 @@ def train_vae(
                     history[-1].head_loss, val[1], budget.elapsed(),
                 )  # fmt: skip
         if out_of_time:
-            stop_reason = f"time limit of {limit:.0f} s reached"
+            stop_reason = f"time limit of {limit:.3g} s reached"
             break
     bar.close()
     model.eval()
