@@ -16,7 +16,18 @@ from training.cli import main
 from training.evaluate import AUROC_KEYS
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
-TINY = ["--image-size", "16", "--crop-size", "16", "--width", "4", "--max-width", "8"]
+TINY = [
+    "--image-size",
+    "16",
+    "--crop-size",
+    "16",
+    "--coarse-factor",
+    "2",
+    "--width",
+    "4",
+    "--max-width",
+    "8",
+]
 TINY += ["--latent-channels", "2", "--head-width", "2", "--batch-size", "4", "--threads", "1"]
 
 

@@ -56,7 +56,9 @@ def _known_model() -> VAE:
     connection into the last merge copy that channel, and the output convolution maps it to
     ``GAIN * squared error + BIAS``: the probability map is a sigmoid of the squared error.
     """
-    cfg = VAEConfig(channels=3, width=4, max_width=8, latent_channels=2, head_width=2)
+    cfg = VAEConfig(
+        channels=3, width=4, max_width=8, latent_channels=2, head_width=2, coarse_factor=2
+    )
     model = VAE(cfg)
     assert model.head is not None
     with torch.no_grad():
@@ -110,7 +112,9 @@ def known_case(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     spec = InputSpec(height=SIZE, width=SIZE)
     good = list_image_files(root / "data" / "test" / "good")
     holdout = stack([load_image_file(p, spec) for p in good])
-    config = FitConfig(image_size=SIZE, local_window=1, weights={"local_error": 1.0})
+    config = FitConfig(
+        image_size=SIZE, coarse_factor=2, local_window=1, weights={"local_error": 1.0}
+    )
     bundle = build_bundle(
         _known_model(), holdout, holdout, spec, root / "bundle", config=config, facts={}
     )
@@ -126,6 +130,7 @@ def test_metrics_of_the_known_case(known_case: tuple[Path, Path]) -> None:
     assert metrics["auroc_recon"] == 1.0
     assert metrics["auroc_local"] == 1.0
     assert metrics["auroc_defect"] == 1.0
+    assert metrics["auroc_coarse"] == 1.0
     assert metrics["auroc_kl"] == 0.5  # kl is 0 for every image: all ties
     assert metrics["auroc_latent"] == 0.5  # every posterior mean is the reference's: all ties
     assert metrics["auroc_combined"] == 1.0
@@ -159,6 +164,11 @@ def test_scores_are_the_closed_form_ones(known_case: tuple[Path, Path]) -> None:
     squared = np.mean((evaluation.test.images - 0.5) ** 2, axis=1)
     local = load_bundle(bundle).manifest.calibration.scores["local_error"]
     np.testing.assert_allclose(evaluation.maps, local.standardise(squared), rtol=1e-4, atol=1e-4)
+    # The zeroed coarse VAE draws 0.5 everywhere: coarse_error is the largest squared difference
+    # of the 2x2-downsampled image from 0.5 (an 8x8 map, so a window of 1).
+    small = evaluation.test.images.reshape(-1, 3, SIZE // 2, 2, SIZE // 2, 2).mean(axis=(3, 5))
+    coarse = np.mean((small - 0.5) ** 2, axis=1).max(axis=(1, 2))
+    np.testing.assert_allclose(evaluation.scores["coarse_error"], coarse, rtol=1e-4)
     assert np.all(evaluation.scores["defect_probability"][hole] > 0.99)
     assert np.all(evaluation.scores["defect_probability"][~hole] < 0.01)
 
