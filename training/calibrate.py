@@ -2,8 +2,10 @@
 
 The scores come from ONNX Runtime outputs through ``service.scoring.raw_scores``, so the stored
 calibration is computed exactly as the service computes scores. The default rule (the weights of
-the combined score and the side of the local window) was decided on two development datasets and
-confirmed on two others (see the README's quality section); it is fixed, not searched per fit.
+the combined score and the side of the local window) was decided on two development datasets; the
+coarse VAE's term joined it, at the same weight as the others, after the two confirmation
+datasets showed large defects passing (see the README's quality section). It is fixed, not
+searched per fit.
 Each fit reports how the rule separates held-out normal images from synthetic defects of kinds
 never trained on (:mod:`training.synth`), as a sanity figure; test images are never used.
 """
