@@ -14,6 +14,7 @@ from service.scoring import SCORE_NAMES, Calibration
 from training.calibrate import (
     DEFAULT_WEIGHTS,
     SYNTHETIC_COPIES,
+    RuleChoice,
     calibrate,
     choose_rule,
     default_window,
@@ -155,31 +156,27 @@ def test_choose_rule_defaults_and_their_synthetic_auroc(
 ) -> None:
     bundle, graphs, holdout = bundle_and_holdout
     height, width = bundle.manifest.input.height, bundle.manifest.input.width
-    choice = choose_rule(
-        graphs,
-        bundle.latent_reference,
-        holdout,
-        graphs.run_in_batches(holdout),
-        seed=0,
-        local_window=None,
-        weights=None,
-    )
+    outputs = graphs.run_in_batches(holdout)
+
+    def default_choice() -> RuleChoice:
+        return choose_rule(
+            graphs,
+            bundle.latent_reference,
+            holdout,
+            outputs,
+            seed=0,
+            local_window=None,
+            weights=None,
+        )
+
+    choice = default_choice()
     assert choice.local_window == default_window(height, width)
     assert dict(choice.weights) == dict(DEFAULT_WEIGHTS)
     assert choice.method.startswith("the product's default rule")
     assert f"{holdout.shape[0] * SYNTHETIC_COPIES} synthetic" in choice.method
     # Synthetic defects drawn into the images are visible to the demo model.
     assert choice.synthetic_auroc > 0.6
-    again = choose_rule(
-        graphs,
-        bundle.latent_reference,
-        holdout,
-        graphs.run_in_batches(holdout),
-        seed=0,
-        local_window=None,
-        weights=None,
-    )
-    assert again.to_dict() == choice.to_dict()
+    assert default_choice().to_dict() == choice.to_dict()
 
 
 def test_calibrate_matches_the_bundle(
