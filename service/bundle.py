@@ -34,7 +34,9 @@ from service.scoring import (
 
 # 2: a fully convolutional VAE with a latent grid, the defect head and the latent reference.
 # 3: and the coarse VAE (coarse.onnx), with its coarse_error score.
-FORMAT_VERSION = 3
+# 4: the combined score is the soft maximum of the weighted standardised scores, not their sum
+#    (a format-3 calibration's threshold and held-out combined scores are sums).
+FORMAT_VERSION = 4
 MANIFEST = "manifest.json"
 ENCODER = "encoder.onnx"
 DECODER = "decoder.onnx"

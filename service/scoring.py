@@ -15,8 +15,10 @@ Raw scores per image (all grow with how anomalous the image looks):
 
 Calibration, fitted on held-out normal images, turns each raw score into a p-value (the share of
 held-out normal scores at least as high, conformal style: ``(1 + #{cal >= s}) / (n + 1)``), defines
-the combined score (a weighted sum of log scores standardised on the held-out set), and sets the
-decision threshold on the combined score for a target false-alarm rate.
+the combined score (a soft maximum, log-sum-exp, of the weighted log scores standardised on the
+held-out set: one score far out on its own is enough to flag an image, and a score that finds the
+image very normal cannot cancel another's alarm), and sets the decision threshold on the combined
+score for a target false-alarm rate.
 """
 
 from __future__ import annotations
@@ -415,7 +417,7 @@ class Calibration:
         return cls(per_score, dict(weights), combined, rule, local_window, dict(extra or {}))
 
     def combine(self, raw: Mapping[str, F64Array]) -> F64Array:
-        """Combined score: the weighted sum of standardised log scores."""
+        """Combined score: the soft maximum of the weighted standardised log scores."""
         return _combine(self.scores, self.weights, raw)
 
     def rule_for(
@@ -435,8 +437,9 @@ class Calibration:
         return self.rule
 
     def anomaly_map(self, raw: Mapping[str, F64Array], parts: MapParts) -> FloatArray:
-        """The combined score at every pixel ``(N, H, W)``: the weighted sum of each score's
-        standardised log evidence there (:func:`position_maps`), on the scale of ``combined``."""
+        """The combined score at every pixel ``(N, H, W)``: the soft maximum of each score's
+        weighted standardised log evidence there (:func:`position_maps`), on the scale of
+        ``combined``."""
         maps = position_maps(raw, parts, self.local_window)
         return _combine(self.scores, self.weights, maps).astype(np.float32)
 
@@ -515,10 +518,16 @@ def _combine(
     weights: Mapping[str, float],
     raw: Mapping[str, F64Array],
 ) -> F64Array:
-    """Weighted sum of standardised log scores, per image ``(N,)`` or per pixel ``(N, H, W)``."""
+    """``log(sum(exp(w * z)))`` over the scores of non-zero weight ``w``, ``z`` each one's
+    standardised log score, per image ``(N,)`` or per pixel ``(N, H, W)``.
+
+    Within ``log(k)`` of the largest weighted term for ``k`` terms: a defect that only one score
+    sees is flagged, several scores that agree add up, and a term far below zero adds nothing."""
     first = np.asarray(raw[SCORE_NAMES[0]])
-    total = np.zeros(first.shape, dtype=np.float64)
+    total = np.full(first.shape, -np.inf, dtype=np.float64)
     for name, weight in weights.items():
         if weight:
-            total += weight * calibrations[name].standardise(np.asarray(raw[name]))
+            np.logaddexp(
+                total, weight * calibrations[name].standardise(np.asarray(raw[name])), out=total
+            )
     return total

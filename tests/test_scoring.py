@@ -182,8 +182,11 @@ def test_the_anomaly_map_is_the_combined_score_at_every_pixel() -> None:
     batch = calibration.score(raw, parts=parts)
     assert batch.anomaly_map is not None and batch.anomaly_map.dtype == np.float32
     maps = position_maps(raw, parts, 4)
-    expected = sum(
-        w * calibration.scores[name].standardise(maps[name]) for name, w in weights.items()
+    expected = np.log(
+        sum(
+            np.exp(w * calibration.scores[name].standardise(maps[name]))
+            for name, w in weights.items()
+        )
     )
     np.testing.assert_allclose(batch.anomaly_map, expected, rtol=1e-5, atol=1e-5)
     # With the local error alone, the map's highest value where the window fits is the combined
@@ -195,6 +198,31 @@ def test_the_anomaly_map_is_the_combined_score_at_every_pixel() -> None:
     np.testing.assert_allclose(amap[inside].max(axis=(1, 2)), alone.combine(raw), rtol=1e-5)
     # No parts, no map.
     assert calibration.score(raw).anomaly_map is None
+
+
+def test_the_combined_score_is_the_soft_maximum_of_the_weighted_standardised_scores() -> None:
+    raw = {name: np.exp(np.linspace(-1.0, 1.0, 9)) for name in SCORE_NAMES}
+    weights = {"local_error": 1.0, "coarse_error": 2.0}
+    calibration = Calibration.fit(raw, weights, target_false_alarm_rate=0.25, local_window=4)
+    z = {name: calibration.scores[name].standardise(raw[name]) for name in weights}
+    np.testing.assert_allclose(
+        calibration.combine(raw), np.log(np.exp(z["local_error"]) + np.exp(2.0 * z["coarse_error"]))
+    )
+    # A score that finds the image very normal cannot cancel another score's alarm: an image far
+    # out on the coarse error alone scores about as high as on the coarse error with nothing else,
+    # where a sum would have pulled it back below the held-out images.
+    coarse = calibration.scores["coarse_error"]
+    far, very_normal = coarse.log_std * 3.0 + coarse.log_mean, -6.0
+    image = dict(raw, coarse_error=np.exp([far]), local_error=np.exp([very_normal]))
+    combined = float(calibration.combine(image)[0])
+    assert combined == pytest.approx(6.0, abs=1e-3)
+    assert combined > max(calibration.combined.values)
+    # Terms that agree add up: two equal terms score log(2) above either alone.
+    same = Calibration.fit(
+        raw, {"recon_error": 1.0, "kl": 1.0}, target_false_alarm_rate=0.25, local_window=4
+    )
+    alone = Calibration.fit(raw, {"recon_error": 1.0}, target_false_alarm_rate=0.25, local_window=4)
+    np.testing.assert_allclose(same.combine(raw), alone.combine(raw) + np.log(2.0))
 
 
 def test_latent_reference_is_the_brute_force_mahalanobis_distance() -> None:
