@@ -18,7 +18,9 @@ LATENCY_BUCKETS = (
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 # Raw scores span decades across models (MSE ~1e-3, KL ~1e1): two buckets per decade.
 RAW_SCORE_BUCKETS = tuple(10.0 ** (e / 2) for e in range(-14, 11))
-COMBINED_SCORE_BUCKETS = tuple(float(v) for v in range(-6, 31, 2))
+# The combined score is a soft maximum of standardised scores: good parts score about 0 to 4 with
+# the default threshold near 3.5, defects up to about 10. Half-unit buckets from -2 to 12.
+COMBINED_SCORE_BUCKETS = tuple(v / 2 for v in range(-4, 25))
 MODEL_LABELS = ("model_id", "model_version")
 
 

@@ -4,8 +4,9 @@ The scores come from ONNX Runtime outputs through ``service.scoring.raw_scores``
 calibration is computed exactly as the service computes scores. The default rule (the weights of
 the combined score and the side of the local window) was decided on two development datasets; the
 coarse VAE's term joined it, at the same weight as the others, after the two confirmation
-datasets showed large defects passing (see the README's quality section). It is fixed, not
-searched per fit.
+datasets showed large defects passing, and the terms are combined by their soft maximum rather
+than their sum since held-out normals against synthetic defects preferred it on all four suite
+datasets (see the README's quality section). It is fixed, not searched per fit.
 Each fit reports how the rule separates held-out normal images from synthetic defects of kinds
 never trained on (:mod:`training.synth`), as a sanity figure; test images are never used.
 """
