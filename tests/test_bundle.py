@@ -304,3 +304,17 @@ def test_cuda_policy_runs_on_the_gpu_and_reproduces_the_golden_outputs(
     scorer = Scorer(load_bundle(trained_bundle), device="cuda")
     assert scorer.provider == "CUDAExecutionProvider"
     scorer.self_test()
+
+
+def test_the_combined_score_histogram_resolves_good_parts_and_the_threshold(
+    trained_bundle: Path,
+) -> None:
+    """The dashboard's histogram of combined scores has buckets where a model's good parts and
+    its threshold lie, not one or two buckets for all of them."""
+    from service.metrics import COMBINED_SCORE_BUCKETS
+
+    calibration = load_bundle(trained_bundle).manifest.calibration
+    lowest, threshold = min(calibration.combined.values), calibration.rule.threshold
+    assert COMBINED_SCORE_BUCKETS[0] < lowest and threshold < COMBINED_SCORE_BUCKETS[-1]
+    between = [edge for edge in COMBINED_SCORE_BUCKETS if lowest <= edge <= threshold]
+    assert len(between) >= 3, (lowest, threshold)
