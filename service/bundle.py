@@ -2,10 +2,10 @@
 
 A bundle is a directory (or a ``.tar.gz`` / ``.tar`` archive of one) holding ``encoder.onnx``,
 ``decoder.onnx``, ``defect_head.onnx``, ``coarse.onnx``, ``latent_reference.npz``,
-``golden.npz`` and ``manifest.json``. The manifest describes the model completely: input spec,
-latent grid, calibration, decision rule, golden tolerances and training facts. Its ``model_id``
-is a content hash of the files that decide the scores (the four graphs and the latent
-reference), checked on every load.
+``error_reference.npz``, ``golden.npz`` and ``manifest.json``. The manifest describes the model
+completely: input spec, latent grid, calibration, decision rule, golden tolerances and training
+facts. Its ``model_id`` is a content hash of the files that decide the scores (the four graphs
+and the two references), checked on every load.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import numpy.typing as npt
 from service.preprocessing import InputSpec
 from service.scoring import (
     Calibration,
+    ErrorReference,
     LatentBaseline,
     LatentGrid,
     LatentReference,
@@ -36,17 +37,29 @@ from service.scoring import (
 # 3: and the coarse VAE (coarse.onnx), with its coarse_error score.
 # 4: the combined score is the soft maximum of the weighted standardised scores, not their sum
 #    (a format-3 calibration's threshold and held-out combined scores are sums).
-FORMAT_VERSION = 4
+# 5: and the error reference (error_reference.npz): the local, defect and coarse maps are read
+#    relative to normal images' mean there.
+FORMAT_VERSION = 5
 MANIFEST = "manifest.json"
 ENCODER = "encoder.onnx"
 DECODER = "decoder.onnx"
 HEAD = "defect_head.onnx"
 COARSE = "coarse.onnx"
 LATENT_REFERENCE = "latent_reference.npz"
+ERROR_REFERENCE = "error_reference.npz"
 GOLDEN = "golden.npz"
-BUNDLE_FILES = (MANIFEST, ENCODER, DECODER, HEAD, COARSE, LATENT_REFERENCE, GOLDEN)
+BUNDLE_FILES = (
+    MANIFEST,
+    ENCODER,
+    DECODER,
+    HEAD,
+    COARSE,
+    LATENT_REFERENCE,
+    ERROR_REFERENCE,
+    GOLDEN,
+)
 # The files whose content decides the scores, hashed into the model id.
-MODEL_FILES = (ENCODER, DECODER, HEAD, COARSE, LATENT_REFERENCE)
+MODEL_FILES = (ENCODER, DECODER, HEAD, COARSE, LATENT_REFERENCE, ERROR_REFERENCE)
 ENCODER_INPUT = "image"
 ENCODER_OUTPUTS = ("mu", "logvar")
 DECODER_INPUT = "z"
@@ -57,6 +70,7 @@ COARSE_INPUT = "image"
 COARSE_OUTPUTS = ("coarse_input", "coarse_recon")
 GOLDEN_ARRAYS = ("inputs", "mu", "logvar", "recon", "defect_map", *COARSE_OUTPUTS)
 LATENT_ARRAYS = ("mean", "precision", "baseline_mean", "baseline_std", "baseline_count")
+ERROR_ARRAYS = ("squared_error", "defect_map", "coarse_error")
 
 
 class BundleError(RuntimeError):
@@ -107,6 +121,7 @@ class Manifest:
                 "defect_head": HEAD,
                 "coarse": COARSE,
                 "latent_reference": LATENT_REFERENCE,
+                "error_reference": ERROR_REFERENCE,
                 "golden": GOLDEN,
             },
             "graph": {
@@ -203,6 +218,7 @@ class Bundle:
     golden: Golden
     latent_reference: LatentReference
     latent_baseline: LatentBaseline
+    error_reference: ErrorReference
     # The temporary folder an archive was unpacked into (``path`` lies in it); None for a directory.
     unpacked_into: Path | None = None
 
@@ -288,6 +304,33 @@ def _read_latent_reference(path: Path, grid: LatentGrid) -> tuple[LatentReferenc
         LatentReference(grid, arrays["mean"], arrays["precision"]),
         LatentBaseline(arrays["baseline_mean"], arrays["baseline_std"], count),
     )
+
+
+def write_error_reference(path: Path, reference: ErrorReference) -> None:
+    """Write the error reference to ``path`` (an .npz file)."""
+    np.savez(path, **{name: getattr(reference, name) for name in ERROR_ARRAYS})
+
+
+def _read_error_reference(path: Path, spec: InputSpec, coarse: tuple[int, int]) -> ErrorReference:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {name: np.asarray(data[name], dtype=np.float64) for name in ERROR_ARRAYS}
+    except Exception as exc:
+        raise BundleError(f"cannot read the error reference {path}: {exc}") from exc
+    expected = {
+        "squared_error": (spec.height, spec.width),
+        "defect_map": (spec.height, spec.width),
+        "coarse_error": coarse,
+    }
+    for name, shape in expected.items():
+        if arrays[name].shape != shape:
+            raise BundleError(
+                f"error reference {path}: {name} has shape {arrays[name].shape}; the input and "
+                f"the coarse model expect {shape}"
+            )
+        if not np.all(np.isfinite(arrays[name])) or np.any(arrays[name] < 0):
+            raise BundleError(f"error reference {path}: {name} holds negative or infinite values")
+    return ErrorReference(**arrays)
 
 
 def write_manifest(bundle_dir: Path, manifest: Manifest) -> None:
@@ -392,4 +435,5 @@ def _load_directory(path: Path) -> Bundle:
             f"the input of {spec.height}x{spec.width} downsampled by a whole factor f"
         )
     reference, baseline = _read_latent_reference(path / LATENT_REFERENCE, manifest.latent)
-    return Bundle(path, manifest, golden, reference, baseline)
+    errors = _read_error_reference(path / ERROR_REFERENCE, spec, (coarse[2], coarse[3]))
+    return Bundle(path, manifest, golden, reference, baseline, errors)

@@ -263,7 +263,11 @@ class Scorer:
             )
         out = self.run_model(batch)
         raw, parts = raw_scores(
-            batch, out, self.calibration.local_window, self.bundle.latent_reference
+            batch,
+            out,
+            self.calibration.local_window,
+            self.bundle.latent_reference,
+            self.bundle.error_reference,
         )
         return raw, parts, out.mu
 

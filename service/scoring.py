@@ -13,6 +13,10 @@ Raw scores per image (all grow with how anomalous the image looks):
   resolution) over any square of an eighth of its shorter side: large defects, which the local
   model redraws, are what the coarse model cannot.
 
+The three maps behind ``local_error``, ``defect_probability`` and ``coarse_error`` are read
+relative to the training images' mean map (:class:`ErrorReference`): each position's value over
+what normal parts show there.
+
 Calibration, fitted on held-out normal images, turns each raw score into a p-value (the share of
 held-out normal scores at least as high, conformal style: ``(1 + #{cal >= s}) / (n + 1)``), defines
 the combined score (a soft maximum, log-sum-exp, of the weighted log scores standardised on the
@@ -55,6 +59,9 @@ LATENT_RIDGE = 1e-3
 LATENT_WINDOW = 3
 # coarse_error's window is the coarse map's shorter side over this.
 COARSE_WINDOW_DIVISOR = 8
+# Each error map is divided by the normal images' mean there plus this share of its image-wide
+# mean, so that positions normal parts never err at do not turn noise into evidence.
+POSITION_FLOOR = 0.1
 
 
 @dataclass(frozen=True)
@@ -208,10 +215,10 @@ class MapParts:
     """Where in a batch each local score sees its evidence; the anomaly map is made from these
     on request only (:meth:`Calibration.anomaly_map`)."""
 
-    squared_error: FloatArray  # (N, H, W)
-    defect_map: FloatArray  # (N, H, W), the defect head's probabilities
+    squared_error: F64Array  # (N, H, W), relative to normal images' (ErrorReference)
+    defect_map: F64Array  # (N, H, W), the defect head's probabilities, relative likewise
     latent_distance: F64Array  # (N, rows, columns), per latent cell
-    coarse_error: FloatArray  # (N, H/f, W/f), the coarse VAE's squared error
+    coarse_error: F64Array  # (N, H/f, W/f), the coarse VAE's squared error, relative likewise
 
     def rows(self, index: slice) -> MapParts:
         """The parts of some images of the batch."""
@@ -223,27 +230,76 @@ class MapParts:
         )
 
 
+@dataclass(frozen=True)
+class ErrorReference:
+    """What normal images' error maps look like at each position: the mean over the training
+    images of the squared-error map and the defect head's map ``(H, W)`` and of the coarse
+    VAE's squared-error map ``(h, w)``.
+
+    The local, defect and coarse scores read each map divided by this mean (plus
+    ``POSITION_FLOOR`` times its image-wide mean): what is hard to redraw on every good part
+    (edges, busbars, texture) is discounted, and what is unusual where it lies stands out."""
+
+    squared_error: F64Array
+    defect_map: F64Array
+    coarse_error: F64Array
+
+    @classmethod
+    def fit(cls, x: FloatArray, out: ModelOutputs) -> ErrorReference:
+        """The means over a batch of normal images ``x`` and the graphs' outputs for them."""
+        if x.shape[0] < 1:
+            raise ValueError("an error reference needs at least one image")
+        return cls(
+            anomaly_map(x, out.recon).mean(axis=0, dtype=np.float64),
+            np.asarray(out.defect_map).mean(axis=0, dtype=np.float64),
+            anomaly_map(out.coarse_input, out.coarse_recon).mean(axis=0, dtype=np.float64),
+        )
+
+    def relative(
+        self, squared_error: FloatArray, defect_map: FloatArray, coarse: FloatArray
+    ) -> tuple[F64Array, F64Array, F64Array]:
+        """Each map ``(N, ...)`` divided by its reference (plus the floor)."""
+        return (
+            _relative(squared_error, self.squared_error),
+            _relative(defect_map, self.defect_map),
+            _relative(coarse, self.coarse_error),
+        )
+
+
+def _relative(maps: FloatArray, mean: F64Array) -> F64Array:
+    if maps.shape[1:] != mean.shape:
+        raise ValueError(f"error maps of shape {maps.shape[1:]}; the reference has {mean.shape}")
+    return np.asarray(maps / (mean + POSITION_FLOOR * float(mean.mean()) + _LOG_FLOOR))
+
+
 def coarse_window(coarse_map: npt.NDArray[np.floating[Any]]) -> int:
     """The side of ``coarse_error``'s window on a coarse map ``(N, h, w)``."""
     return max(1, int(min(coarse_map.shape[1:])) // COARSE_WINDOW_DIVISOR)
 
 
 def raw_scores(
-    x: FloatArray, out: ModelOutputs, window: int, reference: LatentReference
+    x: FloatArray,
+    out: ModelOutputs,
+    window: int,
+    reference: LatentReference,
+    errors: ErrorReference,
 ) -> tuple[dict[str, F64Array], MapParts]:
-    """All raw scores of a batch, and the parts its anomaly maps are made of."""
+    """All raw scores of a batch, and the parts its anomaly maps are made of: the local, defect
+    and coarse maps relative to normal images' mean there (:class:`ErrorReference`)."""
     squared_error = anomaly_map(x, out.recon)
     distances = reference.distance_map(out.mu)
-    coarse = anomaly_map(out.coarse_input, out.coarse_recon)
+    local, defect, coarse = errors.relative(
+        squared_error, out.defect_map, anomaly_map(out.coarse_input, out.coarse_recon)
+    )
     scores = {
         "recon_error": recon_error_from_map(squared_error),
         "kl": kl_divergence(out.mu, out.logvar),
-        "local_error": window_max(squared_error, window),
+        "local_error": window_max(local, window),
         "latent_distance": window_max(distances, LATENT_WINDOW),
-        "defect_probability": window_max(out.defect_map, window),
+        "defect_probability": window_max(defect, window),
         "coarse_error": window_max(coarse, coarse_window(coarse)),
     }
-    return scores, MapParts(squared_error, out.defect_map, distances, coarse)
+    return scores, MapParts(local, defect, distances, coarse)
 
 
 def box_mean(amap: npt.NDArray[np.floating[Any]], window: int) -> F64Array:

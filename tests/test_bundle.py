@@ -14,6 +14,7 @@ import pytest
 from service.bundle import (
     BUNDLE_FILES,
     COARSE,
+    ERROR_REFERENCE,
     FORMAT_VERSION,
     GOLDEN,
     HEAD,
@@ -24,11 +25,18 @@ from service.bundle import (
     Golden,
     compute_model_id,
     load_bundle,
+    write_error_reference,
     write_golden,
     write_latent_reference,
 )
 from service.runtime import CPU, DeviceError, Scorer, cuda_device_count
-from service.scoring import SCORE_NAMES, LatentReference, ModelOutputs
+from service.scoring import (
+    SCORE_NAMES,
+    ErrorReference,
+    LatentReference,
+    ModelOutputs,
+    anomaly_map,
+)
 
 
 @pytest.fixture()
@@ -58,7 +66,16 @@ def test_a_trained_bundle_loads_and_passes_its_self_test(trained_bundle: Path) -
     raw, parts, _ = scorer.raw_scores(bundle.golden.inputs)
     expected = bundle.manifest.calibration.anomaly_map(raw, parts)
     np.testing.assert_array_equal(scored.anomaly_map, expected)
-    np.testing.assert_allclose(parts.defect_map, bundle.golden.defect_map, atol=1e-5)
+    golden = bundle.golden
+    relative = bundle.error_reference.relative(
+        anomaly_map(golden.inputs, golden.recon),
+        golden.defect_map,
+        anomaly_map(golden.coarse_input, golden.coarse_recon),
+    )
+    for part, expected_part in zip(
+        (parts.squared_error, parts.defect_map, parts.coarse_error), relative, strict=True
+    ):
+        np.testing.assert_allclose(part, expected_part, rtol=1e-4, atol=1e-5)
     assert bundle.latent_reference.grid == bundle.manifest.latent
 
 
@@ -108,6 +125,38 @@ def test_a_changed_latent_reference_is_refused_by_the_model_id(bundle_copy: Path
     shifted = LatentReference(reference.grid, reference.mean + 0.5, reference.precision)
     write_latent_reference(bundle_copy / LATENT_REFERENCE, shifted, bundle.latent_baseline)
     with pytest.raises(BundleError, match="changed or corrupted after export"):
+        load_bundle(bundle_copy)
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ("local shape", "error reference .*: squared_error has shape"),
+        ("coarse shape", "error reference .*: coarse_error has shape"),
+        ("negative", "error reference .*: defect_map holds negative or infinite values"),
+        ("not an npz", "cannot read the error reference"),
+    ],
+)
+def test_a_bad_error_reference_is_refused(bundle_copy: Path, change: str, match: str) -> None:
+    errors = load_bundle(bundle_copy).error_reference
+    path = bundle_copy / ERROR_REFERENCE
+    if change == "not an npz":
+        path.write_bytes(b"not an npz file")
+    else:
+        arrays = {
+            "squared_error": errors.squared_error,
+            "defect_map": errors.defect_map,
+            "coarse_error": errors.coarse_error,
+        }
+        if change == "local shape":
+            arrays["squared_error"] = arrays["squared_error"][:-1]
+        elif change == "coarse shape":
+            arrays["coarse_error"] = arrays["coarse_error"][:, :-1]
+        else:
+            arrays["defect_map"] = -arrays["defect_map"]
+        write_error_reference(path, ErrorReference(**arrays))
+    _rehash(bundle_copy)
+    with pytest.raises(BundleError, match=match):
         load_bundle(bundle_copy)
 
 
@@ -163,7 +212,7 @@ def test_a_bad_latent_reference_is_refused(bundle_copy: Path, change: str, match
         load_bundle(bundle_copy)
 
 
-@pytest.mark.parametrize("old", [1, 2, 3])
+@pytest.mark.parametrize("old", [1, 2, 3, 4])
 def test_an_older_bundle_is_refused_saying_to_retrain(bundle_copy: Path, old: int) -> None:
     _edit_manifest(bundle_copy, format_version=old)
     with pytest.raises(BundleError) as info:
@@ -197,7 +246,7 @@ def test_a_format_1_bundle_without_the_new_files_gets_the_retrain_message(
 @pytest.mark.parametrize(
     ("changes", "match"),
     [
-        ({"format_version": 99}, "format_version is 99; this software reads 4$"),
+        ({"format_version": 99}, "format_version is 99; this software reads 5$"),
         ({"latent_grid": {"channels": 2, "rows": 3, "columns": 4}}, "does not give latent_dim"),
         ({"latent_grid": {"channels": 2}}, "manifest is malformed"),
         ({"latent_dim": "many"}, "manifest is malformed"),

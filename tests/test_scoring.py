@@ -13,8 +13,10 @@ from service.scoring import (
     LATENT_RIDGE,
     LATENT_SHRINKAGE,
     LATENT_WINDOW,
+    POSITION_FLOOR,
     SCORE_NAMES,
     Calibration,
+    ErrorReference,
     F64Array,
     LatentGrid,
     LatentReference,
@@ -72,8 +74,8 @@ def test_kl_is_zero_at_the_prior_and_matches_the_closed_form() -> None:
     assert kl_divergence(mu, logvar)[1] == pytest.approx(expected, rel=1e-6)
 
 
-def _outputs(n: int, height: int, width: int) -> tuple[np.ndarray, ModelOutputs]:
-    rng = np.random.default_rng(0)
+def _outputs(n: int, height: int, width: int, seed: int = 0) -> tuple[np.ndarray, ModelOutputs]:
+    rng = np.random.default_rng(seed)
     x = rng.random((n, 3, height, width), dtype=np.float32)
     out = ModelOutputs(
         mu=rng.standard_normal((n, GRID.size)).astype(np.float32),
@@ -86,17 +88,32 @@ def _outputs(n: int, height: int, width: int) -> tuple[np.ndarray, ModelOutputs]
     return x, out
 
 
+def _errors(height: int, width: int) -> ErrorReference:
+    """An error reference fitted on 5 other random images."""
+    return ErrorReference.fit(*_outputs(5, height, width, seed=1))
+
+
+def _relative(maps: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    """A map over the reference's mean there plus POSITION_FLOOR times its image-wide mean."""
+    return np.asarray(maps / (mean + POSITION_FLOOR * mean.mean()))
+
+
 def test_raw_scores_are_every_score_by_its_definition() -> None:
     x, out = _outputs(3, 16, 32)
     _, reference = _reference_case()
-    raw, parts = raw_scores(x, out, 3, reference)
+    normal_x, normal_out = _outputs(5, 16, 32, seed=1)
+    errors = ErrorReference.fit(normal_x, normal_out)
+    raw, parts = raw_scores(x, out, 3, reference, errors)
     assert list(raw) == list(SCORE_NAMES)
     assert all(values.shape == (3,) and values.dtype == np.float64 for values in raw.values())
     squared = ((x - out.recon) ** 2).mean(axis=1)
     np.testing.assert_allclose(anomaly_map(x, out.recon), squared, rtol=1e-6)
     np.testing.assert_allclose(raw["recon_error"], squared.mean(axis=(1, 2)), rtol=1e-6)
     np.testing.assert_allclose(raw["kl"], kl_divergence(out.mu, out.logvar))
-    np.testing.assert_allclose(raw["local_error"], window_max(squared, 3), rtol=1e-6)
+    # The local, defect and coarse maps are read relative to the normal images' mean maps.
+    normal_squared = ((normal_x - normal_out.recon) ** 2).mean(axis=1).mean(axis=0)
+    local = _relative(squared, normal_squared)
+    np.testing.assert_allclose(raw["local_error"], window_max(local, 3), rtol=1e-6)
     distances = reference.distance_map(out.mu)
     # The largest mean distance over LATENT_WINDOW x LATENT_WINDOW cells, by brute force.
     k = min(LATENT_WINDOW, GRID.rows, GRID.columns)
@@ -106,15 +123,62 @@ def test_raw_scores_are_every_score_by_its_definition() -> None:
         for c in range(GRID.columns - k + 1)
     ]
     np.testing.assert_allclose(raw["latent_distance"], np.max(means, axis=0), rtol=1e-12)
-    np.testing.assert_array_equal(raw["defect_probability"], window_max(out.defect_map, 3))
-    coarse = ((out.coarse_input - out.coarse_recon) ** 2).mean(axis=1)  # (3, 8, 16)
+    defect = _relative(out.defect_map, normal_out.defect_map.mean(axis=0))
+    np.testing.assert_allclose(raw["defect_probability"], window_max(defect, 3), rtol=1e-6)
+    coarse = _relative(  # (3, 8, 16)
+        ((out.coarse_input - out.coarse_recon) ** 2).mean(axis=1),
+        ((normal_out.coarse_input - normal_out.coarse_recon) ** 2).mean(axis=1).mean(axis=0),
+    )
     assert coarse_window(coarse) == 8 // COARSE_WINDOW_DIVISOR == 1
     np.testing.assert_allclose(raw["coarse_error"], coarse.max(axis=(1, 2)), rtol=1e-6)
     # What the anomaly map is made of: the four local evidences, as computed for the scores.
-    np.testing.assert_array_equal(parts.squared_error, anomaly_map(x, out.recon))
-    np.testing.assert_array_equal(parts.defect_map, out.defect_map)
+    np.testing.assert_allclose(parts.squared_error, local, rtol=1e-6)
+    np.testing.assert_allclose(parts.defect_map, defect, rtol=1e-6)
     np.testing.assert_array_equal(parts.latent_distance, distances)
     np.testing.assert_allclose(parts.coarse_error, coarse, rtol=1e-6)
+
+
+def test_an_error_every_normal_part_shows_there_is_discounted_where_it_lies() -> None:
+    """A bright stripe the model never redraws on good parts scores low; the same error
+    where good parts are redrawn well scores high."""
+    rng = np.random.default_rng(3)
+
+    def batch(n: int, spot: tuple[int, int] | None) -> tuple[np.ndarray, ModelOutputs]:
+        x = np.full((n, 1, 16, 16), 0.5, dtype=np.float32)
+        x += rng.normal(0.0, 0.01, x.shape).astype(np.float32)
+        recon = np.full_like(x, 0.5)
+        x[:, :, :, 3] = 0.9  # every part has a stripe the model does not redraw
+        if spot is not None:
+            x[:, :, spot[0], spot[1]] = 0.9
+        out = ModelOutputs(
+            mu=np.zeros((n, GRID.size), np.float32),
+            logvar=np.zeros((n, GRID.size), np.float32),
+            recon=recon,
+            defect_map=np.full((n, 16, 16), 0.1, np.float32),
+            coarse_input=x[:, :, ::2, ::2].copy(),
+            coarse_recon=recon[:, :, ::2, ::2].copy(),
+        )
+        return x, out
+
+    errors = ErrorReference.fit(*batch(8, None))
+    _, reference = _reference_case()
+    stripe_only, _ = raw_scores(*batch(1, None), 1, reference, errors)
+    with_spot, parts = raw_scores(*batch(1, (8, 12)), 1, reference, errors)
+    # The plain squared error is 0.16 on the stripe and on the spot alike ...
+    assert stripe_only["recon_error"][0] < with_spot["recon_error"][0]
+    # ... but only the spot is far above what good parts show where it lies.
+    assert stripe_only["local_error"][0] < 1.0 < with_spot["local_error"][0]
+    assert tuple(int(i) for i in np.unravel_index(np.argmax(parts.squared_error[0]), (16, 16))) == (
+        8,
+        12,
+    )
+
+
+def test_an_error_reference_of_another_shape_is_refused() -> None:
+    x, out = _outputs(2, 16, 32)
+    _, reference = _reference_case()
+    with pytest.raises(ValueError, match="reference has"):
+        raw_scores(x, out, 3, reference, _errors(16, 16))
 
 
 def test_the_coarse_window_is_an_eighth_of_the_shorter_side() -> None:
@@ -147,7 +211,7 @@ def test_box_mean_is_the_centred_window_mean_clipped_at_the_borders(window: int)
 def test_position_maps_hold_each_scores_evidence_where_it_is() -> None:
     x, out = _outputs(3, 16, 32)
     _, reference = _reference_case()
-    raw, parts = raw_scores(x, out, 4, reference)
+    raw, parts = raw_scores(x, out, 4, reference, _errors(16, 32))
     maps = position_maps(raw, parts, 4)
     assert set(maps) == set(SCORE_NAMES)
     assert all(m.shape == (3, 16, 32) for m in maps.values())
@@ -168,15 +232,15 @@ def test_position_maps_hold_each_scores_evidence_where_it_is() -> None:
             maps["latent_distance"][:, r, c], cells[:, r // cell_h, c // cell_w]
         )
         # And the coarse error of the coarse pixel it lies in (each covers 2 x 2 pixels here).
-        np.testing.assert_array_equal(
-            maps["coarse_error"][:, r, c], parts.coarse_error[:, r // 2, c // 2]
+        np.testing.assert_allclose(
+            maps["coarse_error"][:, r, c], parts.coarse_error[:, r // 2, c // 2], rtol=1e-12
         )
 
 
 def test_the_anomaly_map_is_the_combined_score_at_every_pixel() -> None:
     x, out = _outputs(4, 16, 32)
     _, reference = _reference_case()
-    raw, parts = raw_scores(x, out, 4, reference)
+    raw, parts = raw_scores(x, out, 4, reference, _errors(16, 32))
     weights = {"local_error": 1.0, "latent_distance": 0.5, "kl": 2.0}
     calibration = Calibration.fit(raw, weights, target_false_alarm_rate=0.25, local_window=4)
     batch = calibration.score(raw, parts=parts)

@@ -129,6 +129,7 @@ def test_choose_rule_keeps_a_given_window_and_weights(
     choice = choose_rule(
         graphs,
         bundle.latent_reference,
+        bundle.error_reference,
         holdout,
         graphs.run_in_batches(holdout),
         seed=0,
@@ -141,6 +142,7 @@ def test_choose_rule_keeps_a_given_window_and_weights(
     only_window = choose_rule(
         graphs,
         bundle.latent_reference,
+        bundle.error_reference,
         holdout,
         graphs.run_in_batches(holdout),
         seed=0,
@@ -162,6 +164,7 @@ def test_choose_rule_defaults_and_their_synthetic_auroc(
         return choose_rule(
             graphs,
             bundle.latent_reference,
+            bundle.error_reference,
             holdout,
             outputs,
             seed=0,
@@ -187,6 +190,7 @@ def test_calibrate_matches_the_bundle(
     choice = choose_rule(
         graphs,
         bundle.latent_reference,
+        bundle.error_reference,
         holdout,
         graphs.run_in_batches(holdout),
         seed=0,
@@ -195,6 +199,7 @@ def test_calibrate_matches_the_bundle(
     )
     calibration = calibrate(
         bundle.latent_reference,
+        bundle.error_reference,
         holdout,
         graphs.run_in_batches(holdout),
         choice,

@@ -12,7 +12,7 @@ from PIL import Image
 from service.bundle import FORMAT_VERSION, MANIFEST, load_bundle
 from service.preprocessing import list_image_files, load_image_file, stack
 from service.runtime import Scorer
-from service.scoring import SCORE_NAMES, LatentGrid, LatentReference
+from service.scoring import SCORE_NAMES, ErrorReference, LatentGrid, LatentReference
 from tests.conftest import DEMO_SIZE, TINY_FIT
 from training.calibrate import DEFAULT_WEIGHTS, default_window
 from training.config import FitConfig
@@ -27,7 +27,7 @@ def test_bundle_loads_and_self_tests(trained_bundle: Path) -> None:
     scorer.self_test()
     spec = scorer.manifest.input
     assert (spec.height, spec.width, spec.color_mode, spec.scale) == (32, 32, "RGB", 1 / 255)
-    assert scorer.manifest.format_version == FORMAT_VERSION == 4
+    assert scorer.manifest.format_version == FORMAT_VERSION == 5
     assert scorer.manifest.latent == LatentGrid(channels=2, rows=4, columns=4)
     assert scorer.manifest.latent_dim == 32
     golden = scorer.bundle.golden
@@ -92,7 +92,7 @@ def test_service_scores_held_out_images_as_calibrated(
     assert scored.is_anomaly.mean() <= 0.2
 
 
-def test_the_latent_reference_is_fitted_on_the_training_images(
+def test_the_latent_and_error_references_are_fitted_on_the_training_images(
     trained_bundle: Path, demo_data: Path
 ) -> None:
     bundle = load_bundle(trained_bundle)
@@ -100,12 +100,19 @@ def test_the_latent_reference_is_fitted_on_the_training_images(
     held_out = set(bundle.manifest.training["data"]["holdout_files"])
     train = [p for p in list_image_files(demo_data / "train" / "good") if p.name not in held_out]
     assert len(train) == bundle.manifest.training["data"]["n_train"]
-    mu = scorer.run_model(stack([load_image_file(p, bundle.manifest.input) for p in train])).mu
-    expected = LatentReference.fit(mu, bundle.manifest.latent)
+    images = stack([load_image_file(p, bundle.manifest.input) for p in train])
+    out = scorer.run_model(images)
+    expected = LatentReference.fit(out.mu, bundle.manifest.latent)
     np.testing.assert_allclose(bundle.latent_reference.mean, expected.mean, atol=1e-5)
     np.testing.assert_allclose(
         bundle.latent_reference.precision, expected.precision, rtol=1e-3, atol=1e-3
     )
+    # And the error reference: the training images' mean error maps, none of the held-out ones.
+    errors = ErrorReference.fit(images, out)
+    for name in ("squared_error", "defect_map", "coarse_error"):
+        np.testing.assert_allclose(
+            getattr(bundle.error_reference, name), getattr(errors, name), rtol=1e-4, atol=1e-7
+        )
 
 
 def test_a_fit_on_non_square_images_keeps_their_aspect_ratio(

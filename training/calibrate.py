@@ -21,7 +21,13 @@ import numpy as np
 import numpy.typing as npt
 
 from service.runtime import OnnxGraphs
-from service.scoring import Calibration, LatentReference, ModelOutputs, raw_scores
+from service.scoring import (
+    Calibration,
+    ErrorReference,
+    LatentReference,
+    ModelOutputs,
+    raw_scores,
+)
 from training.metrics import auroc
 from training.synth import synthesise_anomalies
 
@@ -65,6 +71,7 @@ def default_window(height: int, width: int) -> int:
 def choose_rule(
     graphs: OnnxGraphs,
     reference: LatentReference,
+    errors: ErrorReference,
     normal: F32Array,
     normal_out: ModelOutputs,
     *,
@@ -85,8 +92,9 @@ def choose_rule(
     weighting = dict(weights) if weights is not None else dict(DEFAULT_WEIGHTS)
     synthetic = synthesise_anomalies(normal, copies=SYNTHETIC_COPIES, seed=seed)
     labels = np.r_[np.zeros(normal.shape[0]), np.ones(synthetic.shape[0])]
-    normal_raw, _ = raw_scores(normal, normal_out, window, reference)
-    synthetic_raw, _ = raw_scores(synthetic, graphs.run_in_batches(synthetic), window, reference)
+    normal_raw, _ = raw_scores(normal, normal_out, window, reference, errors)
+    synthetic_out = graphs.run_in_batches(synthetic)
+    synthetic_raw, _ = raw_scores(synthetic, synthetic_out, window, reference, errors)
     calibration = Calibration.fit(
         normal_raw, weighting, target_false_alarm_rate=0.5, local_window=window
     )
@@ -101,6 +109,7 @@ def choose_rule(
 
 def calibrate(
     reference: LatentReference,
+    errors: ErrorReference,
     normal: F32Array,
     normal_out: ModelOutputs,
     choice: RuleChoice,
@@ -109,7 +118,7 @@ def calibrate(
 ) -> Calibration:
     """Fit the calibration of every score and the default threshold on held-out normals, from
     the graphs' outputs ``normal_out`` for them."""
-    raw, _ = raw_scores(normal, normal_out, choice.local_window, reference)
+    raw, _ = raw_scores(normal, normal_out, choice.local_window, reference, errors)
     return Calibration.fit(
         raw,
         choice.weights,

@@ -29,19 +29,27 @@ import torch
 
 from service.bundle import (
     BUNDLE_FILES,
+    ERROR_REFERENCE,
     GOLDEN,
     LATENT_REFERENCE,
     Golden,
     Manifest,
     compute_model_id,
     load_bundle,
+    write_error_reference,
     write_golden,
     write_latent_reference,
     write_manifest,
 )
 from service.preprocessing import InputSpec
 from service.runtime import OnnxGraphs, Scorer
-from service.scoring import Calibration, LatentBaseline, LatentGrid, LatentReference
+from service.scoring import (
+    Calibration,
+    ErrorReference,
+    LatentBaseline,
+    LatentGrid,
+    LatentReference,
+)
 from training.calibrate import RuleChoice, calibrate, choose_rule
 from training.config import FitConfig
 from training.data import (
@@ -191,8 +199,8 @@ def build_bundle(
     facts: Mapping[str, Any],
     overwrite: bool = False,
 ) -> Path:
-    """Export ``model``, fit the latent reference on ``train``, choose the rule, calibrate on
-    ``holdout`` and write a checked bundle.
+    """Export ``model``, fit the latent and error references on ``train``, choose the rule,
+    calibrate on ``holdout`` and write a checked bundle.
 
     The bundle is assembled in a staging folder next to ``out_dir`` and moved into place only
     after it has passed the service's own loading and self-test; on any failure nothing is left.
@@ -204,13 +212,18 @@ def build_bundle(
     try:
         graphs, parity = export_model(model, staging, holdout, threads=config.threads)
         grid = LatentGrid(model.cfg.latent_channels, *model.cfg.grid(spec.height, spec.width))
-        reference = LatentReference.fit(graphs.run_in_batches(train).mu, grid)
+        train_out = graphs.run_in_batches(train)
+        reference = LatentReference.fit(train_out.mu, grid)
+        errors = ErrorReference.fit(train, train_out)
+        del train_out
         holdout_out = graphs.run_in_batches(holdout)
         baseline = LatentBaseline.fit(holdout_out.mu)
         write_latent_reference(staging / LATENT_REFERENCE, reference, baseline)
+        write_error_reference(staging / ERROR_REFERENCE, errors)
         choice = choose_rule(
             graphs,
             reference,
+            errors,
             holdout,
             holdout_out,
             seed=config.seed,
@@ -225,6 +238,7 @@ def build_bundle(
         )
         calibration = calibrate(
             reference,
+            errors,
             holdout,
             holdout_out,
             choice,
