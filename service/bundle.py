@@ -69,7 +69,6 @@ HEAD_OUTPUT = "defect_map"
 COARSE_INPUT = "image"
 COARSE_OUTPUTS = ("coarse_input", "coarse_recon")
 GOLDEN_ARRAYS = ("inputs", "mu", "logvar", "recon", "defect_map", *COARSE_OUTPUTS)
-LATENT_ARRAYS = ("mean", "precision", "baseline_mean", "baseline_std", "baseline_count")
 ERROR_ARRAYS = ("squared_error", "defect_map", "coarse_error")
 
 
@@ -276,12 +275,26 @@ def write_latent_reference(
     )
 
 
-def _read_latent_reference(path: Path, grid: LatentGrid) -> tuple[LatentReference, LatentBaseline]:
+def _read_arrays(
+    path: Path, what: str, expected: Mapping[str, tuple[int, ...]], source: str
+) -> dict[str, npt.NDArray[np.float64]]:
+    """The arrays of an .npz reference file, each checked for its shape and finiteness."""
     try:
         with np.load(path, allow_pickle=False) as data:
-            arrays = {name: np.asarray(data[name], dtype=np.float64) for name in LATENT_ARRAYS}
+            arrays = {name: np.asarray(data[name], dtype=np.float64) for name in expected}
     except Exception as exc:
-        raise BundleError(f"cannot read the latent reference {path}: {exc}") from exc
+        raise BundleError(f"cannot read the {what} {path}: {exc}") from exc
+    for name, shape in expected.items():
+        if arrays[name].shape != shape:
+            raise BundleError(
+                f"{what} {path}: {name} has shape {arrays[name].shape}; {source} expects {shape}"
+            )
+        if not np.all(np.isfinite(arrays[name])):
+            raise BundleError(f"{what} {path}: {name} holds values that are not finite")
+    return arrays
+
+
+def _read_latent_reference(path: Path, grid: LatentGrid) -> tuple[LatentReference, LatentBaseline]:
     expected = {
         "mean": (grid.cells, grid.channels),
         "precision": (grid.cells, grid.channels, grid.channels),
@@ -289,14 +302,7 @@ def _read_latent_reference(path: Path, grid: LatentGrid) -> tuple[LatentReferenc
         "baseline_std": (grid.size,),
         "baseline_count": (),
     }
-    for name, shape in expected.items():
-        if arrays[name].shape != shape:
-            raise BundleError(
-                f"latent reference {path}: {name} has shape {arrays[name].shape}; the manifest's "
-                f"latent grid expects {shape}"
-            )
-        if not np.all(np.isfinite(arrays[name])):
-            raise BundleError(f"latent reference {path}: {name} holds values that are not finite")
+    arrays = _read_arrays(path, "latent reference", expected, "the manifest's latent grid")
     count = int(arrays["baseline_count"])
     if count < 2 or np.any(arrays["baseline_std"] < 0):
         raise BundleError(f"latent reference {path}: the baseline is not a valid spread")
@@ -312,24 +318,15 @@ def write_error_reference(path: Path, reference: ErrorReference) -> None:
 
 
 def _read_error_reference(path: Path, spec: InputSpec, coarse: tuple[int, int]) -> ErrorReference:
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {name: np.asarray(data[name], dtype=np.float64) for name in ERROR_ARRAYS}
-    except Exception as exc:
-        raise BundleError(f"cannot read the error reference {path}: {exc}") from exc
     expected = {
         "squared_error": (spec.height, spec.width),
         "defect_map": (spec.height, spec.width),
         "coarse_error": coarse,
     }
-    for name, shape in expected.items():
-        if arrays[name].shape != shape:
-            raise BundleError(
-                f"error reference {path}: {name} has shape {arrays[name].shape}; the input and "
-                f"the coarse model expect {shape}"
-            )
-        if not np.all(np.isfinite(arrays[name])) or np.any(arrays[name] < 0):
-            raise BundleError(f"error reference {path}: {name} holds negative or infinite values")
+    arrays = _read_arrays(path, "error reference", expected, "the input and the coarse model")
+    for name, values in arrays.items():
+        if np.any(values < 0):
+            raise BundleError(f"error reference {path}: {name} holds negative values")
     return ErrorReference(**arrays)
 
 
