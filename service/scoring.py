@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from statistics import NormalDist
 from typing import Any, Literal
 
@@ -255,21 +256,31 @@ class ErrorReference:
             anomaly_map(out.coarse_input, out.coarse_recon).mean(axis=0, dtype=np.float64),
         )
 
+    @cached_property
+    def _divisors(self) -> tuple[F64Array, F64Array, F64Array]:
+        """Each mean map plus its floor, computed once rather than for every batch."""
+
+        def floored(mean: F64Array) -> F64Array:
+            return mean + POSITION_FLOOR * float(mean.mean()) + _LOG_FLOOR
+
+        return floored(self.squared_error), floored(self.defect_map), floored(self.coarse_error)
+
     def relative(
         self, squared_error: FloatArray, defect_map: FloatArray, coarse: FloatArray
     ) -> tuple[F64Array, F64Array, F64Array]:
         """Each map ``(N, ...)`` divided by its reference (plus the floor)."""
+        local, defect, small = self._divisors
         return (
-            _relative(squared_error, self.squared_error),
-            _relative(defect_map, self.defect_map),
-            _relative(coarse, self.coarse_error),
+            _divided(squared_error, local),
+            _divided(defect_map, defect),
+            _divided(coarse, small),
         )
 
 
-def _relative(maps: FloatArray, mean: F64Array) -> F64Array:
-    if maps.shape[1:] != mean.shape:
-        raise ValueError(f"error maps of shape {maps.shape[1:]}; the reference has {mean.shape}")
-    return np.asarray(maps / (mean + POSITION_FLOOR * float(mean.mean()) + _LOG_FLOOR))
+def _divided(maps: FloatArray, divisor: F64Array) -> F64Array:
+    if maps.shape[1:] != divisor.shape:
+        raise ValueError(f"error maps of shape {maps.shape[1:]}; the reference has {divisor.shape}")
+    return np.asarray(maps / divisor)
 
 
 def coarse_window(coarse_map: npt.NDArray[np.floating[Any]]) -> int:
