@@ -44,6 +44,8 @@ ISSUE_KEYS = [
     "fit_seconds",
     "epochs",
 ]
+# Each remaining score's image AUROC alone, after the issue's keys (and in the mean row).
+SCORE_KEYS = ["auroc_local", "auroc_defect", "auroc_coarse"]
 HEADINGS = "| dataset | image AUROC | recon AUROC | KL AUROC | latent AUROC | pixel AUROC |"
 
 
@@ -69,10 +71,12 @@ def test_the_json_has_a_row_per_dataset_and_the_mean(
     table = json.loads((out / "benchmark.json").read_text(encoding="utf-8"))
     assert table == json.loads(json.dumps(rows))
     assert [row["dataset"] for row in table] == ["line_a/flange", "line_b/flange", MEAN]
-    assert list(table[-1]) == ISSUE_KEYS
+    assert list(table[-1]) == ISSUE_KEYS + SCORE_KEYS
     for row in table[:-1]:
-        assert list(row)[: len(ISSUE_KEYS)] == ISSUE_KEYS
+        assert list(row)[: len(ISSUE_KEYS) + len(SCORE_KEYS)] == ISSUE_KEYS + SCORE_KEYS
         for key in ("auroc_combined", "auroc_recon", "auroc_kl", "auroc_latent", "pixel_auroc"):
+            assert 0.0 <= row[key] <= 1.0, key
+        for key in SCORE_KEYS:
             assert 0.0 <= row[key] <= 1.0, key
         assert 0.0 <= row["tpr_at_threshold"] <= 1.0 and 0.0 <= row["fpr_at_threshold"] <= 1.0
         assert row["fit_seconds"] > 0
@@ -80,7 +84,7 @@ def test_the_json_has_a_row_per_dataset_and_the_mean(
         n_train = DEMO_SIZE["n_train"] - 5
         assert row["epochs"] == round(20 * 8 / n_train, 1) == 8.4
         assert set(row["auroc_by_type"]) == set(DEFECT_TYPES)
-    for key in ISSUE_KEYS[1:]:
+    for key in ISSUE_KEYS[1:] + SCORE_KEYS:
         expected = (table[0][key] + table[1][key]) / 2
         assert table[-1][key] == pytest.approx(expected, abs=1e-4), key
 
@@ -104,10 +108,20 @@ def test_the_markdown_has_a_row_per_dataset_and_the_mean(
     assert "image_size=32" in text and "max_steps=20" in text and "progress" not in text
     lines = [line for line in text.splitlines() if line.startswith("|")]
     assert lines[0].startswith(HEADINGS)
-    assert len(lines) == 2 + 3
     assert lines[2].startswith("| line_a/flange | ") and lines[3].startswith("| line_b/flange | ")
     assert lines[4].startswith(f"| **{MEAN}** | ")
     assert f"{rows[0]['auroc_combined']:.3f}" in lines[2]
+    # The second table: every score's image AUROC alone, named as the service names the scores.
+    assert "## Image AUROC of each score alone" in text
+    assert lines[5] == (
+        "| dataset | recon_error | kl | local_error | latent_distance | defect_probability"
+        " | coarse_error | combined |"
+    )
+    assert len(lines) == 2 * (2 + 3)
+    order = ["auroc_recon", "auroc_kl", "auroc_local", "auroc_latent", "auroc_defect"]
+    figures = [rows[0][key] for key in [*order, "auroc_coarse", "auroc_combined"]]
+    assert lines[7] == "| line_a/flange | " + " | ".join(f"{v:.3f}" for v in figures) + " |"
+    assert lines[9].startswith(f"| **{MEAN}** | ")
 
 
 def _row(name: str, auroc: float, pixel: float | None) -> dict[str, Any]:
@@ -122,6 +136,9 @@ def _row(name: str, auroc: float, pixel: float | None) -> dict[str, Any]:
         "fpr_at_threshold": 0.0,
         "fit_seconds": 12.0,
         "epochs": 10.0,
+        "auroc_local": 0.6,
+        "auroc_defect": auroc,
+        "auroc_coarse": 0.7,
         "steps": 100,
         "auroc_by_type": {"scratch": auroc},
     }
@@ -130,8 +147,9 @@ def _row(name: str, auroc: float, pixel: float | None) -> dict[str, Any]:
 def test_mean_row_skips_missing_pixel_aurocs() -> None:
     rows = [_row("a", 0.9, None), _row("b", 0.7, 0.8), _row("c", 0.8, None)]
     mean = mean_row(rows)
-    assert list(mean) == ISSUE_KEYS
+    assert list(mean) == ISSUE_KEYS + SCORE_KEYS
     assert mean["dataset"] == MEAN
+    assert mean["auroc_defect"] == pytest.approx(0.8)
     assert mean["auroc_combined"] == pytest.approx(0.8)
     assert mean["auroc_latent"] == pytest.approx(0.4)
     assert mean["pixel_auroc"] == 0.8  # the one dataset with masks
