@@ -69,7 +69,8 @@ HEAD_OUTPUT = "defect_map"
 COARSE_INPUT = "image"
 COARSE_OUTPUTS = ("coarse_input", "coarse_recon")
 GOLDEN_ARRAYS = ("inputs", "mu", "logvar", "recon", "defect_map", *COARSE_OUTPUTS)
-ERROR_ARRAYS = ("squared_error", "defect_map", "coarse_error")
+# The error reference's arrays are its fields, by name.
+ERROR_ARRAYS = tuple(f.name for f in fields(ErrorReference))
 
 
 class BundleError(RuntimeError):

@@ -14,6 +14,7 @@ import pytest
 from service.bundle import (
     BUNDLE_FILES,
     COARSE,
+    ERROR_ARRAYS,
     ERROR_REFERENCE,
     FORMAT_VERSION,
     GOLDEN,
@@ -143,11 +144,7 @@ def test_a_bad_error_reference_is_refused(bundle_copy: Path, change: str, match:
     if change == "not an npz":
         path.write_bytes(b"not an npz file")
     else:
-        arrays = {
-            "squared_error": errors.squared_error,
-            "defect_map": errors.defect_map,
-            "coarse_error": errors.coarse_error,
-        }
+        arrays = {name: getattr(errors, name) for name in ERROR_ARRAYS}
         if change == "local shape":
             arrays["squared_error"] = arrays["squared_error"][:-1]
         elif change == "coarse shape":

@@ -168,10 +168,8 @@ def test_an_error_every_normal_part_shows_there_is_discounted_where_it_lies() ->
     assert stripe_only["recon_error"][0] < with_spot["recon_error"][0]
     # ... but only the spot is far above what good parts show where it lies.
     assert stripe_only["local_error"][0] < 1.0 < with_spot["local_error"][0]
-    assert tuple(int(i) for i in np.unravel_index(np.argmax(parts.squared_error[0]), (16, 16))) == (
-        8,
-        12,
-    )
+    row, column = np.unravel_index(np.argmax(parts.squared_error[0]), (16, 16))
+    assert (int(row), int(column)) == (8, 12)
 
 
 def test_an_error_reference_of_another_shape_is_refused() -> None:

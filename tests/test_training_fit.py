@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.bundle import FORMAT_VERSION, MANIFEST, load_bundle
+from service.bundle import ERROR_ARRAYS, FORMAT_VERSION, MANIFEST, load_bundle
 from service.preprocessing import list_image_files, load_image_file, stack
 from service.runtime import Scorer
 from service.scoring import SCORE_NAMES, ErrorReference, LatentGrid, LatentReference
@@ -109,7 +109,7 @@ def test_the_latent_and_error_references_are_fitted_on_the_training_images(
     )
     # And the error reference: the training images' mean error maps, none of the held-out ones.
     errors = ErrorReference.fit(images, out)
-    for name in ("squared_error", "defect_map", "coarse_error"):
+    for name in ERROR_ARRAYS:
         np.testing.assert_allclose(
             getattr(bundle.error_reference, name), getattr(errors, name), rtol=1e-4, atol=1e-7
         )
