@@ -39,7 +39,9 @@ from service.scoring import (
 #    (a format-3 calibration's threshold and held-out combined scores are sums).
 # 5: and the error reference (error_reference.npz): the local, defect and coarse maps are read
 #    relative to normal images' mean there.
-FORMAT_VERSION = 5
+# 6: each score's calibration holds the median and the scaled median absolute deviation of its
+#    held-out logs (log_centre, log_scale), not their mean and standard deviation.
+FORMAT_VERSION = 6
 MANIFEST = "manifest.json"
 ENCODER = "encoder.onnx"
 DECODER = "decoder.onnx"

@@ -63,6 +63,8 @@ COARSE_WINDOW_DIVISOR = 8
 # Each error map is divided by the normal images' mean there plus this share of its image-wide
 # mean, so that positions normal parts never err at do not turn noise into evidence.
 POSITION_FLOOR = 0.1
+# The median absolute deviation of Gaussian data times this is their standard deviation.
+MAD_TO_STD = 1.4826
 
 
 @dataclass(frozen=True)
@@ -370,11 +372,17 @@ def empirical_p_values(reference_sorted: F64Array, scores: F64Array) -> F64Array
 
 @dataclass(frozen=True)
 class ScoreCalibration:
-    """Held-out normal values of one score, sorted, and the moments of their logarithm."""
+    """Held-out normal values of one score, sorted, and the centre and scale of their logarithm.
+
+    The centre is the median and the scale the median absolute deviation (times 1.4826, the
+    standard deviation for Gaussian data): a few parts in the "good" folder that are not good, a
+    common sight in a factory's data, do not shift them the way they shift a mean and a standard
+    deviation. Where more than half the held-out logs tie the deviation is 0, and the scale is
+    their standard deviation instead."""
 
     values: tuple[float, ...]
-    log_mean: float
-    log_std: float
+    log_centre: float
+    log_scale: float
 
     @classmethod
     def fit(cls, values: F64Array) -> ScoreCalibration:
@@ -382,15 +390,19 @@ class ScoreCalibration:
         if values.size < 2 or not np.all(np.isfinite(values)):
             raise ValueError(f"calibration needs at least 2 finite scores, got {values.tolist()!r}")
         logs = np.log(np.maximum(values, _LOG_FLOOR))
+        centre = float(np.median(logs))
+        scale = MAD_TO_STD * float(np.median(np.abs(logs - centre)))
+        if scale <= 0.0:
+            scale = float(logs.std(ddof=1))
         return cls(
             values=tuple(float(v) for v in np.sort(values)),
-            log_mean=float(logs.mean()),
-            log_std=float(max(logs.std(ddof=1), 1e-6)),
+            log_centre=centre,
+            log_scale=max(scale, 1e-6),
         )
 
     def standardise(self, scores: F64Array) -> F64Array:
-        """``(log(s) - mean) / std`` of the held-out log scores."""
-        return (np.log(np.maximum(scores, _LOG_FLOOR)) - self.log_mean) / self.log_std
+        """``(log(s) - centre) / scale`` of the held-out log scores."""
+        return (np.log(np.maximum(scores, _LOG_FLOOR)) - self.log_centre) / self.log_scale
 
     def p_values(self, scores: F64Array) -> F64Array:
         """Conformal p-values against the held-out values."""
@@ -476,9 +488,9 @@ class Calibration:
         combined_values = _combine(per_score, weights, raw)
         sorted_combined = np.sort(combined_values)
         # Combined scores can be negative, so the calibration keeps their raw moments for the
-        # normal-tail threshold; its log moments are unused.
+        # normal-tail threshold; its log centre and scale are unused.
         combined = ScoreCalibration(
-            values=tuple(float(v) for v in sorted_combined), log_mean=0.0, log_std=1.0
+            values=tuple(float(v) for v in sorted_combined), log_centre=0.0, log_scale=1.0
         )
         rule = threshold_for_rate(sorted_combined, target_false_alarm_rate)
         return cls(per_score, dict(weights), combined, rule, local_window, dict(extra or {}))
@@ -535,7 +547,11 @@ class Calibration:
         """JSON-ready form, as stored in the manifest."""
         return {
             "scores": {
-                name: {"values": list(c.values), "log_mean": c.log_mean, "log_std": c.log_std}
+                name: {
+                    "values": list(c.values),
+                    "log_centre": c.log_centre,
+                    "log_scale": c.log_scale,
+                }
                 for name, c in self.scores.items()
             },
             "weights": dict(self.weights),
@@ -555,8 +571,8 @@ class Calibration:
         scores = {
             name: ScoreCalibration(
                 values=tuple(float(v) for v in entry["values"]),
-                log_mean=float(entry["log_mean"]),
-                log_std=float(entry["log_std"]),
+                log_centre=float(entry["log_centre"]),
+                log_scale=float(entry["log_scale"]),
             )
             for name, entry in data["scores"].items()
         }
@@ -570,7 +586,9 @@ class Calibration:
             scores=scores,
             weights={k: float(v) for k, v in data["weights"].items()},
             combined=ScoreCalibration(
-                values=tuple(float(v) for v in data["combined_values"]), log_mean=0.0, log_std=1.0
+                values=tuple(float(v) for v in data["combined_values"]),
+                log_centre=0.0,
+                log_scale=1.0,
             ),
             rule=DecisionRule(
                 float(rule["threshold"]), float(rule["target_false_alarm_rate"]), rule["method"]

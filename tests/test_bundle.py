@@ -243,7 +243,7 @@ def test_a_format_1_bundle_without_the_new_files_gets_the_retrain_message(
 @pytest.mark.parametrize(
     ("changes", "match"),
     [
-        ({"format_version": 99}, "format_version is 99; this software reads 5$"),
+        ({"format_version": 99}, "format_version is 99; this software reads 6$"),
         ({"latent_grid": {"channels": 2, "rows": 3, "columns": 4}}, "does not give latent_dim"),
         ({"latent_grid": {"channels": 2}}, "manifest is malformed"),
         ({"latent_dim": "many"}, "manifest is malformed"),

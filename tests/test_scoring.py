@@ -274,7 +274,7 @@ def test_the_combined_score_is_the_soft_maximum_of_the_weighted_standardised_sco
     # out on the coarse error alone scores about as high as on the coarse error with nothing else,
     # where a sum would have pulled it back below the held-out images.
     coarse = calibration.scores["coarse_error"]
-    far, very_normal = coarse.log_std * 3.0 + coarse.log_mean, -6.0
+    far, very_normal = coarse.log_scale * 3.0 + coarse.log_centre, -6.0
     image = dict(raw, coarse_error=np.exp([far]), local_error=np.exp([very_normal]))
     combined = float(calibration.combine(image)[0])
     assert combined == pytest.approx(6.0, abs=1e-3)
@@ -348,6 +348,30 @@ def test_p_values_are_uniform_on_normal_data() -> None:
     )
     for alpha in (0.01, 0.05, 0.1, 0.5):
         assert np.mean(p <= alpha) == pytest.approx(alpha, abs=0.01)
+
+
+def test_standardisation_is_robust_to_a_few_bad_parts_among_the_held_out_images() -> None:
+    rng = np.random.default_rng(4)
+    logs = rng.normal(1.0, 0.5, 2000)
+    clean = ScoreCalibration.fit(np.exp(logs))
+    # On Gaussian logs the centre and scale are the mean and standard deviation.
+    assert clean.log_centre == pytest.approx(1.0, abs=0.03)
+    assert clean.log_scale == pytest.approx(0.5, abs=0.03)
+    # 2% of the "good" images are defective parts scoring far out: the centre and scale hardly
+    # move, so a defect like them still stands out, where the standard deviation would triple.
+    spoilt = np.r_[logs, np.full(40, 8.0)]
+    robust = ScoreCalibration.fit(np.exp(spoilt))
+    assert robust.log_centre == pytest.approx(clean.log_centre, abs=0.02)
+    assert robust.log_scale == pytest.approx(clean.log_scale, rel=0.05)
+    assert spoilt.std(ddof=1) > 2.0 * clean.log_scale
+    assert float(robust.standardise(np.exp(np.array([8.0])))[0]) > 12.0
+
+
+def test_standardisation_falls_back_to_the_standard_deviation_when_most_values_tie() -> None:
+    values = np.array([2.0, 2.0, 2.0, 3.0, 5.0])
+    calibration = ScoreCalibration.fit(values)
+    assert calibration.log_centre == pytest.approx(np.log(2.0))
+    assert calibration.log_scale == pytest.approx(np.log(values).std(ddof=1))
 
 
 def test_threshold_is_conformal_with_enough_images_and_gaussian_otherwise() -> None:
