@@ -41,7 +41,9 @@ from service.scoring import (
 #    relative to normal images' mean there.
 # 6: each score's calibration holds the median and the scaled median absolute deviation of its
 #    held-out logs (log_centre, log_scale), not their mean and standard deviation.
-FORMAT_VERSION = 6
+# 7: and the latent reference's mean distance per cell (mean_distance): latent_distance is read
+#    relative to the training images' mean distance there.
+FORMAT_VERSION = 7
 MANIFEST = "manifest.json"
 ENCODER = "encoder.onnx"
 DECODER = "decoder.onnx"
@@ -272,6 +274,7 @@ def write_latent_reference(
         path,
         mean=reference.mean,
         precision=reference.precision,
+        mean_distance=reference.mean_distance,
         baseline_mean=baseline.mean,
         baseline_std=baseline.std,
         baseline_count=np.array(baseline.count),
@@ -301,6 +304,7 @@ def _read_latent_reference(path: Path, grid: LatentGrid) -> tuple[LatentReferenc
     expected = {
         "mean": (grid.cells, grid.channels),
         "precision": (grid.cells, grid.channels, grid.channels),
+        "mean_distance": (grid.rows, grid.columns),
         "baseline_mean": (grid.size,),
         "baseline_std": (grid.size,),
         "baseline_count": (),
@@ -309,8 +313,10 @@ def _read_latent_reference(path: Path, grid: LatentGrid) -> tuple[LatentReferenc
     count = int(arrays["baseline_count"])
     if count < 2 or np.any(arrays["baseline_std"] < 0):
         raise BundleError(f"latent reference {path}: the baseline is not a valid spread")
+    if np.any(arrays["mean_distance"] < 0):
+        raise BundleError(f"latent reference {path}: mean_distance holds negative values")
     return (
-        LatentReference(grid, arrays["mean"], arrays["precision"]),
+        LatentReference(grid, arrays["mean"], arrays["precision"], arrays["mean_distance"]),
         LatentBaseline(arrays["baseline_mean"], arrays["baseline_std"], count),
     )
 

@@ -6,16 +6,16 @@ Raw scores per image (all grow with how anomalous the image looks):
 - ``local_error``: the highest mean of the squared-error map over any ``window x window`` square;
 - ``latent_distance``: the largest mean, over any ``3 x 3`` cells of the latent grid, of the
   Mahalanobis distance of a cell's posterior mean from the posterior means of normal training
-  images at that cell (:class:`LatentReference`);
+  images at that cell, relative to those images' mean distance there (:class:`LatentReference`);
 - ``defect_probability``: the highest mean of the defect head's per-pixel anomaly probability
   over any ``window x window`` square;
 - ``coarse_error``: the highest mean of the coarse VAE's squared-error map (at its own, lower
   resolution) over any square of an eighth of its shorter side: large defects, which the local
   model redraws, are what the coarse model cannot.
 
-The three maps behind ``local_error``, ``defect_probability`` and ``coarse_error`` are read
-relative to the training images' mean map (:class:`ErrorReference`): each position's value over
-what normal parts show there.
+The four maps behind ``local_error``, ``latent_distance``, ``defect_probability`` and
+``coarse_error`` are read relative to the training images' mean map (:class:`ErrorReference`,
+:class:`LatentReference`): each position's value over what normal parts show there.
 
 Calibration, fitted on held-out normal images, turns each raw score into a p-value (the share of
 held-out normal scores at least as high, conformal style: ``(1 + #{cal >= s}) / (n + 1)``), defines
@@ -60,11 +60,15 @@ LATENT_RIDGE = 1e-3
 LATENT_WINDOW = 3
 # coarse_error's window is the coarse map's shorter side over this.
 COARSE_WINDOW_DIVISOR = 8
-# Each error map is divided by the normal images' mean there plus this share of its image-wide
-# mean, so that positions normal parts never err at do not turn noise into evidence.
+# Each error (and latent distance) map is divided by the normal images' mean there plus this
+# share of its image-wide mean, so that positions normal parts never err at do not turn noise
+# into evidence.
 POSITION_FLOOR = 0.1
 # The median absolute deviation of Gaussian data times this is their standard deviation.
 MAD_TO_STD = 1.4826
+# Held-out combined scores more than this many robust standard deviations above their median
+# are parts in the "good" folder that do not look good: the threshold is set without them.
+OUTLIER_DEVIATIONS = 4.0
 
 
 @dataclass(frozen=True)
@@ -105,19 +109,25 @@ class LatentGrid:
 
 @dataclass(frozen=True)
 class LatentReference:
-    """A Gaussian of the normal posterior means at each latent cell.
+    """A Gaussian of the normal posterior means at each latent cell, and how far from it the
+    normal images' own posterior means lie there.
 
-    Fitted on the training images; ``latent_distance`` is the largest Mahalanobis distance of a
-    cell's posterior mean from its cell's Gaussian.
+    Fitted on the training images. ``latent_distance`` reads each cell's Mahalanobis distance
+    from its cell's Gaussian relative to the training images' mean distance at that cell (plus
+    ``POSITION_FLOOR`` times its grid-wide mean), as the error maps are read: a cell whose
+    normal parts vary in ways the shrunk covariance does not capture (an edge, a busbar, a
+    texture) is discounted, and the same distance where normal parts agree stands out.
     """
 
     grid: LatentGrid
     mean: F64Array  # (cells, channels)
     precision: F64Array  # (cells, channels, channels)
+    mean_distance: F64Array  # (rows, columns), the training images' mean distance per cell
 
     @classmethod
     def fit(cls, mu: FloatArray, grid: LatentGrid) -> LatentReference:
-        """Per-cell means and shrunk covariances of the posterior means ``mu (N, D)``."""
+        """Per-cell means, shrunk covariances and mean distances of the posterior means
+        ``mu (N, D)``."""
         if mu.ndim != 2 or mu.shape[1] != grid.size or mu.shape[0] < 2:
             raise ValueError(f"latent reference needs (N >= 2, {grid.size}) means, got {mu.shape}")
         cells = grid.cell_vectors(mu)  # (N, P, k)
@@ -130,14 +140,36 @@ class LatentReference:
         )
         ridge = LATENT_RIDGE * np.eye(grid.channels)
         covariance = (1 - LATENT_SHRINKAGE) * per_cell + LATENT_SHRINKAGE * pooled + ridge
-        return cls(grid, mean, np.linalg.inv(covariance))
+        precision = np.linalg.inv(covariance)
+        distances = _mahalanobis(grid, cells - mean, precision)
+        return cls(grid, mean, precision, distances.mean(axis=0))
 
     def distance_map(self, mu: FloatArray) -> F64Array:
         """Mahalanobis distance of each cell's posterior mean: ``(N, D) -> (N, rows, columns)``."""
-        centred = self.grid.cell_vectors(mu) - self.mean
-        squared = np.einsum("npi,pij,npj->np", centred, self.precision, centred)
-        distance = np.sqrt(np.maximum(squared, 0.0))
-        return np.asarray(distance, dtype=np.float64).reshape(-1, self.grid.rows, self.grid.columns)
+        return _mahalanobis(self.grid, self.grid.cell_vectors(mu) - self.mean, self.precision)
+
+    @cached_property
+    def _divisor(self) -> F64Array:
+        return floored_mean(self.mean_distance)
+
+    def relative_distance_map(self, mu: FloatArray) -> F64Array:
+        """Each cell's distance over the training images' mean distance there (plus the floor):
+        ``(N, D) -> (N, rows, columns)``; what ``latent_distance`` reads."""
+        return _divided(self.distance_map(mu), self._divisor)
+
+
+def _mahalanobis(grid: LatentGrid, centred: F64Array, precision: F64Array) -> F64Array:
+    """``(N, cells, channels)`` deviations -> their distances ``(N, rows, columns)``."""
+    squared = np.einsum("npi,pij,npj->np", centred, precision, centred)
+    distance = np.sqrt(np.maximum(squared, 0.0))
+    return np.asarray(distance, dtype=np.float64).reshape(-1, grid.rows, grid.columns)
+
+
+def floored_mean(mean: F64Array) -> F64Array:
+    """A normal images' mean map plus ``POSITION_FLOOR`` times its map-wide mean: the divisor
+    that reads a map relative to normal images, without turning noise where they show nothing
+    into evidence."""
+    return np.asarray(mean + POSITION_FLOOR * float(mean.mean()) + _LOG_FLOOR)
 
 
 @dataclass(frozen=True)
@@ -220,7 +252,7 @@ class MapParts:
 
     squared_error: F64Array  # (N, H, W), relative to normal images' (ErrorReference)
     defect_map: F64Array  # (N, H, W), the defect head's probabilities, relative likewise
-    latent_distance: F64Array  # (N, rows, columns), per latent cell
+    latent_distance: F64Array  # (N, rows, columns), per latent cell, relative likewise
     coarse_error: F64Array  # (N, H/f, W/f), the coarse VAE's squared error, relative likewise
 
     def rows(self, index: slice) -> MapParts:
@@ -261,11 +293,11 @@ class ErrorReference:
     @cached_property
     def _divisors(self) -> tuple[F64Array, F64Array, F64Array]:
         """Each mean map plus its floor, computed once rather than for every batch."""
-
-        def floored(mean: F64Array) -> F64Array:
-            return mean + POSITION_FLOOR * float(mean.mean()) + _LOG_FLOOR
-
-        return floored(self.squared_error), floored(self.defect_map), floored(self.coarse_error)
+        return (
+            floored_mean(self.squared_error),
+            floored_mean(self.defect_map),
+            floored_mean(self.coarse_error),
+        )
 
     def relative(
         self, squared_error: FloatArray, defect_map: FloatArray, coarse: FloatArray
@@ -279,7 +311,7 @@ class ErrorReference:
         )
 
 
-def _divided(maps: FloatArray, divisor: F64Array) -> F64Array:
+def _divided(maps: npt.NDArray[np.floating[Any]], divisor: F64Array) -> F64Array:
     if maps.shape[1:] != divisor.shape:
         raise ValueError(f"error maps of shape {maps.shape[1:]}; the reference has {divisor.shape}")
     return np.asarray(maps / divisor)
@@ -297,10 +329,11 @@ def raw_scores(
     reference: LatentReference,
     errors: ErrorReference,
 ) -> tuple[dict[str, F64Array], MapParts]:
-    """All raw scores of a batch, and the parts its anomaly maps are made of: the local, defect
-    and coarse maps relative to normal images' mean there (:class:`ErrorReference`)."""
+    """All raw scores of a batch, and the parts its anomaly maps are made of: the local, latent,
+    defect and coarse maps relative to normal images' mean there (:class:`ErrorReference`,
+    :class:`LatentReference`)."""
     squared_error = anomaly_map(x, out.recon)
-    distances = reference.distance_map(out.mu)
+    distances = reference.relative_distance_map(out.mu)
     local, defect, coarse = errors.relative(
         squared_error, out.defect_map, anomaly_map(out.coarse_input, out.coarse_recon)
     )
@@ -411,33 +444,53 @@ class ScoreCalibration:
 
 @dataclass(frozen=True)
 class DecisionRule:
-    """``is_anomaly = combined >= threshold``, with the rate and method that set the threshold."""
+    """``is_anomaly = combined >= threshold``, with the rate and method that set the threshold
+    and how many held-out values were left out as outliers before setting it."""
 
     threshold: float
     target_false_alarm_rate: float
     method: ThresholdMethod
+    outliers: int = 0
+
+
+def without_outliers(combined_sorted: F64Array) -> F64Array:
+    """The sorted held-out combined scores less those more than ``OUTLIER_DEVIATIONS`` robust
+    standard deviations (``MAD_TO_STD`` times the median absolute deviation) above their median.
+
+    Where more than half the values tie (a deviation of 0) nothing is left out."""
+    centre = float(np.median(combined_sorted))
+    scale = MAD_TO_STD * float(np.median(np.abs(combined_sorted - centre)))
+    if scale <= 0.0:
+        return combined_sorted
+    kept = combined_sorted[combined_sorted <= centre + OUTLIER_DEVIATIONS * scale]
+    return np.asarray(kept, dtype=np.float64)
 
 
 def threshold_for_rate(combined_sorted: F64Array, rate: float) -> DecisionRule:
     """Threshold on the combined score giving false-alarm rate ``rate`` on normal images.
 
-    Conformal when the held-out set is large enough: the ``ceil((n + 1)(1 - rate))``-th smallest
-    held-out value, which bounds the false-alarm rate by ``rate``. With fewer than
-    ``1 / rate - 1`` held-out images that order statistic does not exist, and the threshold comes
-    from a Gaussian fit of the held-out combined scores instead (method ``normal_tail``).
+    Held-out values far above the rest (:func:`without_outliers`) are left out first: a few
+    parts in the "good" folder that are not good would otherwise raise the threshold for every
+    part (a Gaussian fit's standard deviation grows with them). On the ``n`` values kept, the
+    threshold is conformal when ``n`` is large enough: the ``ceil((n + 1)(1 - rate))``-th
+    smallest, which bounds the false-alarm rate by ``rate``. With fewer than ``1 / rate - 1``
+    values that order statistic does not exist, and the threshold comes from a Gaussian fit of
+    the values kept instead (method ``normal_tail``).
     """
     if not 0.0 < rate < 1.0 or not math.isfinite(rate):
         raise ValueError(f"target false-alarm rate is {rate}; expected a number in (0, 1)")
-    n = combined_sorted.shape[0]
+    kept = without_outliers(combined_sorted)
+    outliers = int(combined_sorted.shape[0] - kept.shape[0])
+    n = kept.shape[0]
     k = math.ceil((n + 1) * (1.0 - rate))
     if k <= n:
-        return DecisionRule(float(combined_sorted[k - 1]), rate, "empirical")
-    mean = float(combined_sorted.mean())
-    std = float(max(combined_sorted.std(ddof=1), 1e-6))
+        return DecisionRule(float(kept[k - 1]), rate, "empirical", outliers)
+    mean = float(kept.mean())
+    std = float(max(kept.std(ddof=1), 1e-6))
     # The upper quantile by symmetry, -inv_cdf(rate): 1.0 - rate rounds to 1.0 for rates below
     # ~1.1e-16, where inv_cdf(1.0 - rate) fails; inv_cdf(rate) holds down to the smallest double.
     z = -NormalDist().inv_cdf(rate)
-    return DecisionRule(mean + std * z, rate, "normal_tail")
+    return DecisionRule(mean + std * z, rate, "normal_tail", outliers)
 
 
 @dataclass(frozen=True)
@@ -560,6 +613,7 @@ class Calibration:
                 "threshold": self.rule.threshold,
                 "target_false_alarm_rate": self.rule.target_false_alarm_rate,
                 "method": self.rule.method,
+                "outliers": self.rule.outliers,
             },
             "local_window": self.local_window,
             "extra": dict(self.extra),
@@ -591,7 +645,10 @@ class Calibration:
                 log_scale=1.0,
             ),
             rule=DecisionRule(
-                float(rule["threshold"]), float(rule["target_false_alarm_rate"]), rule["method"]
+                float(rule["threshold"]),
+                float(rule["target_false_alarm_rate"]),
+                rule["method"],
+                int(rule["outliers"]),
             ),
             local_window=int(data["local_window"]),
             extra=dict(data.get("extra", {})),

@@ -219,6 +219,7 @@ def model_info(model: LoadedModel, limits: Limits, drift: DriftSettings) -> pb.M
             threshold=rule.threshold,
             target_false_alarm_rate=rule.target_false_alarm_rate,
             method=rule.method,
+            outliers_left_out=rule.outliers,
         ),
         calibration_size=model.calibration_size,
         trained_at=manifest.created_at,

@@ -7,6 +7,7 @@ import shutil
 import tarfile
 from dataclasses import fields, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -123,7 +124,9 @@ def test_the_model_id_ignores_the_manifest_and_golden(bundle_copy: Path) -> None
 def test_a_changed_latent_reference_is_refused_by_the_model_id(bundle_copy: Path) -> None:
     bundle = load_bundle(bundle_copy)
     reference = bundle.latent_reference
-    shifted = LatentReference(reference.grid, reference.mean + 0.5, reference.precision)
+    shifted = LatentReference(
+        reference.grid, reference.mean + 0.5, reference.precision, reference.mean_distance
+    )
     write_latent_reference(bundle_copy / LATENT_REFERENCE, shifted, bundle.latent_baseline)
     with pytest.raises(BundleError, match="changed or corrupted after export"):
         load_bundle(bundle_copy)
@@ -172,8 +175,11 @@ def _rehash(bundle: Path) -> None:
         ("mean shape", "latent reference .*: mean has shape"),
         ("precision shape", "latent reference .*: precision has shape"),
         ("baseline shape", "latent reference .*: baseline_std has shape"),
+        ("distance shape", "latent reference .*: mean_distance has shape"),
+        ("missing distance", "cannot read the latent reference"),
         ("not finite", "not finite"),
         ("negative spread", "not a valid spread"),
+        ("negative distance", "mean_distance holds negative values"),
         ("not an npz", "cannot read the latent reference"),
     ],
 )
@@ -181,6 +187,7 @@ def test_a_bad_latent_reference_is_refused(bundle_copy: Path, change: str, match
     bundle = load_bundle(bundle_copy)
     reference, baseline = bundle.latent_reference, bundle.latent_baseline
     mean, precision, std = reference.mean, reference.precision, baseline.std
+    distance: np.ndarray | None = reference.mean_distance
     path = bundle_copy / LATENT_REFERENCE
     if change == "mean shape":
         mean = mean[:-1]
@@ -193,23 +200,31 @@ def test_a_bad_latent_reference_is_refused(bundle_copy: Path, change: str, match
         mean[0, 0] = np.nan
     elif change == "negative spread":
         std = -std
+    elif change == "distance shape":
+        distance = reference.mean_distance[:-1]
+    elif change == "missing distance":  # a format-6 reference
+        distance = None
+    elif change == "negative distance":
+        distance = -reference.mean_distance - 1.0
     if change == "not an npz":
         path.write_bytes(b"not an npz file")
     else:
-        np.savez(
-            path,
-            mean=mean,
-            precision=precision,
-            baseline_mean=baseline.mean,
-            baseline_std=std,
-            baseline_count=np.array(baseline.count),
-        )
+        arrays: dict[str, Any] = {
+            "mean": mean,
+            "precision": precision,
+            "baseline_mean": baseline.mean,
+            "baseline_std": std,
+            "baseline_count": np.array(baseline.count),
+        }
+        if distance is not None:
+            arrays["mean_distance"] = distance
+        np.savez(path, **arrays)
     _rehash(bundle_copy)
     with pytest.raises(BundleError, match=match):
         load_bundle(bundle_copy)
 
 
-@pytest.mark.parametrize("old", [1, 2, 3, 4])
+@pytest.mark.parametrize("old", [1, 2, 3, 4, 5, 6])
 def test_an_older_bundle_is_refused_saying_to_retrain(bundle_copy: Path, old: int) -> None:
     _edit_manifest(bundle_copy, format_version=old)
     with pytest.raises(BundleError) as info:
@@ -243,7 +258,7 @@ def test_a_format_1_bundle_without_the_new_files_gets_the_retrain_message(
 @pytest.mark.parametrize(
     ("changes", "match"),
     [
-        ({"format_version": 99}, "format_version is 99; this software reads 6$"),
+        ({"format_version": 99}, "format_version is 99; this software reads 7$"),
         ({"latent_grid": {"channels": 2, "rows": 3, "columns": 4}}, "does not give latent_dim"),
         ({"latent_grid": {"channels": 2}}, "manifest is malformed"),
         ({"latent_dim": "many"}, "manifest is malformed"),

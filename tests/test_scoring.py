@@ -13,6 +13,8 @@ from service.scoring import (
     LATENT_RIDGE,
     LATENT_SHRINKAGE,
     LATENT_WINDOW,
+    MAD_TO_STD,
+    OUTLIER_DEVIATIONS,
     POSITION_FLOOR,
     SCORE_NAMES,
     Calibration,
@@ -31,6 +33,7 @@ from service.scoring import (
     raw_scores,
     threshold_for_rate,
     window_max,
+    without_outliers,
 )
 
 GRID = LatentGrid(channels=3, rows=2, columns=4)
@@ -114,7 +117,8 @@ def test_raw_scores_are_every_score_by_its_definition() -> None:
     normal_squared = ((normal_x - normal_out.recon) ** 2).mean(axis=1).mean(axis=0)
     local = _relative(squared, normal_squared)
     np.testing.assert_allclose(raw["local_error"], window_max(local, 3), rtol=1e-6)
-    distances = reference.distance_map(out.mu)
+    # The latent distances are read relative to the training images' mean distance per cell.
+    distances = _relative(reference.distance_map(out.mu), reference.mean_distance)
     # The largest mean distance over LATENT_WINDOW x LATENT_WINDOW cells, by brute force.
     k = min(LATENT_WINDOW, GRID.rows, GRID.columns)
     means = [
@@ -122,7 +126,7 @@ def test_raw_scores_are_every_score_by_its_definition() -> None:
         for r in range(GRID.rows - k + 1)
         for c in range(GRID.columns - k + 1)
     ]
-    np.testing.assert_allclose(raw["latent_distance"], np.max(means, axis=0), rtol=1e-12)
+    np.testing.assert_allclose(raw["latent_distance"], np.max(means, axis=0), rtol=1e-9)
     defect = _relative(out.defect_map, normal_out.defect_map.mean(axis=0))
     np.testing.assert_allclose(raw["defect_probability"], window_max(defect, 3), rtol=1e-6)
     coarse = _relative(  # (3, 8, 16)
@@ -134,7 +138,7 @@ def test_raw_scores_are_every_score_by_its_definition() -> None:
     # What the anomaly map is made of: the four local evidences, as computed for the scores.
     np.testing.assert_allclose(parts.squared_error, local, rtol=1e-6)
     np.testing.assert_allclose(parts.defect_map, defect, rtol=1e-6)
-    np.testing.assert_array_equal(parts.latent_distance, distances)
+    np.testing.assert_allclose(parts.latent_distance, distances, rtol=1e-9)
     np.testing.assert_allclose(parts.coarse_error, coarse, rtol=1e-6)
 
 
@@ -313,6 +317,37 @@ def test_a_cell_far_from_its_reference_has_the_largest_distance() -> None:
     np.testing.assert_array_equal(np.delete(after.ravel(), cell), np.delete(before.ravel(), cell))
 
 
+def test_a_latent_cell_where_normal_parts_vary_is_discounted() -> None:
+    """A cell whose normal posteriors spread widely (an edge, a texture) is as far from its
+    Gaussian on a good part as a small change of a steady cell is; read relative to the normal
+    images' mean distance there, only the change stands out."""
+    rng = np.random.default_rng(5)
+    scales = np.full((GRID.cells, GRID.channels), 0.3)
+    scales[0] = 3.0  # cell 0 varies ten times as much as the others on good parts
+    vectors = scales * rng.standard_normal((200, GRID.cells, GRID.channels))
+    train = vectors.transpose(0, 2, 1).reshape(200, GRID.size).astype(np.float32)
+    reference = LatentReference.fit(train, GRID)
+    assert reference.mean_distance.shape == (GRID.rows, GRID.columns)
+    np.testing.assert_allclose(
+        reference.mean_distance, reference.distance_map(train).mean(axis=0), rtol=1e-12
+    )
+    good = train[:1].copy()
+    changed = good.copy()
+    steady = 5
+    changed[0, steady :: GRID.cells] += 2.0  # every channel of the steady cell
+    # By distance alone, the good part's widely varying cell is as far out as the change ...
+    assert reference.distance_map(good).max() > reference.distance_map(changed)[0].flat[steady]
+    # ... relative to what good parts show there, the change is far above anything else.
+    relative_good = reference.relative_distance_map(good)[0]
+    relative_changed = reference.relative_distance_map(changed)[0]
+    divisor = reference.mean_distance + POSITION_FLOOR * reference.mean_distance.mean()
+    np.testing.assert_allclose(
+        relative_changed, reference.distance_map(changed)[0] / divisor, rtol=1e-9
+    )
+    assert int(np.argmax(relative_changed)) == steady
+    assert relative_changed.flat[steady] > 3 * relative_good.max()
+
+
 def test_latent_reference_refuses_means_of_the_wrong_shape() -> None:
     rng = np.random.default_rng(0)
     for bad in (rng.random((5, GRID.size + 1)), rng.random((1, GRID.size)), rng.random(GRID.size)):
@@ -384,6 +419,44 @@ def test_threshold_is_conformal_with_enough_images_and_gaussian_otherwise() -> N
     rule = threshold_for_rate(few, 0.01)
     assert rule.method == "normal_tail"
     assert rule.threshold == pytest.approx(few.mean() + 2.3263 * few.std(ddof=1), rel=1e-3)
+
+
+def test_parts_in_the_good_folder_that_do_not_look_good_do_not_set_the_threshold() -> None:
+    rng = np.random.default_rng(8)
+    clean = rng.standard_normal(60)
+    contaminated = np.sort(np.r_[clean, 15.0, 22.0])  # two bad parts among the good ones
+    rule = threshold_for_rate(contaminated, 0.01)
+    assert rule.outliers == 2
+    assert rule.threshold == pytest.approx(threshold_for_rate(np.sort(clean), 0.01).threshold)
+    assert rule.threshold == pytest.approx(clean.mean() + 2.3263 * clean.std(ddof=1), rel=1e-3)
+    # Without leaving them out, a Gaussian fit's spread would more than triple.
+    assert contaminated.std(ddof=1) > 3 * clean.std(ddof=1)
+    np.testing.assert_array_equal(without_outliers(contaminated), np.sort(clean))
+    # The boundary: OUTLIER_DEVIATIONS robust standard deviations above the median.
+    values = np.sort(np.r_[np.linspace(-1.0, 1.0, 41), 3.9, 4.1])
+    centre = np.median(values)
+    scale = MAD_TO_STD * np.median(np.abs(values - centre))
+    kept = without_outliers(values)
+    assert kept.max() <= centre + OUTLIER_DEVIATIONS * scale < values.max()
+    assert values.shape[0] - kept.shape[0] == int(np.sum(values > centre + 4.0 * scale))
+
+
+def test_nothing_is_left_out_where_most_held_out_values_tie() -> None:
+    values = np.sort(np.r_[np.zeros(30), 0.5, 9.0])
+    assert without_outliers(values).shape == values.shape
+    assert threshold_for_rate(values, 0.01).outliers == 0
+
+
+def test_the_outliers_left_out_travel_with_the_calibration() -> None:
+    rng = np.random.default_rng(9)
+    raw = {name: rng.lognormal(0.0, 0.3, 50) for name in SCORE_NAMES}
+    raw["local_error"][:2] = 1e6  # two held-out parts far out on one score
+    calibration = Calibration.fit(
+        raw, {"local_error": 1.0}, target_false_alarm_rate=0.01, local_window=4
+    )
+    assert calibration.rule.outliers == 2
+    assert Calibration.from_dict(calibration.to_dict()).rule == calibration.rule
+    assert calibration.rule_for(threshold=1.0).outliers == 0
 
 
 @pytest.mark.parametrize(
