@@ -67,8 +67,10 @@ POSITION_FLOOR = 0.1
 # The median absolute deviation of Gaussian data times this is their standard deviation.
 MAD_TO_STD = 1.4826
 # Held-out combined scores more than this many robust standard deviations above their median
-# are parts in the "good" folder that do not look good: the threshold is set without them.
+# are parts in the "good" folder that do not look good: the threshold is set without them, when
+# at least OUTLIER_MIN_VALUES were held out (fewer do not pin down a median and deviation).
 OUTLIER_DEVIATIONS = 4.0
+OUTLIER_MIN_VALUES = 20
 
 
 @dataclass(frozen=True)
@@ -457,7 +459,10 @@ def without_outliers(combined_sorted: F64Array) -> F64Array:
     """The sorted held-out combined scores less those more than ``OUTLIER_DEVIATIONS`` robust
     standard deviations (``MAD_TO_STD`` times the median absolute deviation) above their median.
 
-    Where more than half the values tie (a deviation of 0) nothing is left out."""
+    With fewer than ``OUTLIER_MIN_VALUES`` values, or where more than half of them tie (a
+    deviation of 0), nothing is left out."""
+    if combined_sorted.shape[0] < OUTLIER_MIN_VALUES:
+        return combined_sorted
     centre = float(np.median(combined_sorted))
     scale = MAD_TO_STD * float(np.median(np.abs(combined_sorted - centre)))
     if scale <= 0.0:

@@ -15,6 +15,7 @@ from service.scoring import (
     LATENT_WINDOW,
     MAD_TO_STD,
     OUTLIER_DEVIATIONS,
+    OUTLIER_MIN_VALUES,
     POSITION_FLOOR,
     SCORE_NAMES,
     Calibration,
@@ -445,6 +446,15 @@ def test_nothing_is_left_out_where_most_held_out_values_tie() -> None:
     values = np.sort(np.r_[np.zeros(30), 0.5, 9.0])
     assert without_outliers(values).shape == values.shape
     assert threshold_for_rate(values, 0.01).outliers == 0
+
+
+def test_nothing_is_left_out_of_too_few_held_out_values() -> None:
+    rng = np.random.default_rng(10)
+    few = np.sort(np.r_[rng.standard_normal(OUTLIER_MIN_VALUES - 2), 40.0])
+    assert few.shape[0] < OUTLIER_MIN_VALUES
+    np.testing.assert_array_equal(without_outliers(few), few)
+    enough = np.sort(np.r_[rng.standard_normal(OUTLIER_MIN_VALUES - 1), 40.0])
+    assert without_outliers(enough).shape[0] == OUTLIER_MIN_VALUES - 1
 
 
 def test_the_outliers_left_out_travel_with_the_calibration() -> None:
