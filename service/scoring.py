@@ -315,7 +315,7 @@ class ErrorReference:
 
 def _divided(maps: npt.NDArray[np.floating[Any]], divisor: F64Array) -> F64Array:
     if maps.shape[1:] != divisor.shape:
-        raise ValueError(f"error maps of shape {maps.shape[1:]}; the reference has {divisor.shape}")
+        raise ValueError(f"maps of shape {maps.shape[1:]}; the reference has {divisor.shape}")
     return np.asarray(maps / divisor)
 
 
@@ -405,6 +405,13 @@ def empirical_p_values(reference_sorted: F64Array, scores: F64Array) -> F64Array
     return np.asarray((1.0 + at_least) / (n + 1.0), dtype=np.float64)
 
 
+def robust_centre_scale(values: F64Array) -> tuple[float, float]:
+    """The median of ``values`` and ``MAD_TO_STD`` times their median absolute deviation (the
+    standard deviation, for Gaussian data; 0 where more than half the values tie)."""
+    centre = float(np.median(values))
+    return centre, MAD_TO_STD * float(np.median(np.abs(values - centre)))
+
+
 @dataclass(frozen=True)
 class ScoreCalibration:
     """Held-out normal values of one score, sorted, and the centre and scale of their logarithm.
@@ -425,8 +432,7 @@ class ScoreCalibration:
         if values.size < 2 or not np.all(np.isfinite(values)):
             raise ValueError(f"calibration needs at least 2 finite scores, got {values.tolist()!r}")
         logs = np.log(np.maximum(values, _LOG_FLOOR))
-        centre = float(np.median(logs))
-        scale = MAD_TO_STD * float(np.median(np.abs(logs - centre)))
+        centre, scale = robust_centre_scale(logs)
         if scale <= 0.0:
             scale = float(logs.std(ddof=1))
         return cls(
@@ -463,8 +469,7 @@ def without_outliers(combined_sorted: F64Array) -> F64Array:
     deviation of 0), nothing is left out."""
     if combined_sorted.shape[0] < OUTLIER_MIN_VALUES:
         return combined_sorted
-    centre = float(np.median(combined_sorted))
-    scale = MAD_TO_STD * float(np.median(np.abs(combined_sorted - centre)))
+    centre, scale = robust_centre_scale(combined_sorted)
     if scale <= 0.0:
         return combined_sorted
     kept = combined_sorted[combined_sorted <= centre + OUTLIER_DEVIATIONS * scale]
