@@ -379,3 +379,18 @@ def test_the_combined_score_histogram_resolves_good_parts_and_the_threshold(
     assert COMBINED_SCORE_BUCKETS[0] < lowest and threshold < COMBINED_SCORE_BUCKETS[-1]
     between = [edge for edge in COMBINED_SCORE_BUCKETS if lowest <= edge <= threshold]
     assert len(between) >= 3, (lowest, threshold)
+
+
+def test_the_outliers_left_out_reach_model_info(bundle_copy: Path) -> None:
+    """The tiny test bundle leaves none out; a manifest that records three is reported as such."""
+    from service.drift import DriftSettings
+    from service.model_slot import load_model
+    from service.wire import Limits, model_info
+
+    manifest = json.loads((bundle_copy / MANIFEST).read_text())
+    manifest["calibration"]["rule"]["outliers"] = 3
+    (bundle_copy / MANIFEST).write_text(json.dumps(manifest))
+    model = load_model(bundle_copy, "cpu")
+    assert model.scorer.calibration.rule.outliers == 3
+    info = model_info(model, Limits(8, 1 << 20, 1 << 22), DriftSettings(window=0))
+    assert info.default_rule.outliers_left_out == 3
