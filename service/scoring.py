@@ -476,6 +476,22 @@ def without_outliers(combined_sorted: F64Array) -> F64Array:
     return np.asarray(kept, dtype=np.float64)
 
 
+def _conformal_rank(n: int, rate: float) -> int:
+    """The rank (from 1, smallest first) of the conformal threshold among ``n`` values."""
+    return math.ceil((n + 1) * (1.0 - rate))
+
+
+def fewest_for_conformal(rate: float) -> int:
+    """The fewest held-out values for which :func:`threshold_for_rate` can set a conformal
+    (``empirical``) threshold at ``rate``; below it, the threshold is a Gaussian tail fit."""
+    if not 0.0 < rate < 1.0:
+        raise ValueError(f"target false-alarm rate is {rate}; expected a number in (0, 1)")
+    n = max(1, math.floor(1.0 / rate) - 2)
+    while _conformal_rank(n, rate) > n:
+        n += 1
+    return n
+
+
 def threshold_for_rate(combined_sorted: F64Array, rate: float) -> DecisionRule:
     """Threshold on the combined score giving false-alarm rate ``rate`` on normal images.
 
@@ -492,7 +508,7 @@ def threshold_for_rate(combined_sorted: F64Array, rate: float) -> DecisionRule:
     kept = without_outliers(combined_sorted)
     outliers = int(combined_sorted.shape[0] - kept.shape[0])
     n = kept.shape[0]
-    k = math.ceil((n + 1) * (1.0 - rate))
+    k = _conformal_rank(n, rate)
     if k <= n:
         return DecisionRule(float(kept[k - 1]), rate, "empirical", outliers)
     mean = float(kept.mean())

@@ -10,7 +10,7 @@ import pytest
 from service.bundle import Bundle, load_bundle
 from service.preprocessing import load_image_file, stack
 from service.runtime import OnnxGraphs
-from service.scoring import SCORE_NAMES, Calibration
+from service.scoring import SCORE_NAMES, Calibration, DecisionRule, fewest_for_conformal
 from training.calibrate import (
     DEFAULT_WEIGHTS,
     SYNTHETIC_COPIES,
@@ -18,6 +18,7 @@ from training.calibrate import (
     calibrate,
     choose_rule,
     default_window,
+    describe_rule,
 )
 from training.metrics import auroc, average_precision, roc_curve, threshold_stats
 
@@ -25,14 +26,14 @@ from training.metrics import auroc, average_precision, roc_curve, threshold_stat
 RNG = np.random.default_rng(7)
 
 
-def _normal_scores(n: int) -> dict[str, np.ndarray]:
+def _normal_scores(n: int, rng: np.random.Generator = RNG) -> dict[str, np.ndarray]:
     return {
-        "recon_error": RNG.lognormal(-5.0, 0.3, n),
-        "kl": RNG.gamma(20.0, 2.0, n),
-        "local_error": RNG.lognormal(-3.0, 0.5, n),
-        "latent_distance": RNG.gamma(9.0, 0.5, n),
-        "defect_probability": RNG.beta(2.0, 20.0, n),
-        "coarse_error": RNG.lognormal(-4.0, 0.4, n),
+        "recon_error": rng.lognormal(-5.0, 0.3, n),
+        "kl": rng.gamma(20.0, 2.0, n),
+        "local_error": rng.lognormal(-3.0, 0.5, n),
+        "latent_distance": rng.gamma(9.0, 0.5, n),
+        "defect_probability": rng.beta(2.0, 20.0, n),
+        "coarse_error": rng.lognormal(-4.0, 0.4, n),
     }
 
 
@@ -79,6 +80,38 @@ def test_small_calibration_sets_use_the_normal_tail() -> None:
     assert calibration.rule.method == "normal_tail"
     flagged = calibration.score(_normal_scores(20000)).is_anomaly.mean()
     assert flagged < 0.05
+
+
+@pytest.mark.parametrize(("rate", "fewest"), [(0.01, 99), (0.05, 19), (0.03, 33), (0.5, 1)])
+def test_fewest_values_for_a_conformal_threshold(rate: float, fewest: int) -> None:
+    assert fewest_for_conformal(rate) == fewest
+    normal = _normal_scores(fewest, np.random.default_rng(11))
+    for n, method in ((fewest, "empirical"), (fewest - 1, "normal_tail")):
+        if n < 2:
+            continue
+        rule = Calibration.fit(
+            {name: values[:n] for name, values in normal.items()},
+            {"local_error": 1.0},
+            target_false_alarm_rate=rate,
+            local_window=4,
+        ).rule
+        assert rule.method == method, n
+
+
+def test_fewest_values_refuses_rates_outside_zero_one() -> None:
+    for rate in (0.0, 1.0, -0.1):
+        with pytest.raises(ValueError, match="false-alarm rate"):
+            fewest_for_conformal(rate)
+
+
+def test_the_fit_log_says_how_the_threshold_was_set() -> None:
+    tail = describe_rule(DecisionRule(3.47, 0.01, "normal_tail", outliers=2), held_out=42)
+    assert tail.startswith("threshold 3.470 for a 1% false-alarm rate: a Gaussian tail fit to 40 ")
+    assert "needs 99" in tail and "2 far above the rest left out" in tail
+    conformal = describe_rule(DecisionRule(2.5, 0.05, "empirical"), held_out=300)
+    assert conformal == (
+        "threshold 2.500 for a 5% false-alarm rate: the conformal bound on 300 held-out good images"
+    )
 
 
 def test_anomalous_scores_get_small_p_values() -> None:

@@ -23,9 +23,11 @@ import numpy.typing as npt
 from service.runtime import OnnxGraphs
 from service.scoring import (
     Calibration,
+    DecisionRule,
     ErrorReference,
     LatentReference,
     ModelOutputs,
+    fewest_for_conformal,
     raw_scores,
 )
 from training.metrics import auroc
@@ -124,4 +126,26 @@ def calibrate(
         choice.weights,
         target_false_alarm_rate=target_false_alarm_rate,
         local_window=choice.local_window,
+    )
+
+
+def describe_rule(rule: DecisionRule, held_out: int) -> str:
+    """One line for the fit's log: the threshold, its target rate, and how ``held_out`` normal
+    images set it (a conformal order statistic, or a Gaussian tail fit where they are too few)."""
+    kept = held_out - rule.outliers
+    how = (
+        f"the conformal bound on {kept} held-out good images"
+        if rule.method == "empirical"
+        else f"a Gaussian tail fit to {kept} held-out good images (the conformal bound at this "
+        f"rate needs {fewest_for_conformal(rule.target_false_alarm_rate)}: expect the observed "
+        "rate to differ more)"
+    )
+    left_out = (
+        f"; {rule.outliers} far above the rest left out as parts that do not look good"
+        if rule.outliers
+        else ""
+    )
+    return (
+        f"threshold {rule.threshold:.3f} for a {100 * rule.target_false_alarm_rate:g}% false-alarm "
+        f"rate: {how}{left_out}"
     )

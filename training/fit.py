@@ -50,7 +50,7 @@ from service.scoring import (
     LatentGrid,
     LatentReference,
 )
-from training.calibrate import RuleChoice, calibrate, choose_rule
+from training.calibrate import RuleChoice, calibrate, choose_rule, describe_rule
 from training.config import FitConfig
 from training.data import (
     find_images,
@@ -244,6 +244,7 @@ def build_bundle(
             choice,
             target_false_alarm_rate=config.target_false_alarm_rate,
         )
+        log.info("%s", describe_rule(calibration.rule, holdout.shape[0]))
         training = {
             "config": config.to_dict(),
             "model": model.cfg.to_dict(),
