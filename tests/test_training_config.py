@@ -162,9 +162,9 @@ def test_steps_for_is_epochs_of_batches_capped_at_max_steps() -> None:
     config = FitConfig(epochs=3, batch_size=8, max_steps=100)
     assert [config.steps_for(n) for n in (1, 8, 9, 16, 19)] == [3, 3, 6, 6, 9]
     assert FitConfig(epochs=3, batch_size=8, max_steps=7).steps_for(19) == 7
-    # The defaults: 150 passes, at most 1500 steps of 16 crops.
-    assert FitConfig().steps_for(80) == 150 * 5 == 750
-    assert FitConfig().steps_for(1000) == 1500
+    # The defaults: 250 passes, at most 2500 steps of 16 crops.
+    assert FitConfig().steps_for(80) == 250 * 5 == 1250
+    assert FitConfig().steps_for(1000) == 2500
 
 
 def test_parse_weights() -> None:

@@ -97,18 +97,18 @@ class FitConfig:
     # Training budget and optimisation: a budget in steps, so the same data and seed give the
     # same model on a quiet or a busy machine.
     crop_size: int = field(
-        default=128,
+        default=96,
         metadata=_option("side of the square training crops (multiple of 8)", "training"),
     )
     epochs: int = field(
-        default=150,
+        default=250,
         metadata=_option(
             "passes over the training images (one crop of each per pass); capped by --max-steps",
             "training",
         ),
     )
     max_steps: int = field(
-        default=1500, metadata=_option("most optimiser steps, whatever the data size", "training")
+        default=2500, metadata=_option("most optimiser steps, whatever the data size", "training")
     )
     batch_size: int = field(default=16, metadata=_option("crops per step", "training"))
     learning_rate: float = field(default=2e-3, metadata=_option("peak learning rate", "training"))
