@@ -476,6 +476,11 @@ def without_outliers(combined_sorted: F64Array) -> F64Array:
     return np.asarray(kept, dtype=np.float64)
 
 
+def _check_rate(rate: float) -> None:
+    if not 0.0 < rate < 1.0 or not math.isfinite(rate):
+        raise ValueError(f"target false-alarm rate is {rate}; expected a number in (0, 1)")
+
+
 def _conformal_rank(n: int, rate: float) -> int:
     """The rank (from 1, smallest first) of the conformal threshold among ``n`` values."""
     return math.ceil((n + 1) * (1.0 - rate))
@@ -484,8 +489,7 @@ def _conformal_rank(n: int, rate: float) -> int:
 def fewest_for_conformal(rate: float) -> int:
     """The fewest held-out values for which :func:`threshold_for_rate` can set a conformal
     (``empirical``) threshold at ``rate``; below it, the threshold is a Gaussian tail fit."""
-    if not 0.0 < rate < 1.0:
-        raise ValueError(f"target false-alarm rate is {rate}; expected a number in (0, 1)")
+    _check_rate(rate)
     n = max(1, math.floor(1.0 / rate) - 2)
     while _conformal_rank(n, rate) > n:
         n += 1
@@ -501,10 +505,9 @@ def threshold_for_rate(combined_sorted: F64Array, rate: float) -> DecisionRule:
     threshold is conformal when ``n`` is large enough: the ``ceil((n + 1)(1 - rate))``-th
     smallest, which bounds the false-alarm rate by ``rate``. With fewer than ``1 / rate - 1``
     values that order statistic does not exist, and the threshold comes from a Gaussian fit of
-    the values kept instead (method ``normal_tail``).
+    the values kept instead (method ``normal_tail``; :func:`fewest_for_conformal`).
     """
-    if not 0.0 < rate < 1.0 or not math.isfinite(rate):
-        raise ValueError(f"target false-alarm rate is {rate}; expected a number in (0, 1)")
+    _check_rate(rate)
     kept = without_outliers(combined_sorted)
     outliers = int(combined_sorted.shape[0] - kept.shape[0])
     n = kept.shape[0]
