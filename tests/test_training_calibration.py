@@ -20,7 +20,13 @@ from training.calibrate import (
     default_window,
     describe_rule,
 )
-from training.metrics import auroc, average_precision, roc_curve, threshold_stats
+from training.metrics import (
+    auroc,
+    average_precision,
+    best_tpr_at_fpr,
+    roc_curve,
+    threshold_stats,
+)
 
 # Scores of normal images: positive and heavy-tailed, like reconstruction errors.
 RNG = np.random.default_rng(7)
@@ -260,6 +266,29 @@ def test_auroc_against_brute_force() -> None:
     assert auroc([1, 1, 1, 1], [0, 1, 0, 1]) == 0.5
     with pytest.raises(ValueError, match="both"):
         auroc([1, 2], [1, 1])
+
+
+def test_best_tpr_at_fpr_against_brute_force() -> None:
+    rng = np.random.default_rng(2)
+    scores = np.round(rng.normal(size=200), 1)  # with ties
+    labels = rng.random(200) < 0.3
+    scores[labels] += 1.0
+    for max_fpr in (0.0, 0.01, 0.03, 0.05, 0.29, 0.5, 1.0):
+        best = 0.0
+        for threshold in np.r_[np.unique(scores), np.inf]:
+            flagged = scores >= threshold
+            if flagged[~labels].sum() <= max_fpr * (~labels).sum() + 1e-9:
+                best = max(best, flagged[labels].mean())
+        assert best_tpr_at_fpr(scores, labels, max_fpr) == pytest.approx(best), max_fpr
+    # Ten good parts, one false alarm allowed at 10%: the threshold goes above the second highest.
+    good = np.arange(10.0)
+    bad = np.array([7.5, 8.5, 9.5])
+    both, truth = np.r_[good, bad], np.r_[np.zeros(10), np.ones(3)]
+    assert best_tpr_at_fpr(both, truth, 0.1) == pytest.approx(2 / 3)
+    assert best_tpr_at_fpr(both, truth, 0.0) == pytest.approx(1 / 3)
+    for bad_rate in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="max_fpr"):
+            best_tpr_at_fpr(both, truth, bad_rate)
 
 
 def test_roc_curve_and_average_precision() -> None:

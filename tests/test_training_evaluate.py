@@ -30,6 +30,7 @@ EXPECTED_KEYS = {
     "f1_at_threshold",
     "fpr_at_threshold",
     "tpr_at_threshold",
+    "best_tpr_at_fpr",
     "n_normal",
     "n_anomalous",
     "pixel_auroc",
@@ -138,6 +139,8 @@ def test_metrics_of_the_known_case(known_case: tuple[Path, Path]) -> None:
     assert metrics["f1_at_threshold"] == 1.0
     assert metrics["fpr_at_threshold"] == 0.0
     assert metrics["tpr_at_threshold"] == 1.0
+    # Separated perfectly: some threshold flags every hole and no good part.
+    assert metrics["best_tpr_at_fpr"] == {"0.01": 1.0, "0.03": 1.0, "0.05": 1.0}
     # The anomaly map is the standardised log local error at each pixel (window 1: the squared
     # error itself), high exactly on the black square.
     assert metrics["pixel_auroc"] == 1.0

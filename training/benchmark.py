@@ -20,12 +20,15 @@ from typing import Any
 from service.bundle import load_bundle
 from training.config import FitConfig
 from training.errors import DataError
-from training.evaluate import AUROC_KEYS, evaluate_bundle
+from training.evaluate import AUROC_KEYS, budget_key, evaluate_bundle
 from training.fit import fit_bundle
 
 log = logging.getLogger(__name__)
 
 MEAN = "mean"
+# The false-alarm budget of the suite's "best TPR" column (the target allows 3%).
+SUITE_FPR_BUDGET = 0.03
+BEST_TPR_KEY = f"best_tpr_at_fpr_{budget_key(SUITE_FPR_BUDGET)}"
 # Columns of the table: (key, heading, format).
 COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("dataset", "dataset", "{}"),
@@ -36,6 +39,7 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("pixel_auroc", "pixel AUROC", "{:.3f}"),
     ("tpr_at_threshold", "TPR at threshold", "{:.3f}"),
     ("fpr_at_threshold", "FPR at threshold", "{:.3f}"),
+    (BEST_TPR_KEY, f"best TPR at FPR ≤ {100 * SUITE_FPR_BUDGET:g}%", "{:.3f}"),
     ("fit_seconds", "fit (s)", "{:.0f}"),
     ("epochs", "epochs", "{:.1f}"),
 )
@@ -88,6 +92,7 @@ def _row(
         "pixel_auroc": metrics["pixel_auroc"],
         "tpr_at_threshold": metrics["tpr_at_threshold"],
         "fpr_at_threshold": metrics["fpr_at_threshold"],
+        BEST_TPR_KEY: metrics["best_tpr_at_fpr"][budget_key(SUITE_FPR_BUDGET)],
         "fit_seconds": round(fit_seconds, 1),
         "epochs": round(steps * batch / n_train, 1),
         **{key: metrics[key] for key in AUROC_KEYS.values() if key not in _TABLE_KEYS},
@@ -167,9 +172,11 @@ def run_benchmark(
         metrics = evaluate_bundle(bundle_dir, Path(data_dir), report_dir=out_dir / name / "report")
         rows.append(_row(name, bundle_dir, metrics, fit_seconds))
         log.info(
-            "[%d/%d] %s: image AUROC %.3f, latent AUROC %.3f, TPR %.2f at FPR %.2f",
+            "[%d/%d] %s: image AUROC %.3f, latent AUROC %.3f, TPR %.2f at FPR %.2f (the best "
+            "threshold on the test set: TPR %.2f at FPR <= %g)",
             i, len(data_dirs), name, metrics["auroc_combined"], metrics["auroc_latent"],
             metrics["tpr_at_threshold"], metrics["fpr_at_threshold"],
+            metrics["best_tpr_at_fpr"][budget_key(SUITE_FPR_BUDGET)], SUITE_FPR_BUDGET,
         )  # fmt: skip
         _write(out_dir, rows, config)
     log.info("wrote %s and %s", out_dir / "benchmark.md", out_dir / "benchmark.json")

@@ -19,7 +19,7 @@ from service.preprocessing import ImageError, InputSpec, list_image_files, load_
 from service.runtime import DevicePolicy, Scorer, open_scorer
 from service.scoring import SCORE_NAMES, F64Array
 from training.errors import DataError
-from training.metrics import auroc, average_precision, threshold_stats
+from training.metrics import auroc, average_precision, best_tpr_at_fpr, threshold_stats
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,13 @@ AUROC_KEYS: dict[str, str] = {
     "defect_probability": "auroc_defect",
     "coarse_error": "auroc_coarse",
 }
+# False-alarm budgets at which evaluate reports the best TPR any threshold on the test set reaches.
+FPR_BUDGETS = (0.01, 0.03, 0.05)
+
+
+def budget_key(rate: float) -> str:
+    """The key of ``best_tpr_at_fpr`` for a false-alarm budget: ``0.03 -> "0.03"``."""
+    return f"{rate:g}"
 
 
 @dataclass(frozen=True)
@@ -157,6 +164,10 @@ def run_evaluation(
         "f1_at_threshold": stats.f1,
         "fpr_at_threshold": stats.fpr,
         "tpr_at_threshold": stats.tpr,
+        "best_tpr_at_fpr": {
+            budget_key(rate): best_tpr_at_fpr(scores["combined"], labels, rate)
+            for rate in FPR_BUDGETS
+        },
         "threshold": parts[0].threshold,
         "n_normal": int((~labels).sum()),
         "n_anomalous": int(labels.sum()),
@@ -168,9 +179,8 @@ def run_evaluation(
         "local_window": scorer.calibration.local_window,
     }
     rounded = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
-    rounded["auroc_combined_by_type"] = {
-        k: round(v, 4) for k, v in metrics["auroc_combined_by_type"].items()
-    }
+    for key in ("auroc_combined_by_type", "best_tpr_at_fpr"):
+        rounded[key] = {k: round(v, 4) for k, v in metrics[key].items()}
     evaluation = Evaluation(test, scores, flagged, parts[0].threshold, maps, rounded)
     return scorer, evaluation
 

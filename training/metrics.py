@@ -1,7 +1,9 @@
-"""Detection metrics in plain numpy: AUROC, ROC curve, average precision, F1/FPR at a threshold."""
+"""Detection metrics in plain numpy: AUROC, ROC curve, average precision, F1/FPR at a threshold,
+the best TPR within a false-alarm budget."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,6 +64,23 @@ def average_precision(scores: npt.ArrayLike, labels: npt.ArrayLike) -> float:
     predicted = (last_of_run + 1).astype(np.float64)
     recall_gain = np.diff(np.r_[0.0, tps]) / y.sum()
     return float(np.sum(recall_gain * tps / predicted))
+
+
+def best_tpr_at_fpr(scores: npt.ArrayLike, labels: npt.ArrayLike, max_fpr: float) -> float:
+    """The largest share of anomalous images that any one threshold flags while it flags at most
+    ``max_fpr`` of the normal images: what the best threshold for this very set could catch,
+    which tells whether a verdict is limited by where the threshold stands or by how far the
+    scores separate."""
+    if not 0.0 <= max_fpr <= 1.0:
+        raise ValueError(f"max_fpr is {max_fpr}; expected a rate in [0, 1]")
+    s, y = _as_pair(scores, labels)
+    normal = np.sort(s[~y])[::-1]
+    # The slack keeps 0.29 * 100 (28.999...) at 29 normal images.
+    allowed = math.floor(max_fpr * normal.size + 1e-9)
+    if allowed >= normal.size:
+        return 1.0
+    # Flag what lies above the (allowed + 1)-th highest normal score: at most ``allowed`` normals.
+    return float(np.mean(s[y] > normal[allowed]))
 
 
 @dataclass(frozen=True)
