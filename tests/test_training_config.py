@@ -39,7 +39,7 @@ NON_DEFAULT: dict[str, tuple[list[str], Any]] = {
     "learning_rate": (["--learning-rate", "1e-3"], 1e-3),
     "weight_decay": (["--weight-decay", "0"], 0.0),
     "corruption": (["--corruption", "0.25"], 0.25),
-    "encoder_denoises": (["--encoder-denoises"], True),
+    "encoder_denoises": (["--no-encoder-denoises"], False),
     "jitter": (["--jitter", "0.2"], 0.2),
     "time_limit_minutes": (["--time-limit", "2.5"], 2.5),
     "holdout_fraction": (["--holdout-fraction", "0.3"], 0.3),

@@ -121,10 +121,11 @@ class FitConfig:
         ),
     )
     encoder_denoises: bool = field(
-        default=False,
+        default=True,
         metadata=_option(
-            "train the encoder on corrupted crops too (the latent then learns to look past "
-            "defects, and latent_distance loses its signal)",
+            "train the encoder on corrupted crops too, so that the local model repairs defects "
+            "and its error and defect head see them (--no-encoder-denoises: clean crops only; "
+            "the latent then describes defects, latent_distance gains and the verdicts lose)",
             "training",
         ),
     )
