@@ -124,8 +124,8 @@ class FitConfig:
         default=True,
         metadata=_option(
             "train the encoder on corrupted crops too, so that the local model repairs defects "
-            "and its error and defect head see them (--no-encoder-denoises: clean crops only; "
-            "the latent then describes defects, latent_distance gains and the verdicts lose)",
+            "and its error and defect head see them (off: clean crops only; the latent then "
+            "describes defects, latent_distance gains and the verdicts lose)",
             "training",
         ),
     )
