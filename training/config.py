@@ -110,7 +110,23 @@ class FitConfig:
     max_steps: int = field(
         default=2500, metadata=_option("most optimiser steps, whatever the data size", "training")
     )
+    coarse_max_steps: int = field(
+        default=1250,
+        metadata=_option(
+            "most optimiser steps of the coarse VAE, which learns from whole images and so "
+            "needs fewer than the local model (never more than the local model's)",
+            "training",
+        ),
+    )
     batch_size: int = field(default=16, metadata=_option("crops per step", "training"))
+    head_share: float = field(
+        default=0.5,
+        metadata=_option(
+            "share of each step's crops the defect head learns from (its full-resolution "
+            "layers are the costliest part of a step)",
+            "training",
+        ),
+    )
     learning_rate: float = field(default=2e-3, metadata=_option("peak learning rate", "training"))
     weight_decay: float = field(default=1e-5, metadata=_option("AdamW weight decay", "training"))
     corruption: float = field(
@@ -185,7 +201,10 @@ class FitConfig:
     progress: bool = field(default=True, metadata=_option("show a progress bar", "output"))
 
     def __post_init__(self) -> None:
-        for name in ("image_size", "crop_size", "epochs", "max_steps", "batch_size", "head_width"):
+        for name in (
+            "image_size", "crop_size", "epochs", "max_steps", "coarse_max_steps", "batch_size",
+            "head_width",
+        ):  # fmt: skip
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"option {name} has value {value!r}; expected an integer >= 1")
@@ -223,6 +242,10 @@ class FitConfig:
                 raise ConfigError(
                     f"option {name} has value {value!r}; expected a number in [{low}, {high}]"
                 )
+        if not (math.isfinite(self.head_share) and 0 < self.head_share <= 1):
+            raise ConfigError(
+                f"option head_share has value {self.head_share!r}; expected a number in (0, 1]"
+            )
         for name in ("beta", "learning_rate"):
             value = getattr(self, name)
             if not math.isfinite(value) or value <= 0:
@@ -262,6 +285,14 @@ class FitConfig:
         """The step budget for ``n_train`` training images: ``epochs`` passes, at most max_steps."""
         per_pass = max(1, math.ceil(n_train / self.batch_size))
         return min(self.epochs * per_pass, self.max_steps)
+
+    def coarse_steps_for(self, n_train: int) -> int:
+        """The coarse VAE's step budget: the local model's, at most coarse_max_steps."""
+        return min(self.steps_for(n_train), self.coarse_max_steps)
+
+    def head_batch(self) -> int:
+        """Crops per step that the defect head learns from: head_share of a batch, at least 1."""
+        return max(1, round(self.head_share * self.batch_size))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form, as written into the manifest's training section."""

@@ -149,9 +149,10 @@ def _fit(data_dir: Path, out_dir: Path, config: FitConfig, overwrite: bool) -> N
     )
     log.info(
         "%d images from %s (%s, %d skipped), input %dx%d: training on %d, holding out %d; "
-        "%d steps on %s",
+        "%d steps (coarse VAE: %d) on %s",
         len(images.paths), folder, spec.color_mode, len(images.skipped), spec.width,
-        spec.height, len(train_idx), len(holdout_idx), config.steps_for(len(train_idx)), device,
+        spec.height, len(train_idx), len(holdout_idx), config.steps_for(len(train_idx)),
+        config.coarse_steps_for(len(train_idx)), device,
     )  # fmt: skip
     holdout = images.images[holdout_idx]
     model = VAE(config.model_config(channels=spec.channels))

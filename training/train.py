@@ -3,13 +3,15 @@
 Each step draws random crops of the training images, changes their brightness and contrast a
 little (lighting is not a defect), gives some of them a synthetic defect (:mod:`training.synth`),
 and trains the VAE to reconstruct the clean crop from the corrupted one (a denoising VAE) and the
-defect head to find the defect's pixels from the corrupted crop and its reconstruction. The
-budget is a number of steps (:meth:`FitConfig.steps_for`); AdamW's learning rate warms up and
-anneals over it, and the final weights are kept. Held-out images are scored at full size a few
+defect head to find the defect's pixels from the corrupted crop and its reconstruction (on a share
+of the crops: :meth:`FitConfig.head_batch`). The budget is a number of steps
+(:meth:`FitConfig.steps_for`); AdamW's learning rate warms up and anneals over it, and the final
+weights are kept. Held-out images are scored at full size a few
 times along the way for the history; they never steer the training.
 
 The coarse VAE is trained afterwards by the same loop, on whole images downsampled by the
-coarse factor (the crop size exceeds them), for the same number of steps (:func:`train_both`).
+coarse factor (the crop size exceeds them), for fewer steps (:meth:`FitConfig.coarse_steps_for`):
+each of its samples is a whole image (:func:`train_both`).
 """
 
 from __future__ import annotations
@@ -174,12 +176,14 @@ def train_both(
     if model.coarse is None:
         raise ConfigError("the model has no coarse VAE; a bundle needs one")
     limit = None if config.time_limit_minutes is None else 60 * config.time_limit_minutes
+    n_train = train_images.shape[0]
     local = train_vae(
         model,
         train_images,
         val_images,
         config,
         device,
+        steps=config.steps_for(n_train),
         time_limit_s=None if limit is None else LOCAL_TIME_SHARE * limit,
     )
     factor = model.cfg.coarse_factor
@@ -189,6 +193,7 @@ def train_both(
         downsample(torch.from_numpy(val_images), factor).numpy(),
         config,
         device,
+        steps=config.coarse_steps_for(n_train),
         time_limit_s=(
             None if limit is None else max(limit - local.seconds, (1 - LOCAL_TIME_SHARE) * limit)
         ),
@@ -204,11 +209,12 @@ def train_vae(
     config: FitConfig,
     device: torch.device,
     *,
+    steps: int,
     time_limit_s: float | None = None,
     name: str = "fit",
 ) -> TrainResult:
     """Train ``model`` (and its defect head, not its coarse VAE) on crops of ``train_images``
-    for the step budget, or until ``time_limit_s`` seconds have passed."""
+    for ``steps`` optimiser steps, or until ``time_limit_s`` seconds have passed."""
     rng = np.random.default_rng(config.seed)
     model.to(device).train()
     x_train = torch.from_numpy(train_images)
@@ -219,7 +225,8 @@ def train_vae(
     optimiser = torch.optim.AdamW(
         model.own_parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
     )
-    total = config.steps_for(train_images.shape[0])
+    total = steps
+    head_batch = config.head_batch()
     limit = time_limit_s
     budget = Budget(total, limit)
     record_every = max(1, total // VALIDATIONS)
@@ -249,8 +256,11 @@ def train_vae(
         loss, parts = loss_fn(recon, target, mu, logvar)
         head_loss = torch.zeros(())
         if model.head is not None:
-            logits = model.head(inputs, recon.detach())
-            head_loss = focal_loss(logits, torch.from_numpy(masks).to(device).unsqueeze(1))
+            # The crops are in random order, corrupted or not, so the first ones are a fair share.
+            logits = model.head(inputs[:head_batch], recon[:head_batch].detach())
+            head_loss = focal_loss(
+                logits, torch.from_numpy(masks[:head_batch]).to(device).unsqueeze(1)
+            )
             loss = loss + head_loss
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
