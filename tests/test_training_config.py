@@ -35,7 +35,9 @@ NON_DEFAULT: dict[str, tuple[list[str], Any]] = {
     "crop_size": (["--crop-size", "64"], 64),
     "epochs": (["--epochs", "3"], 3),
     "max_steps": (["--max-steps", "50"], 50),
+    "coarse_max_steps": (["--coarse-max-steps", "40"], 40),
     "batch_size": (["--batch-size", "4"], 4),
+    "head_share": (["--head-share", "0.5"], 0.5),
     "learning_rate": (["--learning-rate", "1e-3"], 1e-3),
     "weight_decay": (["--weight-decay", "0"], 0.0),
     "corruption": (["--corruption", "0.25"], 0.25),
@@ -111,6 +113,10 @@ BAD_VALUES: list[tuple[dict[str, Any], str]] = [
     ({"crop_size": 64, "latent_stride": 16, "image_size": 40}, "image_size has value 40"),
     ({"epochs": 0}, "epochs"),
     ({"max_steps": 0}, "max_steps"),
+    ({"coarse_max_steps": 0}, "coarse_max_steps"),
+    ({"head_share": 0.0}, "head_share has value 0.0; expected a number in \\(0, 1\\]"),
+    ({"head_share": 1.5}, "head_share"),
+    ({"head_share": float("nan")}, "head_share"),
     ({"batch_size": 0}, "batch_size"),
     ({"width": 0}, "width"),
     ({"latent_channels": 0}, "latent_channels"),
@@ -165,6 +171,22 @@ def test_steps_for_is_epochs_of_batches_capped_at_max_steps() -> None:
     # The defaults: 250 passes, at most 2500 steps of 16 crops.
     assert FitConfig().steps_for(80) == 250 * 5 == 1250
     assert FitConfig().steps_for(1000) == 2500
+
+
+def test_the_coarse_vae_gets_at_most_coarse_max_steps_and_never_more_than_the_local_model() -> None:
+    config = FitConfig(epochs=3, batch_size=8, max_steps=100, coarse_max_steps=5)
+    assert [config.coarse_steps_for(n) for n in (1, 8, 9, 19)] == [3, 3, 5, 5]
+    assert FitConfig(max_steps=20).coarse_steps_for(1000) == 20
+    assert FitConfig().coarse_steps_for(1000) == 2500
+    assert FitConfig(coarse_max_steps=1250).coarse_steps_for(1000) == 1250
+
+
+def test_the_head_learns_from_a_share_of_each_batch_and_at_least_one_crop() -> None:
+    assert FitConfig().head_batch() == 16
+    assert FitConfig(head_share=0.5).head_batch() == 8
+    assert FitConfig(batch_size=5, head_share=0.5).head_batch() == 2
+    assert FitConfig(batch_size=16, head_share=1.0).head_batch() == 16
+    assert FitConfig(batch_size=4, head_share=0.01).head_batch() == 1
 
 
 def test_parse_weights() -> None:

@@ -154,7 +154,30 @@ def test_training_on_crops_validates_on_whole_images() -> None:
     assert recon.shape == (4, 1, 16, 32) and mu.shape == (4, 2, 2, 4)
 
 
-def test_the_coarse_vae_trains_on_whole_downsampled_images_for_the_same_steps() -> None:
+def test_the_coarse_vae_stops_at_coarse_max_steps() -> None:
+    local, coarse = _train_both(_config(epochs=3, coarse_max_steps=2))
+    assert (local.planned_steps, coarse.planned_steps) == (6, 2)
+    assert (local.steps, coarse.steps) == (6, 2)
+    assert coarse.stop_reason == "completed 2 steps"
+
+
+@pytest.mark.parametrize(("head_share", "expected"), [(0.5, 2), (1.0, 4), (0.1, 1)])
+def test_the_defect_head_learns_from_its_share_of_each_batch(
+    head_share: float, expected: int
+) -> None:
+    config = _config(epochs=1, head_share=head_share)
+    images = _images()
+    model = VAE(config.model_config(channels=1))
+    assert model.head is not None
+    seen: list[tuple[int, int]] = []
+    model.head.register_forward_hook(
+        lambda _module, inputs, _out: seen.append((inputs[0].shape[0], inputs[1].shape[0]))
+    )
+    train_both(model, images[:8], images[8:], config, torch.device("cpu"))
+    assert seen == [(expected, expected)] * config.steps_for(8)
+
+
+def test_the_coarse_vae_trains_on_whole_downsampled_images() -> None:
     images = _images(height=16, width=32)
     config = _config(crop_size=8, epochs=3)
     torch.manual_seed(0)

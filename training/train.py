@@ -10,8 +10,8 @@ weights are kept. Held-out images are scored at full size a few
 times along the way for the history; they never steer the training.
 
 The coarse VAE is trained afterwards by the same loop, on whole images downsampled by the
-coarse factor (the crop size exceeds them), for fewer steps (:meth:`FitConfig.coarse_steps_for`):
-each of its samples is a whole image (:func:`train_both`).
+coarse factor (the crop size exceeds them), for as many steps, at most ``coarse_max_steps``
+(:meth:`FitConfig.coarse_steps_for`, :func:`train_both`).
 """
 
 from __future__ import annotations
