@@ -6,8 +6,8 @@ and trains the VAE to reconstruct the clean crop from the corrupted one (a denoi
 defect head to find the defect's pixels from the corrupted crop and its reconstruction (on a share
 of the crops: :meth:`FitConfig.head_batch`). The budget is a number of steps
 (:meth:`FitConfig.steps_for`); AdamW's learning rate warms up and anneals over it, and the final
-weights are kept. Held-out images are scored at full size a few
-times along the way for the history; they never steer the training.
+weights are kept. Held-out images are scored at full size a few times along the way for the
+history; they never steer the training.
 
 The coarse VAE is trained afterwards by the same loop, on whole images downsampled by the
 coarse factor (the crop size exceeds them), for as many steps, at most ``coarse_max_steps``
