@@ -17,7 +17,6 @@ from training.synth import corrupt
 from training.train import (
     Budget,
     TrainResult,
-    head_windows,
     jitter_intensity,
     learning_rate,
     random_crops,
@@ -176,54 +175,6 @@ def test_the_defect_head_learns_from_its_share_of_each_batch(
     )
     train_both(model, images[:8], images[8:], config, torch.device("cpu"))
     assert seen == [(expected, expected)] * config.steps_for(8)
-
-
-@pytest.mark.parametrize(("head_crop", "expected"), [(8, (8, 8)), (16, (16, 16)), (96, (16, 16))])
-def test_the_defect_head_learns_from_a_window_of_each_crop(
-    head_crop: int, expected: tuple[int, int]
-) -> None:
-    config = _config(epochs=1, head_crop=head_crop)
-    model = VAE(config.model_config(channels=1))
-    assert model.head is not None
-    seen: list[tuple[int, ...]] = []
-    model.head.register_forward_hook(
-        lambda _module, inputs, _out: seen.append((*inputs[0].shape, *inputs[1].shape[2:]))
-    )
-    images = _images()
-    train_both(model, images[:8], images[8:], config, torch.device("cpu"))
-    assert seen == [(4, 1, *expected, *expected)] * config.steps_for(8)
-
-
-def test_head_windows_cut_one_place_of_each_crop_its_reconstruction_and_mask() -> None:
-    inputs = torch.arange(3 * 16 * 24, dtype=torch.float32).reshape(3, 1, 16, 24)
-    recon = inputs + 0.5
-    masks = inputs[:, 0] % 7 == 0
-    window, window_recon, window_masks = head_windows(
-        inputs, recon, masks, 8, np.random.default_rng(0)
-    )
-    assert window.shape == (3, 1, 8, 8) and window_masks.shape == (3, 8, 8)
-    assert torch.equal(window_recon, window + 0.5)
-    assert torch.equal(window_masks, window[:, 0] % 7 == 0)
-    for i in range(3):
-        y, x = divmod(int(window[i, 0, 0, 0]) - i * 16 * 24, 24)
-        assert torch.equal(window[i], inputs[i, :, y : y + 8, x : x + 8])
-
-
-def test_head_windows_keep_crops_that_fit_and_cut_only_the_longer_side() -> None:
-    inputs = torch.rand(2, 1, 8, 16)
-    masks = torch.zeros(2, 8, 16, dtype=torch.bool)
-    same = head_windows(inputs, inputs, masks, 16, np.random.default_rng(0))
-    assert all(part is whole for part, whole in zip(same, (inputs, inputs, masks), strict=True))
-    window, _, window_masks = head_windows(inputs, inputs, masks, 8, np.random.default_rng(0))
-    assert window.shape == (2, 1, 8, 8) and window_masks.shape == (2, 8, 8)
-
-
-def test_the_head_window_leaves_the_vae_as_it_was() -> None:
-    whole = _train(_config(head_crop=16)).model.state_dict()
-    windowed = _train(_config(head_crop=8)).model.state_dict()
-    vae = [k for k in whole if not k.startswith("head.")]
-    assert vae and all(torch.equal(whole[k], windowed[k]) for k in vae)
-    assert any(not torch.equal(whole[k], windowed[k]) for k in whole if k.startswith("head."))
 
 
 def test_the_coarse_vae_trains_on_whole_downsampled_images() -> None:

@@ -18,7 +18,7 @@ from typing import Any, Literal
 from service.preprocessing import ResizeMethod
 from service.scoring import SCORE_NAMES
 from training.errors import ConfigError
-from training.model import HEAD_STRIDE, VAEConfig
+from training.model import VAEConfig
 
 ColorChoice = Literal["auto", "L", "RGB"]
 Device = Literal["auto", "cpu", "cuda"]
@@ -127,15 +127,6 @@ class FitConfig:
             "training",
         ),
     )
-    head_crop: int = field(
-        default=96,
-        metadata=_option(
-            "side of the square window of each crop that the defect head learns from, at a "
-            "random place in the crop (multiple of 8; the whole crop when it is not smaller: a "
-            "64-pixel window costs the head less than half of a 96-pixel crop)",
-            "training",
-        ),
-    )
     learning_rate: float = field(default=2e-3, metadata=_option("peak learning rate", "training"))
     weight_decay: float = field(default=1e-5, metadata=_option("AdamW weight decay", "training"))
     corruption: float = field(
@@ -212,7 +203,7 @@ class FitConfig:
     def __post_init__(self) -> None:
         for name in (
             "image_size", "crop_size", "epochs", "max_steps", "coarse_max_steps", "batch_size",
-            "head_width", "head_crop",
+            "head_width",
         ):  # fmt: skip
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -237,10 +228,6 @@ class FitConfig:
             raise ConfigError(
                 f"option crop_size has value {self.crop_size}; expected a multiple of "
                 f"{model.crop_multiple}"
-            )
-        if self.head_crop % HEAD_STRIDE:
-            raise ConfigError(
-                f"option head_crop has value {self.head_crop}; expected a multiple of {HEAD_STRIDE}"
             )
         if self.image_size % model.size_multiple:
             raise ConfigError(

@@ -4,8 +4,7 @@ Each step draws random crops of the training images, changes their brightness an
 little (lighting is not a defect), gives some of them a synthetic defect (:mod:`training.synth`),
 and trains the VAE to reconstruct the clean crop from the corrupted one (a denoising VAE) and the
 defect head to find the defect's pixels from the corrupted crop and its reconstruction (on a share
-of the crops, :meth:`FitConfig.head_batch`, each seen through a window of at most ``head_crop``
-pixels square, :func:`head_windows`). The budget is a number of steps
+of the crops: :meth:`FitConfig.head_batch`). The budget is a number of steps
 (:meth:`FitConfig.steps_for`); AdamW's learning rate warms up and anneals over it, and the final
 weights are kept. Held-out images are scored at full size a few times along the way for the
 history; they never steer the training.
@@ -41,7 +40,6 @@ F32Array = npt.NDArray[np.float32]
 VALIDATIONS = 10  # full-size validation passes over a run, for the history
 # Under a time limit, the local model may use this share of it; the coarse VAE gets the rest.
 LOCAL_TIME_SHARE = 0.8
-HEAD_WINDOW_STREAM = 1  # the head's windows draw from the seed's second random stream
 
 
 @dataclass(frozen=True)
@@ -141,27 +139,6 @@ def random_crops(
     )
 
 
-def head_windows(
-    inputs: Tensor, recon: Tensor, masks: Tensor, side: int, rng: np.random.Generator
-) -> tuple[Tensor, Tensor, Tensor]:
-    """The same random window of at most ``side x side`` pixels of each crop ``inputs[i]``, its
-    reconstruction and its defect mask ``(N, H, W)``; the crops themselves where they fit in it.
-
-    The reconstruction was drawn from the whole crop, as it is from the whole image in service."""
-    n, _, height, width = inputs.shape
-    h, w = min(side, height), min(side, width)
-    if (h, w) == (height, width):
-        return inputs, recon, masks
-    ys = rng.integers(0, height - h + 1, n)
-    xs = rng.integers(0, width - w + 1, n)
-    windows = [(slice(y, y + h), slice(x, x + w)) for y, x in zip(ys, xs, strict=True)]
-    return (
-        torch.stack([inputs[i, :, ry, rx] for i, (ry, rx) in enumerate(windows)]),
-        torch.stack([recon[i, :, ry, rx] for i, (ry, rx) in enumerate(windows)]),
-        torch.stack([masks[i, ry, rx] for i, (ry, rx) in enumerate(windows)]),
-    )
-
-
 def jitter_intensity(x: F32Array, amount: float, rng: np.random.Generator) -> F32Array:
     """Random brightness and contrast changes of up to ``amount`` per image ``(N, C, H, W)``."""
     if amount <= 0:
@@ -250,8 +227,6 @@ def train_vae(
     )
     total = steps
     head_batch = config.head_batch()
-    # A stream of its own, so that the head's windows leave the VAE's crops as they were.
-    head_rng = np.random.default_rng((config.seed, HEAD_WINDOW_STREAM))
     limit = time_limit_s
     budget = Budget(total, limit)
     record_every = max(1, total // VALIDATIONS)
@@ -282,15 +257,10 @@ def train_vae(
         head_loss = torch.zeros(())
         if model.head is not None:
             # The crops are in random order, corrupted or not, so the first ones are a fair share.
-            head_in, head_recon, head_masks = head_windows(
-                inputs[:head_batch],
-                recon[:head_batch].detach(),
-                torch.from_numpy(masks[:head_batch]).to(device),
-                config.head_crop,
-                head_rng,
+            logits = model.head(inputs[:head_batch], recon[:head_batch].detach())
+            head_loss = focal_loss(
+                logits, torch.from_numpy(masks[:head_batch]).to(device).unsqueeze(1)
             )
-            logits = model.head(head_in, head_recon)
-            head_loss = focal_loss(logits, head_masks.unsqueeze(1))
             loss = loss + head_loss
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
