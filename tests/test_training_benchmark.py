@@ -51,6 +51,13 @@ ISSUE_KEYS = [
 ROW_KEYS = [*ISSUE_KEYS[:8], BEST_TPR_KEY, *ISSUE_KEYS[8:]]
 # Each remaining score's image AUROC alone, after the issue's keys (and in the mean row).
 SCORE_KEYS = ["auroc_local", "auroc_defect", "auroc_coarse"]
+# The fit's checks on held-out normal images, last in a row and in the mean row.
+CHECK_KEYS = [
+    "synthetic_auroc",
+    "heldout_flagged",
+    "heldout_flagged_darker",
+    "heldout_flagged_brighter",
+]
 HEADINGS = "| dataset | image AUROC | recon AUROC | KL AUROC | latent AUROC | pixel AUROC |"
 
 
@@ -76,8 +83,17 @@ def test_the_json_has_a_row_per_dataset_and_the_mean(
     table = json.loads((out / "benchmark.json").read_text(encoding="utf-8"))
     assert table == json.loads(json.dumps(rows))
     assert [row["dataset"] for row in table] == ["line_a/flange", "line_b/flange", MEAN]
-    assert list(table[-1]) == ROW_KEYS + SCORE_KEYS
+    assert list(table[-1]) == ROW_KEYS + SCORE_KEYS + CHECK_KEYS
     for row in table[:-1]:
+        assert list(row)[-len(CHECK_KEYS) :] == CHECK_KEYS
+        training = load_bundle(out / row["dataset"] / "bundle").manifest.training
+        assert row["synthetic_auroc"] == training["decision"]["synthetic_auroc"]
+        lighting = training["lighting"]
+        assert [row[key] for key in CHECK_KEYS[1:]] == [
+            lighting["flagged"],
+            lighting["flagged_darker"],
+            lighting["flagged_brighter"],
+        ]
         assert list(row)[: len(ROW_KEYS) + len(SCORE_KEYS)] == ROW_KEYS + SCORE_KEYS
         for key in ("auroc_combined", "auroc_recon", "auroc_kl", "auroc_latent", "pixel_auroc"):
             assert 0.0 <= row[key] <= 1.0, key
@@ -93,7 +109,7 @@ def test_the_json_has_a_row_per_dataset_and_the_mean(
         n_train = DEMO_SIZE["n_train"] - 5
         assert row["epochs"] == round(20 * 8 / n_train, 1) == 8.4
         assert set(row["auroc_by_type"]) == set(DEFECT_TYPES)
-    for key in ROW_KEYS[1:] + SCORE_KEYS:
+    for key in ROW_KEYS[1:] + SCORE_KEYS + CHECK_KEYS:
         expected = (table[0][key] + table[1][key]) / 2
         assert table[-1][key] == pytest.approx(expected, abs=1e-4), key
 
@@ -126,11 +142,21 @@ def test_the_markdown_has_a_row_per_dataset_and_the_mean(
         "| dataset | recon_error | kl | local_error | latent_distance | defect_probability"
         " | coarse_error | combined |"
     )
-    assert len(lines) == 2 * (2 + 3)
+    assert len(lines) == 3 * (2 + 3)
     order = ["auroc_recon", "auroc_kl", "auroc_local", "auroc_latent", "auroc_defect"]
     figures = [rows[0][key] for key in [*order, "auroc_coarse", "auroc_combined"]]
     assert lines[7] == "| line_a/flange | " + " | ".join(f"{v:.3f}" for v in figures) + " |"
     assert lines[9].startswith(f"| **{MEAN}** | ")
+    # The third: the fit's checks on held-out normal images, no test image involved.
+    assert "## Checks without test images" in text
+    assert lines[10] == (
+        "| dataset | synthetic-defect AUROC | held-out flagged | flagged darker"
+        " | flagged brighter |"
+    )
+    assert (
+        lines[12]
+        == "| line_a/flange | " + " | ".join(f"{rows[0][key]:.3f}" for key in CHECK_KEYS) + " |"
+    )
 
 
 def _row(name: str, auroc: float, pixel: float | None) -> dict[str, Any]:
@@ -151,13 +177,17 @@ def _row(name: str, auroc: float, pixel: float | None) -> dict[str, Any]:
         "auroc_coarse": 0.7,
         "steps": 100,
         "auroc_by_type": {"scratch": auroc},
+        "synthetic_auroc": 0.95,
+        "heldout_flagged": 0.0,
+        "heldout_flagged_darker": 0.0,
+        "heldout_flagged_brighter": 0.25,
     }
 
 
 def test_mean_row_skips_missing_pixel_aurocs() -> None:
     rows = [_row("a", 0.9, None), _row("b", 0.7, 0.8), _row("c", 0.8, None)]
     mean = mean_row(rows)
-    assert list(mean) == ROW_KEYS + SCORE_KEYS
+    assert list(mean) == ROW_KEYS + SCORE_KEYS + CHECK_KEYS
     assert mean["dataset"] == MEAN
     assert mean["auroc_defect"] == pytest.approx(0.8)
     assert mean["auroc_combined"] == pytest.approx(0.8)

@@ -9,7 +9,7 @@ import pytest
 
 from service.bundle import Bundle, load_bundle
 from service.preprocessing import load_image_file, stack
-from service.runtime import OnnxGraphs
+from service.runtime import OnnxGraphs, Scorer
 from service.scoring import SCORE_NAMES, Calibration, DecisionRule, fewest_for_conformal
 from training.calibrate import (
     DEFAULT_WEIGHTS,
@@ -18,7 +18,9 @@ from training.calibrate import (
     calibrate,
     choose_rule,
     default_window,
+    describe_lighting,
     describe_rule,
+    lighting_check,
 )
 from training.metrics import (
     auroc,
@@ -252,6 +254,60 @@ def test_calibrate_matches_the_bundle(
             calibration.scores[name].values, stored.scores[name].values, rtol=1e-6, err_msg=name
         )
     assert calibration.rule.threshold == pytest.approx(stored.rule.threshold, rel=1e-6)
+
+
+def test_the_lighting_check_counts_what_the_service_flags(
+    bundle_and_holdout: tuple[Bundle, OnnxGraphs, np.ndarray],
+) -> None:
+    bundle, graphs, holdout = bundle_and_holdout
+    stored = bundle.manifest.calibration
+    check = lighting_check(
+        graphs,
+        bundle.latent_reference,
+        bundle.error_reference,
+        holdout,
+        graphs.run_in_batches(holdout),
+        stored,
+        change=0.2,
+    )
+    # The service's own verdicts on the same images, as they are and relit by 0.8 and 1.2.
+    scorer = Scorer(bundle, device="cpu", threads=1)
+    darker = (holdout * np.float32(0.8)).astype(np.float32)
+    brighter = np.clip(holdout * np.float32(1.2), 0.0, 1.0).astype(np.float32)
+    expected = [float(np.mean(scorer.score(x).is_anomaly)) for x in (holdout, darker, brighter)]
+    assert check.change == 0.2
+    assert [check.flagged, check.flagged_darker, check.flagged_brighter] == expected
+    # The fit ran the same check at its jitter and stored it.
+    change = bundle.manifest.training["config"]["jitter"]
+    again = lighting_check(
+        graphs,
+        bundle.latent_reference,
+        bundle.error_reference,
+        holdout,
+        graphs.run_in_batches(holdout),
+        stored,
+        change=change,
+    )
+    assert bundle.manifest.training["lighting"] == again.to_dict()
+    line = describe_lighting(again)
+    assert f"{again.flagged_darker:.1%} of them {change:.0%} darker" in line
+
+
+@pytest.mark.parametrize("change", [0.0, 1.0, -0.1, float("nan")])
+def test_the_lighting_check_refuses_changes_outside_zero_one(
+    bundle_and_holdout: tuple[Bundle, OnnxGraphs, np.ndarray], change: float
+) -> None:
+    bundle, graphs, holdout = bundle_and_holdout
+    with pytest.raises(ValueError, match="lighting change"):
+        lighting_check(
+            graphs,
+            bundle.latent_reference,
+            bundle.error_reference,
+            holdout,
+            graphs.run_in_batches(holdout),
+            bundle.manifest.calibration,
+            change=change,
+        )
 
 
 def test_auroc_against_brute_force() -> None:

@@ -70,6 +70,10 @@ def test_manifest_records_the_fit(trained_bundle: Path) -> None:
     assert decision["local_window"] == default_window(32, 32)
     assert decision["weights"] == dict(DEFAULT_WEIGHTS)
     assert 0.0 <= decision["synthetic_auroc"] <= 1.0
+    lighting = training["lighting"]
+    assert lighting["change"] == FitConfig(**TINY_FIT).jitter
+    for key in ("flagged", "flagged_darker", "flagged_brighter"):
+        assert 0.0 <= lighting[key] <= 1.0, key
     calibration = manifest.calibration
     assert dict(calibration.weights) == decision["weights"]
     assert calibration.local_window == decision["local_window"]
@@ -138,6 +142,13 @@ def test_a_fit_on_non_square_images_keeps_their_aspect_ratio(
     scored = scorer.score(images, keep_maps=True)
     assert scored.anomaly_map is not None and scored.anomaly_map.shape == (12, 16, 32)
     assert all(np.all(np.isfinite(scored.raw[name])) for name in SCORE_NAMES)
+
+
+def test_a_fit_without_jitter_has_no_lighting_check(demo_data: Path, tmp_path: Path) -> None:
+    # Without jitter no lighting change is called normal, so there is nothing to check against.
+    config = FitConfig(**{**TINY_FIT, "jitter": 0.0, "max_steps": 2})
+    bundle_dir = fit_bundle(demo_data, tmp_path / "bundle", config)
+    assert load_bundle(bundle_dir).manifest.training["lighting"] is None
 
 
 def test_head_width_zero_is_refused_up_front_or_fits(demo_data: Path, tmp_path: Path) -> None:

@@ -3,8 +3,9 @@
 For every MVTec-layout folder: ``fit`` into ``OUT/<dataset>/bundle`` (the default settings unless
 options are given), ``evaluate`` on its ``test/`` split, and one row of figures. After each
 dataset ``OUT/benchmark.json`` (a list with one object per dataset, then the mean row) and
-``OUT/benchmark.md`` (the same as a Markdown table, then a table of every score's image AUROC
-alone) are rewritten, so an interrupted run keeps what it finished.
+``OUT/benchmark.md`` (the same as a Markdown table, a table of every score's image AUROC alone,
+and one of the fit's checks on held-out normal images) are rewritten, so an interrupted run
+keeps what it finished.
 """
 
 from __future__ import annotations
@@ -51,8 +52,22 @@ SCORE_COLUMNS: tuple[tuple[str, str, str], ...] = (
     *((key, name, "{:.3f}") for name, key in AUROC_KEYS.items()),
     ("auroc_combined", "combined", "{:.3f}"),
 )
+# What each fit found without test images: the decision rule's AUROC on held-out normal images
+# against synthetic defects, and the share of held-out normal images its threshold flags as they
+# are and once lit darker or brighter by the training's jitter.
+CHECK_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("dataset", "dataset", "{}"),
+    ("synthetic_auroc", "synthetic-defect AUROC", "{:.3f}"),
+    ("heldout_flagged", "held-out flagged", "{:.3f}"),
+    ("heldout_flagged_darker", "flagged darker", "{:.3f}"),
+    ("heldout_flagged_brighter", "flagged brighter", "{:.3f}"),
+)
 _TABLE_KEYS = frozenset(key for key, _, _ in COLUMNS)
-AVERAGED = tuple(dict.fromkeys(key for key, _, _ in (*COLUMNS, *SCORE_COLUMNS) if key != "dataset"))
+AVERAGED = tuple(
+    dict.fromkeys(
+        key for key, _, _ in (*COLUMNS, *SCORE_COLUMNS, *CHECK_COLUMNS) if key != "dataset"
+    )
+)
 
 
 def dataset_names(data_dirs: Sequence[Path]) -> list[str]:
@@ -84,6 +99,7 @@ def _row(
     steps = int(training["training"]["steps"])
     batch = int(training["config"]["batch_size"])
     n_train = int(training["data"]["n_train"])
+    lighting = training.get("lighting") or {}
     return {
         "dataset": name,
         "auroc_combined": metrics["auroc_combined"],
@@ -99,6 +115,10 @@ def _row(
         **{key: metrics[key] for key in AUROC_KEYS.values() if key not in _TABLE_KEYS},
         "steps": steps,
         "auroc_by_type": metrics["auroc_combined_by_type"],
+        "synthetic_auroc": training["decision"]["synthetic_auroc"],
+        "heldout_flagged": lighting.get("flagged"),
+        "heldout_flagged_darker": lighting.get("flagged_darker"),
+        "heldout_flagged_brighter": lighting.get("flagged_brighter"),
     }
 
 
@@ -145,7 +165,8 @@ def _write(out_dir: Path, rows: list[dict[str, Any]], config: FitConfig) -> None
     )
     text = (
         f"# Quality suite ({settings})\n\n{markdown_table(table)}\n"
-        f"## Image AUROC of each score alone\n\n{markdown_table(table, SCORE_COLUMNS)}"
+        f"## Image AUROC of each score alone\n\n{markdown_table(table, SCORE_COLUMNS)}\n"
+        f"## Checks without test images\n\n{markdown_table(table, CHECK_COLUMNS)}"
     )
     (out_dir / "benchmark.md").write_text(text, encoding="utf-8")
 

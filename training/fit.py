@@ -50,7 +50,14 @@ from service.scoring import (
     LatentGrid,
     LatentReference,
 )
-from training.calibrate import RuleChoice, calibrate, choose_rule, describe_rule
+from training.calibrate import (
+    RuleChoice,
+    calibrate,
+    choose_rule,
+    describe_lighting,
+    describe_rule,
+    lighting_check,
+)
 from training.config import FitConfig
 from training.data import (
     find_images,
@@ -246,11 +253,25 @@ def build_bundle(
             target_false_alarm_rate=config.target_false_alarm_rate,
         )
         log.info("%s", describe_rule(calibration.rule, holdout.shape[0]))
+        lighting = None
+        if config.jitter > 0:
+            check = lighting_check(
+                graphs,
+                reference,
+                errors,
+                holdout,
+                holdout_out,
+                calibration,
+                change=config.jitter,
+            )
+            log.info("%s", describe_lighting(check))
+            lighting = check.to_dict()
         training = {
             "config": config.to_dict(),
             "model": model.cfg.to_dict(),
             **facts,
             "decision": choice.to_dict(),
+            "lighting": lighting,
             "export": {"parity": parity.to_dict(), "opset": OPSET},
             "seed": config.seed,
             "versions": _versions(),
