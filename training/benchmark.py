@@ -92,6 +92,11 @@ def dataset_names(data_dirs: Sequence[Path]) -> list[str]:
     return names
 
 
+def _rounded(value: float | None) -> float | None:
+    """A manifest figure to the 4 decimals of evaluate's metrics; None stays None."""
+    return None if value is None else round(float(value), 4)
+
+
 def _row(
     name: str, bundle_dir: Path, metrics: dict[str, Any], fit_seconds: float
 ) -> dict[str, Any]:
@@ -115,10 +120,10 @@ def _row(
         **{key: metrics[key] for key in AUROC_KEYS.values() if key not in _TABLE_KEYS},
         "steps": steps,
         "auroc_by_type": metrics["auroc_combined_by_type"],
-        "synthetic_auroc": training["decision"]["synthetic_auroc"],
-        "heldout_flagged": lighting.get("flagged"),
-        "heldout_flagged_darker": lighting.get("flagged_darker"),
-        "heldout_flagged_brighter": lighting.get("flagged_brighter"),
+        "synthetic_auroc": _rounded(training["decision"]["synthetic_auroc"]),
+        "heldout_flagged": _rounded(lighting.get("flagged")),
+        "heldout_flagged_darker": _rounded(lighting.get("flagged_darker")),
+        "heldout_flagged_brighter": _rounded(lighting.get("flagged_brighter")),
     }
 
 
