@@ -14,6 +14,7 @@ from service.scoring import SCORE_NAMES, Calibration, DecisionRule, fewest_for_c
 from training.calibrate import (
     DEFAULT_WEIGHTS,
     SYNTHETIC_COPIES,
+    LightingCheck,
     RuleChoice,
     calibrate,
     choose_rule,
@@ -256,20 +257,27 @@ def test_calibrate_matches_the_bundle(
     assert calibration.rule.threshold == pytest.approx(stored.rule.threshold, rel=1e-6)
 
 
-def test_the_lighting_check_counts_what_the_service_flags(
-    bundle_and_holdout: tuple[Bundle, OnnxGraphs, np.ndarray],
-) -> None:
+def _lighting_check(
+    bundle_and_holdout: tuple[Bundle, OnnxGraphs, np.ndarray], change: float
+) -> LightingCheck:
+    """The lighting check of the session bundle's held-out images under its stored calibration."""
     bundle, graphs, holdout = bundle_and_holdout
-    stored = bundle.manifest.calibration
-    check = lighting_check(
+    return lighting_check(
         graphs,
         bundle.latent_reference,
         bundle.error_reference,
         holdout,
         graphs.run_in_batches(holdout),
-        stored,
-        change=0.2,
+        bundle.manifest.calibration,
+        change=change,
     )
+
+
+def test_the_lighting_check_counts_what_the_service_flags(
+    bundle_and_holdout: tuple[Bundle, OnnxGraphs, np.ndarray],
+) -> None:
+    bundle, _, holdout = bundle_and_holdout
+    check = _lighting_check(bundle_and_holdout, 0.2)
     # The service's own verdicts on the same images, as they are and relit by 0.8 and 1.2.
     scorer = Scorer(bundle, device="cpu", threads=1)
     darker = (holdout * np.float32(0.8)).astype(np.float32)
@@ -279,15 +287,7 @@ def test_the_lighting_check_counts_what_the_service_flags(
     assert [check.flagged, check.flagged_darker, check.flagged_brighter] == expected
     # The fit ran the same check at its jitter and stored it.
     change = bundle.manifest.training["config"]["jitter"]
-    again = lighting_check(
-        graphs,
-        bundle.latent_reference,
-        bundle.error_reference,
-        holdout,
-        graphs.run_in_batches(holdout),
-        stored,
-        change=change,
-    )
+    again = _lighting_check(bundle_and_holdout, change)
     assert bundle.manifest.training["lighting"] == again.to_dict()
     line = describe_lighting(again)
     assert f"{again.flagged_darker:.1%} of them {change:.0%} darker" in line
@@ -297,17 +297,8 @@ def test_the_lighting_check_counts_what_the_service_flags(
 def test_the_lighting_check_refuses_changes_outside_zero_one(
     bundle_and_holdout: tuple[Bundle, OnnxGraphs, np.ndarray], change: float
 ) -> None:
-    bundle, graphs, holdout = bundle_and_holdout
     with pytest.raises(ValueError, match="lighting change"):
-        lighting_check(
-            graphs,
-            bundle.latent_reference,
-            bundle.error_reference,
-            holdout,
-            graphs.run_in_batches(holdout),
-            bundle.manifest.calibration,
-            change=change,
-        )
+        _lighting_check(bundle_and_holdout, change)
 
 
 def test_auroc_against_brute_force() -> None:

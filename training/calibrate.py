@@ -16,7 +16,7 @@ images are never used.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -143,12 +143,7 @@ class LightingCheck:
 
     def to_dict(self) -> dict[str, float]:
         """JSON-ready form for the manifest's training section."""
-        return {
-            "change": self.change,
-            "flagged": self.flagged,
-            "flagged_darker": self.flagged_darker,
-            "flagged_brighter": self.flagged_brighter,
-        }
+        return asdict(self)
 
 
 def lighting_check(
