@@ -114,11 +114,13 @@ class LatentReference:
     """A Gaussian of the normal posterior means at each latent cell, and how far from it the
     normal images' own posterior means lie there.
 
-    Fitted on the training images. ``latent_distance`` reads each cell's Mahalanobis distance
-    from its cell's Gaussian relative to the training images' mean distance at that cell (plus
-    ``POSITION_FLOOR`` times its grid-wide mean), as the error maps are read: a cell whose
-    normal parts vary in ways the shrunk covariance does not capture (an edge, a busbar, a
-    texture) is discounted, and the same distance where normal parts agree stands out.
+    Fitted on the training images, as they are and relit over the lighting range their
+    training called normal (``training.calibrate.fit_references``). ``latent_distance`` reads
+    each cell's Mahalanobis distance from its cell's Gaussian relative to the training images'
+    mean distance at that cell (plus ``POSITION_FLOOR`` times its grid-wide mean), as the error
+    maps are read: a cell whose normal parts vary in ways the shrunk covariance does not capture
+    (an edge, a busbar, a texture) is discounted, and the same distance where normal parts agree
+    stands out.
     """
 
     grid: LatentGrid
@@ -270,8 +272,8 @@ class MapParts:
 @dataclass(frozen=True)
 class ErrorReference:
     """What normal images' error maps look like at each position: the mean over the training
-    images of the squared-error map and the defect head's map ``(H, W)`` and of the coarse
-    VAE's squared-error map ``(h, w)``.
+    images (and their relit copies, as for :class:`LatentReference`) of the squared-error map
+    and the defect head's map ``(H, W)`` and of the coarse VAE's squared-error map ``(h, w)``.
 
     The local, defect and coarse scores read each map divided by this mean (plus
     ``POSITION_FLOOR`` times its image-wide mean): what is hard to redraw on every good part

@@ -104,7 +104,13 @@ def test_the_latent_and_error_references_are_fitted_on_the_training_images(
     held_out = set(bundle.manifest.training["data"]["holdout_files"])
     train = [p for p in list_image_files(demo_data / "train" / "good") if p.name not in held_out]
     assert len(train) == bundle.manifest.training["data"]["n_train"]
-    images = stack([load_image_file(p, bundle.manifest.input) for p in train])
+    as_they_are = stack([load_image_file(p, bundle.manifest.input) for p in train])
+    # Over the lighting range the training called normal: as they are, darker and brighter.
+    jitter = bundle.manifest.training["config"]["jitter"]
+    assert jitter > 0
+    images = np.concatenate(
+        [np.clip(as_they_are * np.float32(gain), 0.0, 1.0) for gain in (1, 1 - jitter, 1 + jitter)]
+    ).astype(np.float32)
     out = scorer.run_model(images)
     expected = LatentReference.fit(out.mu, bundle.manifest.latent)
     np.testing.assert_allclose(bundle.latent_reference.mean, expected.mean, atol=1e-5)

@@ -7,6 +7,8 @@ coarse VAE's term joined it, at the same weight as the others, after the two con
 datasets showed large defects passing, and the terms are combined by their soft maximum rather
 than their sum since held-out normals against synthetic defects preferred it on all four suite
 datasets (see the README's quality section). It is fixed, not searched per fit.
+The latent and error references that the scores are read against are fitted on the training
+images over the lighting range the training calls normal (:func:`fit_references`).
 Each fit reports how the rule separates held-out normal images from synthetic defects of kinds
 never trained on (:mod:`training.synth`), as a sanity figure, and how many held-out normal images
 its threshold flags once they are lit a little darker or brighter (:func:`lighting_check`); test
@@ -27,6 +29,7 @@ from service.scoring import (
     Calibration,
     DecisionRule,
     ErrorReference,
+    LatentGrid,
     LatentReference,
     ModelOutputs,
     fewest_for_conformal,
@@ -131,6 +134,32 @@ def calibrate(
     )
 
 
+def relight(images: F32Array, gain: float) -> F32Array:
+    """``images`` with every pixel scaled by ``gain``, clipped to [0, 1]."""
+    return np.asarray(np.clip(images * np.float32(gain), 0.0, 1.0), dtype=np.float32)
+
+
+def lighting_range(images: F32Array, change: float) -> F32Array:
+    """``images`` as they are, then ``1 - change`` darker and ``1 + change`` brighter, stacked;
+    only as they are when ``change`` is 0 (a fit without lighting jitter)."""
+    if not 0 <= change < 1:
+        raise ValueError(f"lighting change is {change!r}; expected a number in [0, 1)")
+    if change == 0:
+        return images
+    return np.concatenate([images, relight(images, 1 - change), relight(images, 1 + change)])
+
+
+def fit_references(
+    graphs: OnnxGraphs, train: F32Array, grid: LatentGrid, *, lighting: float
+) -> tuple[LatentReference, ErrorReference]:
+    """The latent and error references of normal images, fitted on the training images over
+    the lighting range the training calls normal (its jitter, :func:`lighting_range`): a
+    dimmer or brighter good part is then read as the training read it, not as a defect."""
+    images = lighting_range(train, lighting)
+    outputs = graphs.run_in_batches(images)
+    return LatentReference.fit(outputs.mu, grid), ErrorReference.fit(images, outputs)
+
+
 @dataclass(frozen=True)
 class LightingCheck:
     """The share of held-out normal images flagged as they are, and once every pixel is scaled by
@@ -166,14 +195,11 @@ def lighting_check(
         raw, _ = raw_scores(images, outputs, calibration.local_window, reference, errors)
         return float(np.mean(calibration.score(raw).is_anomaly))
 
-    def relit(gain: float) -> F32Array:
-        return np.asarray(np.clip(normal * np.float32(gain), 0.0, 1.0), dtype=np.float32)
-
     return LightingCheck(
         change=change,
         flagged=flagged(normal, normal_out),
-        flagged_darker=flagged(relit(1 - change)),
-        flagged_brighter=flagged(relit(1 + change)),
+        flagged_darker=flagged(relight(normal, 1 - change)),
+        flagged_brighter=flagged(relight(normal, 1 + change)),
     )
 
 

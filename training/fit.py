@@ -45,10 +45,8 @@ from service.preprocessing import InputSpec
 from service.runtime import OnnxGraphs, Scorer
 from service.scoring import (
     Calibration,
-    ErrorReference,
     LatentBaseline,
     LatentGrid,
-    LatentReference,
 )
 from training.calibrate import (
     RuleChoice,
@@ -56,6 +54,7 @@ from training.calibrate import (
     choose_rule,
     describe_lighting,
     describe_rule,
+    fit_references,
     lighting_check,
 )
 from training.config import FitConfig
@@ -207,7 +206,8 @@ def build_bundle(
     facts: Mapping[str, Any],
     overwrite: bool = False,
 ) -> Path:
-    """Export ``model``, fit the latent and error references on ``train``, choose the rule,
+    """Export ``model``, fit the latent and error references on ``train`` (over the lighting
+    range of the training's jitter), choose the rule,
     calibrate on ``holdout`` and write a checked bundle.
 
     The bundle is assembled in a staging folder next to ``out_dir`` and moved into place only
@@ -220,10 +220,7 @@ def build_bundle(
     try:
         graphs, parity = export_model(model, staging, holdout, threads=config.threads)
         grid = LatentGrid(model.cfg.latent_channels, *model.cfg.grid(spec.height, spec.width))
-        train_out = graphs.run_in_batches(train)
-        reference = LatentReference.fit(train_out.mu, grid)
-        errors = ErrorReference.fit(train, train_out)
-        del train_out
+        reference, errors = fit_references(graphs, train, grid, lighting=config.jitter)
         holdout_out = graphs.run_in_batches(holdout)
         baseline = LatentBaseline.fit(holdout_out.mu)
         write_latent_reference(staging / LATENT_REFERENCE, reference, baseline)
