@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -156,24 +157,29 @@ def test_scores_are_the_closed_form_ones(known_case: tuple[Path, Path]) -> None:
     np.testing.assert_array_equal(evaluation.scores["latent_distance"], 0.0)
     hole = evaluation.test.labels
     images = evaluation.test.images
-
     # The local, defect and coarse maps are read relative to the mean map of the training images
-    # (here the 5 good ones) plus a floor of POSITION_FLOOR times its image-wide mean.
-    def relative(maps: np.ndarray) -> np.ndarray:
-        mean = maps[~hole].mean(axis=0)
-        return np.asarray(maps / (mean + POSITION_FLOOR * mean.mean()))
+    # (here the 5 good ones) over the training's lighting range (as they are, and lit darker and
+    # brighter by the fit's jitter), plus a floor of POSITION_FLOOR times its image-wide mean.
+    jitter = FitConfig().jitter
+    lit = np.concatenate([images[~hole] * np.float32(g) for g in (1, 1 - jitter, 1 + jitter)])
+    assert lit.max() < 1.0  # mid-grey: nothing clips
+
+    def relative(map_of: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+        mean = map_of(lit).mean(axis=0)
+        return np.asarray(map_of(images) / (mean + POSITION_FLOOR * mean.mean()))
+
+    def squared(x: np.ndarray) -> np.ndarray:
+        return np.asarray(np.mean((x - 0.5) ** 2, axis=1))
 
     # local_error with window 1 is the largest relative squared error: 0.25 on the black square,
     # where good parts err by less than 0.0005.
-    squared = np.mean((images - 0.5) ** 2, axis=1)
     np.testing.assert_allclose(
         evaluation.scores["local_error"], window_max(relative(squared), 1), rtol=1e-4
     )
     assert np.all(evaluation.scores["local_error"][hole] > 100.0)
     # The defect head's probabilities are a sigmoid of the squared error.
-    defect = relative(_expected_map(images))
     np.testing.assert_allclose(
-        evaluation.scores["defect_probability"], window_max(defect, 1), rtol=1e-4
+        evaluation.scores["defect_probability"], window_max(relative(_expected_map), 1), rtol=1e-4
     )
     # The anomaly map is the combined score at each pixel: here the standardised log relative
     # squared error.
@@ -181,10 +187,13 @@ def test_scores_are_the_closed_form_ones(known_case: tuple[Path, Path]) -> None:
     np.testing.assert_allclose(
         evaluation.maps, local.standardise(relative(squared)), rtol=1e-4, atol=1e-4
     )
+
     # The zeroed coarse VAE draws 0.5 everywhere: coarse_error is the largest relative squared
     # difference of the 2x2-downsampled image from 0.5 (an 8x8 map, so a window of 1).
-    small = images.reshape(-1, 3, SIZE // 2, 2, SIZE // 2, 2).mean(axis=(3, 5))
-    coarse = relative(np.mean((small - 0.5) ** 2, axis=1)).max(axis=(1, 2))
+    def coarse_squared(x: np.ndarray) -> np.ndarray:
+        return squared(x.reshape(-1, 3, SIZE // 2, 2, SIZE // 2, 2).mean(axis=(3, 5)))
+
+    coarse = relative(coarse_squared).max(axis=(1, 2))
     np.testing.assert_allclose(evaluation.scores["coarse_error"], coarse, rtol=1e-4)
 
 
