@@ -22,7 +22,8 @@ from training.calibrate import (
     describe_lighting,
     describe_rule,
     lighting_check,
-    lighting_range,
+    lighting_gains,
+    relight,
 )
 from training.metrics import (
     auroc,
@@ -302,22 +303,22 @@ def test_the_lighting_check_refuses_changes_outside_zero_one(
         _lighting_check(bundle_and_holdout, change)
 
 
-def test_the_lighting_range_stacks_the_images_as_they_are_darker_and_brighter() -> None:
+def test_the_lighting_range_is_as_they_are_darker_and_brighter() -> None:
     images = np.random.default_rng(3).random((4, 1, 6, 5), dtype=np.float32)
-    stacked = lighting_range(images, 0.25)
-    assert stacked.dtype == np.float32 and stacked.shape == (12, 1, 6, 5)
-    np.testing.assert_array_equal(stacked[:4], images)
-    np.testing.assert_allclose(stacked[4:8], images * 0.75, rtol=1e-6)
-    np.testing.assert_allclose(stacked[8:], np.minimum(images * 1.25, 1.0), rtol=1e-6)
-    assert stacked[8:].max() <= 1.0 and (stacked[8:] == 1.0).any()
+    assert lighting_gains(0.25) == (1.0, 0.75, 1.25)
+    darker, brighter = relight(images, 0.75), relight(images, 1.25)
+    assert darker.dtype == brighter.dtype == np.float32
+    np.testing.assert_allclose(darker, images * 0.75, rtol=1e-6)
+    np.testing.assert_allclose(brighter, np.minimum(images * 1.25, 1.0), rtol=1e-6)
+    assert brighter.max() <= 1.0 and (brighter == 1.0).any()
     # No jitter: the training called no lighting change normal, so the images alone.
-    assert lighting_range(images, 0.0) is images
+    assert lighting_gains(0.0) == (1.0,)
 
 
 @pytest.mark.parametrize("change", [1.0, -0.1, float("nan")])
 def test_the_lighting_range_refuses_changes_outside_zero_one(change: float) -> None:
     with pytest.raises(ValueError, match="lighting change"):
-        lighting_range(np.zeros((1, 1, 2, 2), np.float32), change)
+        lighting_gains(change)
 
 
 def test_auroc_against_brute_force() -> None:

@@ -18,7 +18,7 @@ images are never used.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -139,25 +139,33 @@ def relight(images: F32Array, gain: float) -> F32Array:
     return np.asarray(np.clip(images * np.float32(gain), 0.0, 1.0), dtype=np.float32)
 
 
-def lighting_range(images: F32Array, change: float) -> F32Array:
-    """``images`` as they are, then ``1 - change`` darker and ``1 + change`` brighter, stacked;
-    only as they are when ``change`` is 0 (a fit without lighting jitter)."""
+def lighting_gains(change: float) -> tuple[float, ...]:
+    """The gains of the lighting range a training jitter of ``change`` calls normal: as they
+    are, ``1 - change`` darker and ``1 + change`` brighter; only as they are when it is 0."""
     if not 0 <= change < 1:
         raise ValueError(f"lighting change is {change!r}; expected a number in [0, 1)")
-    if change == 0:
-        return images
-    return np.concatenate([images, relight(images, 1 - change), relight(images, 1 + change)])
+    return (1.0,) if change == 0 else (1.0, 1 - change, 1 + change)
 
 
 def fit_references(
     graphs: OnnxGraphs, train: F32Array, grid: LatentGrid, *, lighting: float
 ) -> tuple[LatentReference, ErrorReference]:
     """The latent and error references of normal images, fitted on the training images over
-    the lighting range the training calls normal (its jitter, :func:`lighting_range`): a
-    dimmer or brighter good part is then read as the training read it, not as a defect."""
-    images = lighting_range(train, lighting)
-    outputs = graphs.run_in_batches(images)
-    return LatentReference.fit(outputs.mu, grid), ErrorReference.fit(images, outputs)
+    the lighting range the training calls normal (its jitter, :func:`lighting_gains`): a
+    dimmer or brighter good part is then read as the training read it, not as a defect.
+
+    One lighting at a time, so that memory holds one copy of the training images' outputs."""
+    mus, maps = [], []
+    for gain in lighting_gains(lighting):
+        images = train if gain == 1.0 else relight(train, gain)
+        outputs = graphs.run_in_batches(images)
+        mus.append(outputs.mu)
+        maps.append(ErrorReference.fit(images, outputs))
+    # Equal counts per lighting: the mean of the means is the mean over every image.
+    errors = ErrorReference(
+        *(np.mean([getattr(m, f.name) for m in maps], axis=0) for f in fields(ErrorReference))
+    )
+    return LatentReference.fit(np.concatenate(mus), grid), errors
 
 
 @dataclass(frozen=True)
