@@ -8,7 +8,6 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 import torch
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
 import training.train
 from training.config import FitConfig
@@ -18,7 +17,6 @@ from training.synth import corrupt
 from training.train import (
     Budget,
     TrainResult,
-    averaged_steps,
     jitter_intensity,
     learning_rate,
     random_crops,
@@ -144,63 +142,6 @@ def test_the_history_ends_at_the_final_weights(time_limit: float | None) -> None
     assert result.history, "no record of the kept weights"
     assert result.history[-1].step == result.steps
     assert result.summary()["final"]["step"] == result.steps
-
-
-def _float_tensors(modules: list[torch.nn.Module]) -> list[torch.Tensor]:
-    return [
-        t.detach().clone()
-        for m in modules
-        for t in (*m.parameters(), *m.buffers())
-        if t.is_floating_point()
-    ]
-
-
-def test_the_weight_average_is_the_mean_of_the_last_steps_weights() -> None:
-    """With weight_average, the kept weights (parameters and batch-norm statistics) are the mean
-    of the weights after each of the last steps of the very same training, for the local model
-    with its head and for the coarse VAE; the training itself is unchanged."""
-    config = _config(epochs=5)  # 10 steps each, the mean of the last 4 (0.4 of them)
-    total = config.steps_for(8)
-    assert averaged_steps(total, 0.4) == 4
-    torch.manual_seed(config.seed)
-    model = VAE(config.model_config(channels=1))
-    coarse_model = model.coarse
-    assert coarse_model is not None
-    after_each_step: list[list[torch.Tensor]] = []
-
-    def record(_optimiser: Any, _args: Any, _kwargs: Any) -> None:
-        trained = model if len(after_each_step) < total else coarse_model
-        after_each_step.append(_float_tensors(trained.own_modules()))
-
-    hook = register_optimizer_step_post_hook(record)
-    try:
-        images = _images()
-        last, last_coarse = train_both(model, images[:8], images[8:], config, torch.device("cpu"))
-    finally:
-        hook.remove()
-    assert len(after_each_step) == 2 * total
-    averaged, averaged_coarse = _train_both(_config(epochs=5, weight_average=0.4))
-    for steps, trained in (
-        (after_each_step[:total], averaged.model.own_modules()),
-        (after_each_step[total:], averaged_coarse.model.own_modules()),
-    ):
-        expected = [torch.stack(ts).mean(dim=0) for ts in zip(*steps[-4:], strict=True)]
-        kept = _float_tensors(trained)
-        assert len(kept) == len(expected)
-        for got, want in zip(kept, expected, strict=True):
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-        assert any(not torch.equal(k, f) for k, f in zip(kept, steps[-1], strict=True))
-    # Averaging changes only what is kept: every step's training loss is the same.
-    for plain, with_average in ((last, averaged), (last_coarse, averaged_coarse)):
-        assert [s.train_loss for s in plain.history] == [s.train_loss for s in with_average.history]
-        assert plain.history[-1].val_mse != with_average.history[-1].val_mse
-
-
-def test_averaged_steps() -> None:
-    assert averaged_steps(2500, 0.25) == 625
-    assert averaged_steps(10, 0.0) == 0
-    assert averaged_steps(3, 0.5) == 2
-    assert averaged_steps(1, 0.5) == 0
 
 
 def test_training_on_crops_validates_on_whole_images() -> None:

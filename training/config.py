@@ -153,14 +153,6 @@ class FitConfig:
             "training",
         ),
     )
-    weight_average: float = field(
-        default=0.0,
-        metadata=_option(
-            "the final weights are the mean of the weights after each of this share of the "
-            "last steps (parameters and batch-norm statistics; 0: the last step's weights)",
-            "training",
-        ),
-    )
     time_limit_minutes: float | None = field(
         default=None,
         metadata=_option(
@@ -244,9 +236,7 @@ class FitConfig:
             )
         _check_open_unit("holdout_fraction", self.holdout_fraction)
         _check_open_unit("target_false_alarm_rate", self.target_false_alarm_rate)
-        for name, low, high in (
-            ("corruption", 0.0, 1.0), ("jitter", 0.0, 0.5), ("weight_average", 0.0, 0.5),
-        ):  # fmt: skip
+        for name, low, high in (("corruption", 0.0, 1.0), ("jitter", 0.0, 0.5)):
             value = getattr(self, name)
             if not (math.isfinite(value) and low <= value <= high):
                 raise ConfigError(

@@ -253,14 +253,10 @@ class VAE(nn.Module):
         self.head = DefectHead(cfg) if cfg.head_width else None
         self.coarse = VAE(cfg.coarse()) if cfg.coarse_factor else None
 
-    def own_modules(self) -> list[nn.Module]:
-        """The encoder, the decoder and the head: what one training loop trains, not the
-        coarse VAE."""
-        return [self.encoder, self.decoder, *([self.head] if self.head is not None else [])]
-
     def own_parameters(self) -> list[nn.Parameter]:
         """The encoder's, decoder's and head's parameters: not the coarse VAE's."""
-        return [p for part in self.own_modules() for p in part.parameters()]
+        parts = [self.encoder, self.decoder, *([self.head] if self.head is not None else [])]
+        return [p for part in parts for p in part.parameters()]
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Reconstruction from a sampled latent in training, from ``mu`` in eval mode."""

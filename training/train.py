@@ -6,9 +6,8 @@ and trains the VAE to reconstruct the clean crop from the corrupted one (a denoi
 defect head to find the defect's pixels from the corrupted crop and its reconstruction (on a share
 of the crops: :meth:`FitConfig.head_batch`). The budget is a number of steps
 (:meth:`FitConfig.steps_for`); AdamW's learning rate warms up and anneals over it, and the final
-weights are kept, or with ``weight_average`` the mean of the weights over the last share of the
-steps (:class:`WeightAverage`). Held-out images are scored at full size a few times along the way
-for the history; they never steer the training.
+weights are kept. Held-out images are scored at full size a few times along the way for the
+history; they never steer the training.
 
 The coarse VAE is trained afterwards by the same loop, on whole images downsampled by the
 coarse factor (the crop size exceeds them), for as many steps, at most ``coarse_max_steps``
@@ -26,7 +25,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from tqdm import tqdm
 
 from training.config import Device, FitConfig
@@ -151,39 +150,6 @@ def jitter_intensity(x: F32Array, amount: float, rng: np.random.Generator) -> F3
     return np.asarray(np.clip((x - mean) * contrast + mean * gain, 0.0, 1.0), dtype=np.float32)
 
 
-class WeightAverage:
-    """The running mean of modules' floating-point parameters and buffers (batch-norm
-    statistics) over the steps it is given, which can replace the last step's weights."""
-
-    def __init__(self, modules: list[nn.Module]) -> None:
-        self.live = [
-            t for m in modules for t in (*m.parameters(), *m.buffers()) if t.is_floating_point()
-        ]
-        self.mean: list[Tensor] = []
-        self.count = 0
-
-    @torch.no_grad()
-    def add(self) -> None:
-        """Add the modules' current weights to the mean."""
-        self.count += 1
-        if self.count == 1:
-            self.mean = [t.detach().clone() for t in self.live]
-            return
-        for mean, value in zip(self.mean, self.live, strict=True):
-            mean.lerp_(value.detach(), 1.0 / self.count)
-
-    @torch.no_grad()
-    def load_into_modules(self) -> None:
-        """Replace the modules' weights by the mean (nothing when no step was added)."""
-        for value, mean in zip(self.live, self.mean, strict=True):
-            value.copy_(mean)
-
-
-def averaged_steps(total: int, share: float) -> int:
-    """How many of the last of ``total`` steps the weight average spans (0: none)."""
-    return min(total, round(share * total))
-
-
 def _validate(model: VAE, loss_fn: ELBOLoss, x: Tensor, batch_size: int) -> tuple[float, ...]:
     model.eval()
     totals = np.zeros(3)
@@ -264,8 +230,6 @@ def train_vae(
     limit = time_limit_s
     budget = Budget(total, limit)
     record_every = max(1, total // VALIDATIONS)
-    average = WeightAverage(model.own_modules())
-    average_from = total - averaged_steps(total, config.weight_average)
     history: list[StepStats] = []
     sums, count = np.zeros(4), 0
     stop_reason = f"completed {total} steps"
@@ -302,16 +266,11 @@ def train_vae(
         loss.backward()
         optimiser.step()
         step += 1
-        if config.weight_average and step > average_from:
-            average.add()
         sums += (parts.total, parts.mse, parts.kl, float(head_loss.detach()))
         count += 1
         bar.update(1)
         out_of_time = limit is not None and budget.elapsed() >= limit and step < total
-        last = step == total or out_of_time
-        if last and average.count:
-            average.load_into_modules()
-        if step % record_every == 0 or last:
+        if step % record_every == 0 or step == total or out_of_time:
             val = _validate(model, loss_fn, x_val, config.batch_size)
             history.append(StepStats(step, *(float(v) for v in sums / count), *val))
             sums, count = np.zeros(4), 0
