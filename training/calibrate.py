@@ -203,11 +203,12 @@ def lighting_check(
         raw, _ = raw_scores(images, outputs, calibration.local_window, reference, errors)
         return float(np.mean(calibration.score(raw).is_anomaly))
 
+    _, darker, brighter = lighting_gains(change)
     return LightingCheck(
         change=change,
         flagged=flagged(normal, normal_out),
-        flagged_darker=flagged(relight(normal, 1 - change)),
-        flagged_brighter=flagged(relight(normal, 1 + change)),
+        flagged_darker=flagged(relight(normal, darker)),
+        flagged_brighter=flagged(relight(normal, brighter)),
     )
 
 
