@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -59,16 +62,16 @@ def _config(**changes: Any) -> FitConfig:
 
 
 def _train_both(
-    config: FitConfig, images: F32Array | None = None
+    config: FitConfig, images: F32Array | None = None, device: str = "cpu"
 ) -> tuple[TrainResult, TrainResult]:
     images = _images() if images is None else images
     torch.manual_seed(config.seed)  # as fit does: the reparameterisation noise is torch's
     model = VAE(config.model_config(channels=images.shape[1]))
-    return train_both(model, images[:8], images[8:], config, torch.device("cpu"))
+    return train_both(model, images[:8], images[8:], config, torch.device(device))
 
 
-def _train(config: FitConfig, images: F32Array | None = None) -> TrainResult:
-    return _train_both(config, images)[0]
+def _train(config: FitConfig, images: F32Array | None = None, device: str = "cpu") -> TrainResult:
+    return _train_both(config, images, device)[0]
 
 
 @pytest.mark.parametrize(
@@ -108,10 +111,20 @@ def test_training_lowers_the_held_out_error() -> None:
     assert len(summary["history"]) == len(result.history)
 
 
-def test_the_same_seed_gives_bit_identical_weights() -> None:
-    first = _train(_config())
-    again = _train(_config())
-    other = _train(_config(seed=1))
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+        ),
+    ],
+)
+def test_the_same_seed_gives_bit_identical_weights(device: str) -> None:
+    first = _train(_config(), device=device)
+    again = _train(_config(), device=device)
+    other = _train(_config(seed=1), device=device)
     weights, repeated = first.model.state_dict(), again.model.state_dict()
     assert weights.keys() == repeated.keys()
     for name, tensor in weights.items():
@@ -122,6 +135,56 @@ def test_the_same_seed_gives_bit_identical_weights() -> None:
         for name, tensor in weights.items()
         if tensor.is_floating_point()
     )
+
+
+def _kernel_settings() -> tuple[bool, bool, bool]:
+    cudnn = torch.backends.cudnn
+    return (cudnn.deterministic, cudnn.benchmark, torch.are_deterministic_algorithms_enabled())
+
+
+def test_cuda_training_asks_for_deterministic_kernels_and_restores_the_settings(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    before = _kernel_settings()
+    with training.train.deterministic_kernels(torch.device("cpu")):
+        assert _kernel_settings() == before  # CPU kernels are deterministic already
+    with training.train.deterministic_kernels(torch.device("cuda")):
+        assert _kernel_settings() == (True, False, True)
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    assert _kernel_settings() == before
+    with (
+        pytest.raises(RuntimeError, match="stops here"),
+        training.train.deterministic_kernels(torch.device("cuda")),
+    ):
+        raise RuntimeError("stops here")
+    assert _kernel_settings() == before
+
+
+def test_both_models_train_inside_the_deterministic_kernels(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    entered: list[torch.device] = []
+    steps_inside: list[int] = []
+    real_train_vae = training.train.train_vae
+
+    @contextlib.contextmanager
+    def recording(device: torch.device) -> Iterator[None]:
+        entered.append(device)
+        yield
+        entered.append(device)  # left
+
+    def counting_train_vae(*args: Any, **kwargs: Any) -> TrainResult:
+        assert len(entered) == 1, "trained outside the deterministic kernels"
+        result = real_train_vae(*args, **kwargs)
+        steps_inside.append(result.steps)
+        return result
+
+    monkeypatch.setattr(training.train, "deterministic_kernels", recording)
+    monkeypatch.setattr(training.train, "train_vae", counting_train_vae)
+    local, coarse = _train_both(_config(epochs=2, coarse_max_steps=1))
+    assert entered == [torch.device("cpu")] * 2
+    assert steps_inside == [local.steps, coarse.steps] == [4, 1]
 
 
 def test_a_time_limit_stops_early_and_says_so() -> None:

@@ -16,9 +16,12 @@ coarse factor (the crop size exceeds them), for as many steps, at most ``coarse_
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -91,6 +94,35 @@ def select_device(choice: Device) -> torch.device:
     if choice == "cuda":
         raise ConfigError("option device has value 'cuda' but torch sees no usable CUDA device")
     return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def deterministic_kernels(device: torch.device) -> Iterator[None]:
+    """While training on CUDA, deterministic kernels only, so that one seed gives one model.
+
+    cuDNN otherwise picks convolution kernels whose sums run in a varying order, and two fits of
+    the same command differ. An operation with no deterministic CUDA kernel then raises rather
+    than run. CPU kernels are deterministic already: nothing changes there. The previous
+    settings come back afterwards."""
+    if device.type != "cuda":
+        yield
+        return
+    # cuBLAS is deterministic only with a fixed workspace, read when torch first uses it.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    cudnn = torch.backends.cudnn
+    before = (
+        cudnn.deterministic,
+        cudnn.benchmark,
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
+    cudnn.deterministic, cudnn.benchmark = True, False
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        cudnn.deterministic, cudnn.benchmark = before[0], before[1]
+        torch.use_deterministic_algorithms(before[2], warn_only=before[3])
 
 
 class Budget:
@@ -172,34 +204,38 @@ def train_both(
 ) -> tuple[TrainResult, TrainResult]:
     """Train the local model and its head, then the coarse VAE; results in that order.
 
-    A time limit (``config.time_limit_minutes``) bounds the two together."""
+    A time limit (``config.time_limit_minutes``) bounds the two together. On CUDA the kernels
+    are deterministic (:func:`deterministic_kernels`)."""
     if model.coarse is None:
         raise ConfigError("the model has no coarse VAE; a bundle needs one")
-    limit = None if config.time_limit_minutes is None else 60 * config.time_limit_minutes
-    n_train = train_images.shape[0]
-    local = train_vae(
-        model,
-        train_images,
-        val_images,
-        config,
-        device,
-        steps=config.steps_for(n_train),
-        time_limit_s=None if limit is None else LOCAL_TIME_SHARE * limit,
-    )
-    factor = model.cfg.coarse_factor
-    coarse = train_vae(
-        model.coarse,
-        downsample(torch.from_numpy(train_images), factor).numpy(),
-        downsample(torch.from_numpy(val_images), factor).numpy(),
-        config,
-        device,
-        steps=config.coarse_steps_for(n_train),
-        time_limit_s=(
-            None if limit is None else max(limit - local.seconds, (1 - LOCAL_TIME_SHARE) * limit)
-        ),
-        name="coarse",
-    )
-    return local, coarse
+    with deterministic_kernels(device):
+        limit = None if config.time_limit_minutes is None else 60 * config.time_limit_minutes
+        n_train = train_images.shape[0]
+        local = train_vae(
+            model,
+            train_images,
+            val_images,
+            config,
+            device,
+            steps=config.steps_for(n_train),
+            time_limit_s=None if limit is None else LOCAL_TIME_SHARE * limit,
+        )
+        factor = model.cfg.coarse_factor
+        coarse = train_vae(
+            model.coarse,
+            downsample(torch.from_numpy(train_images), factor).numpy(),
+            downsample(torch.from_numpy(val_images), factor).numpy(),
+            config,
+            device,
+            steps=config.coarse_steps_for(n_train),
+            time_limit_s=(
+                None
+                if limit is None
+                else max(limit - local.seconds, (1 - LOCAL_TIME_SHARE) * limit)
+            ),
+            name="coarse",
+        )
+        return local, coarse
 
 
 def train_vae(
