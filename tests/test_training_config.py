@@ -80,7 +80,8 @@ def test_every_option_has_a_flag_in_the_help(
     with pytest.raises(SystemExit) as info:
         main([command, "--help"])
     assert info.value.code == 0
-    shown = set(re.findall(r"^\s+(--[\w-]+)", capsys.readouterr().out, flags=re.MULTILINE))
+    lines = re.findall(r"^\s+(--[\w-]+)(?:, (--[\w-]+))?", capsys.readouterr().out, re.MULTILINE)
+    shown = {flag for line in lines for flag in line if flag}
     missing = [f.name for f in fields(FitConfig) if _flag(f.name) not in shown]
     assert missing == []
 
@@ -88,6 +89,19 @@ def test_every_option_has_a_flag_in_the_help(
 def test_the_table_of_this_test_covers_every_option() -> None:
     assert set(NON_DEFAULT) == {f.name for f in fields(FitConfig)}
     assert all(_flag(name) == flags[0] for name, (flags, _) in NON_DEFAULT.items())
+
+
+@pytest.mark.parametrize("name", [f.name for f in fields(FitConfig) if f.type in (bool, "bool")])
+def test_a_switch_on_by_default_has_both_spellings_and_the_last_one_wins(name: str) -> None:
+    on = "--" + name.replace("_", "-")
+    off = "--no-" + name.replace("_", "-")
+    if not getattr(FitConfig(), name):
+        with pytest.raises(SystemExit):
+            _parse("fit", off)
+        return
+    assert getattr(FitConfig.from_namespace(_parse("fit", off)), name) is False
+    assert getattr(FitConfig.from_namespace(_parse("fit", off, on)), name) is True
+    assert getattr(FitConfig.from_namespace(_parse("fit", on, off)), name) is False
 
 
 @pytest.mark.parametrize("command", COMMANDS)

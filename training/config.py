@@ -324,12 +324,9 @@ def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
         if meta["metavar"]:
             options["metavar"] = meta["metavar"]
         if kind is bool:
-            if default:
-                group.add_argument(
-                    "--no-" + f.name.replace("_", "-"), action="store_false", **options
-                )
-            else:
-                group.add_argument(flag, action="store_true", **options)
+            # A flag on by default reads --X / --no-X, each with the option's own help.
+            action = argparse.BooleanOptionalAction if default else "store_true"
+            group.add_argument(flag, action=action, **options)
             continue
         choices = _literal_choices(kind)
         if choices:
