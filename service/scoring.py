@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import cached_property
 from statistics import NormalDist
 from typing import Any, Literal
@@ -83,6 +83,10 @@ class ModelOutputs:
     defect_map: FloatArray  # (N, H, W), the defect head's anomaly probability per pixel
     coarse_input: FloatArray  # (N, C, H/f, W/f), the image downsampled for the coarse VAE
     coarse_recon: FloatArray  # (N, C, H/f, W/f), the coarse VAE's reconstruction of it
+
+    def rows(self, index: slice) -> ModelOutputs:
+        """The outputs of some images of the batch."""
+        return ModelOutputs(*(getattr(self, f.name)[index] for f in fields(self)))
 
 
 @dataclass(frozen=True)

@@ -2,25 +2,38 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+import training.calibrate
 from service.bundle import Bundle, load_bundle
 from service.preprocessing import load_image_file, stack
 from service.runtime import OnnxGraphs, Scorer
-from service.scoring import SCORE_NAMES, Calibration, DecisionRule, fewest_for_conformal
+from service.scoring import (
+    SCORE_NAMES,
+    Calibration,
+    DecisionRule,
+    ErrorReference,
+    LatentReference,
+    ModelOutputs,
+    fewest_for_conformal,
+    raw_scores,
+)
 from training.calibrate import (
     DEFAULT_WEIGHTS,
     SYNTHETIC_COPIES,
     LightingCheck,
     RuleChoice,
+    batched_raw_scores,
     calibrate,
     choose_rule,
     default_window,
     describe_lighting,
     describe_rule,
+    fit_references,
     lighting_check,
     lighting_gains,
     relight,
@@ -374,3 +387,43 @@ def test_threshold_stats() -> None:
     assert stats.f1 == pytest.approx(2 * 2 / (2 * 2 + 1 + 1))
     assert stats.fpr == 0.5
     assert stats.tpr == pytest.approx(2 / 3)
+
+
+def test_scores_in_batches_are_the_scores_of_the_whole_set(
+    bundle_and_holdout: tuple[Bundle, OnnxGraphs, np.ndarray], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bundle, graphs, holdout = bundle_and_holdout
+    monkeypatch.setattr(training.calibrate, "SCORING_BATCH", 2)
+    assert holdout.shape[0] > 2  # several batches, the last one shorter when the count is odd
+    outputs = graphs.run_in_batches(holdout, batch_size=2)
+    window = bundle.manifest.calibration.local_window
+    args = (window, bundle.latent_reference, bundle.error_reference)
+    whole, _ = raw_scores(holdout, outputs, *args)
+    from_outputs = batched_raw_scores(holdout, outputs, *args)
+    from_graphs = batched_raw_scores(holdout, graphs, *args)
+    assert set(from_outputs) == set(from_graphs) == set(SCORE_NAMES)
+    for name in SCORE_NAMES:
+        np.testing.assert_array_equal(from_outputs[name], whole[name], err_msg=name)
+        np.testing.assert_array_equal(from_graphs[name], whole[name], err_msg=name)
+
+
+def test_references_fitted_in_batches_are_the_means_over_every_image(
+    bundle_and_holdout: tuple[Bundle, OnnxGraphs, np.ndarray], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bundle, graphs, images = bundle_and_holdout
+    monkeypatch.setattr(training.calibrate, "SCORING_BATCH", 2)
+    grid = bundle.latent_reference.grid
+    reference, errors = fit_references(graphs, images, grid, lighting=0.1)
+    lit = [relight(images, gain) for gain in lighting_gains(0.1)]
+    outputs = [graphs.run_in_batches(x, batch_size=2) for x in lit]
+    expected = LatentReference.fit(np.concatenate([out.mu for out in outputs]), grid)
+    np.testing.assert_array_equal(reference.mean, expected.mean)
+    np.testing.assert_array_equal(reference.mean_distance, expected.mean_distance)
+    together = ModelOutputs(
+        *(np.concatenate([getattr(o, f.name) for o in outputs]) for f in fields(ModelOutputs))
+    )
+    every = ErrorReference.fit(np.concatenate(lit), together)
+    for name in ("squared_error", "defect_map", "coarse_error"):
+        np.testing.assert_allclose(
+            getattr(errors, name), getattr(every, name), rtol=1e-12, err_msg=name
+        )

@@ -86,6 +86,16 @@ def test_ort_matches_torch_on_real_inputs(demo_data: Path, tmp_path: Path, spec:
             )
 
 
+def test_parity_is_proved_on_at_most_parity_examples_images(
+    demo_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(training.export, "PARITY_EXAMPLES", 3)
+    images = _real_inputs(demo_data)
+    assert images.shape[0] > 3
+    _, report = export_model(_random_model(), tmp_path, images, threads=1)
+    assert report.n_inputs == 3
+
+
 def test_export_leaves_the_model_as_it_was(demo_data: Path, tmp_path: Path) -> None:
     model = _random_model()
     images = _real_inputs(demo_data)

@@ -39,6 +39,8 @@ from training.metrics import auroc
 from training.synth import synthesise_anomalies
 
 F32Array = npt.NDArray[np.float32]
+F64Array = npt.NDArray[np.float64]
+FloatArray = npt.NDArray[np.floating[Any]]
 
 DEFAULT_WEIGHTS: Mapping[str, float] = {
     "defect_probability": 1.0,
@@ -49,6 +51,28 @@ DEFAULT_WEIGHTS: Mapping[str, float] = {
 # The default local window is the shorter image side over this: specks of a few pixels count.
 WINDOW_DIVISOR = 32
 SYNTHETIC_COPIES = 4
+# Images scored at a time: memory holds one batch's outputs and maps, however many images a fit
+# has (the graphs' own batches, OnnxGraphs.run_in_batches, are as large).
+SCORING_BATCH = 32
+
+
+def batched_raw_scores(
+    images: F32Array,
+    source: OnnxGraphs | ModelOutputs,
+    window: int,
+    reference: LatentReference,
+    errors: ErrorReference,
+) -> dict[str, F64Array]:
+    """The raw scores of ``images``, a batch of ``SCORING_BATCH`` at a time: the graphs are run
+    on each batch, or ``source`` already holds their outputs for every image. Only the scores,
+    one number per image and score, are kept."""
+    parts: list[dict[str, F64Array]] = []
+    for start in range(0, images.shape[0], SCORING_BATCH):
+        rows = slice(start, start + SCORING_BATCH)
+        batch = np.ascontiguousarray(images[rows])
+        out = source.run(batch) if isinstance(source, OnnxGraphs) else source.rows(rows)
+        parts.append(raw_scores(batch, out, window, reference, errors)[0])
+    return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
 
 
 @dataclass(frozen=True)
@@ -99,9 +123,8 @@ def choose_rule(
     weighting = dict(weights) if weights is not None else dict(DEFAULT_WEIGHTS)
     synthetic = synthesise_anomalies(normal, copies=SYNTHETIC_COPIES, seed=seed)
     labels = np.r_[np.zeros(normal.shape[0]), np.ones(synthetic.shape[0])]
-    normal_raw, _ = raw_scores(normal, normal_out, window, reference, errors)
-    synthetic_out = graphs.run_in_batches(synthetic)
-    synthetic_raw, _ = raw_scores(synthetic, synthetic_out, window, reference, errors)
+    normal_raw = batched_raw_scores(normal, normal_out, window, reference, errors)
+    synthetic_raw = batched_raw_scores(synthetic, graphs, window, reference, errors)
     calibration = Calibration.fit(
         normal_raw, weighting, target_false_alarm_rate=0.5, local_window=window
     )
@@ -125,7 +148,7 @@ def calibrate(
 ) -> Calibration:
     """Fit the calibration of every score and the default threshold on held-out normals, from
     the graphs' outputs ``normal_out`` for them."""
-    raw, _ = raw_scores(normal, normal_out, choice.local_window, reference, errors)
+    raw = batched_raw_scores(normal, normal_out, choice.local_window, reference, errors)
     return Calibration.fit(
         raw,
         choice.weights,
@@ -154,17 +177,22 @@ def fit_references(
     the lighting range the training calls normal (its jitter, :func:`lighting_gains`): a
     dimmer or brighter good part is then read as the training read it, not as a defect.
 
-    One lighting at a time, so that memory holds one copy of the training images' outputs."""
-    mus, maps = [], []
-    for gain in lighting_gains(lighting):
-        images = train if gain == 1.0 else relight(train, gain)
-        outputs = graphs.run_in_batches(images)
-        mus.append(outputs.mu)
-        maps.append(ErrorReference.fit(images, outputs))
-    # Equal counts per lighting: the mean of the means is the mean over every image.
-    errors = ErrorReference(
-        *(np.mean([getattr(m, f.name) for m in maps], axis=0) for f in fields(ErrorReference))
-    )
+    A batch of ``SCORING_BATCH`` images at a time, so that memory holds one batch's outputs
+    and the running sums of the maps, however many training images there are."""
+    mus: list[FloatArray] = []
+    totals: dict[str, Any] = {f.name: 0.0 for f in fields(ErrorReference)}
+    gains = lighting_gains(lighting)
+    for gain in gains:
+        for start in range(0, train.shape[0], SCORING_BATCH):
+            batch = np.ascontiguousarray(train[start : start + SCORING_BATCH])
+            images = batch if gain == 1.0 else relight(batch, gain)
+            outputs = graphs.run(images)
+            mus.append(outputs.mu)
+            means = ErrorReference.fit(images, outputs)
+            for name in totals:
+                totals[name] = totals[name] + getattr(means, name) * images.shape[0]
+    count = len(gains) * train.shape[0]
+    errors = ErrorReference(**{name: np.asarray(total / count) for name, total in totals.items()})
     return LatentReference.fit(np.concatenate(mus), grid), errors
 
 
@@ -199,8 +227,8 @@ def lighting_check(
         raise ValueError(f"lighting change is {change!r}; expected a number in (0, 1)")
 
     def flagged(images: F32Array, out: ModelOutputs | None = None) -> float:
-        outputs = out if out is not None else graphs.run_in_batches(images)
-        raw, _ = raw_scores(images, outputs, calibration.local_window, reference, errors)
+        source = out if out is not None else graphs
+        raw = batched_raw_scores(images, source, calibration.local_window, reference, errors)
         return float(np.mean(calibration.score(raw).is_anomaly))
 
     _, darker, brighter = lighting_gains(change)

@@ -19,7 +19,6 @@ from service.preprocessing import (
     InputSpec,
     list_image_files,
     preprocess_bytes,
-    stack,
 )
 from training.config import Aspect, ColorChoice
 from training.errors import DataError
@@ -125,8 +124,10 @@ def resolve_input_size(
 
 
 def load_images(paths: list[Path], spec: InputSpec, *, skip_bad: bool) -> ImageSet:
-    """Read and preprocess every file; a bad file stops the load unless ``skip_bad``."""
-    arrays: list[npt.NDArray[np.float32]] = []
+    """Read and preprocess every file; a bad file stops the load unless ``skip_bad``.
+
+    Each image goes straight into one array, so that memory holds the images once."""
+    out = np.empty((len(paths), *spec.shape), dtype=np.float32)
     kept: list[Path] = []
     skipped: list[tuple[Path, str]] = []
     digest = hashlib.sha256()
@@ -143,11 +144,12 @@ def load_images(paths: list[Path], spec: InputSpec, *, skip_bad: bool) -> ImageS
             skipped.append((path, str(exc)))
             continue
         digest.update(path.name.encode("utf-8") + b"\0" + hashlib.sha256(data).digest())
-        arrays.append(array)
+        out[len(kept)] = array
         kept.append(path)
-    if not arrays:
+    if not kept:
         raise DataError(f"none of the {len(paths)} images could be read; {skipped[0][1]}")
-    return ImageSet(tuple(kept), stack(arrays), tuple(skipped), digest.hexdigest()[:16])
+    images = out if len(kept) == len(paths) else out[: len(kept)].copy()
+    return ImageSet(tuple(kept), images, tuple(skipped), digest.hexdigest()[:16])
 
 
 def holdout_split(

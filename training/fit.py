@@ -49,6 +49,7 @@ from service.scoring import (
     LatentGrid,
 )
 from training.calibrate import (
+    SCORING_BATCH,
     RuleChoice,
     calibrate,
     choose_rule,
@@ -321,10 +322,13 @@ def _self_check(
     """Load the staged bundle as the service does and reproduce the calibration scores."""
     scorer = Scorer(load_bundle(staging), device="cpu")
     scorer.self_test()
-    scored = scorer.score(holdout)
+    batches = [
+        scorer.score(holdout[start : start + SCORING_BATCH]).raw
+        for start in range(0, holdout.shape[0], SCORING_BATCH)
+    ]
     for name, cal in calibration.scores.items():
         expected = np.sort(np.asarray(cal.values))
-        actual = np.sort(scored.raw[name])
+        actual = np.sort(np.concatenate([raw[name] for raw in batches]))
         if not np.allclose(actual, expected, rtol=1e-3, atol=1e-6):
             raise ExportError(
                 f"the service's {name} scores of the held-out images differ from those the "

@@ -225,7 +225,7 @@ def synthesise_anomalies(
 ) -> F32Array:
     """``copies`` defective versions of each image ``(N, C, H, W)``, cycling through ``defects``."""
     rng = np.random.default_rng(seed)
-    out = np.repeat(images, copies, axis=0).copy()
+    out = np.repeat(images, copies, axis=0).astype(np.float32, copy=False)  # a new array
     for i in range(out.shape[0]):
         defects[i % len(defects)](out[i], images, rng)
-    return np.clip(out, 0.0, 1.0).astype(np.float32)
+    return np.clip(out, 0.0, 1.0, out=out)  # in place: one copy of the images in memory
