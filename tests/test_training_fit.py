@@ -9,15 +9,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import training.calibrate
+import training.export
+import training.fit
 from service.bundle import ERROR_ARRAYS, FORMAT_VERSION, MANIFEST, load_bundle
 from service.preprocessing import list_image_files, load_image_file, stack
-from service.runtime import Scorer
-from service.scoring import SCORE_NAMES, ErrorReference, LatentGrid, LatentReference
+from service.runtime import OnnxGraphs, Scorer
+from service.scoring import SCORE_NAMES, ErrorReference, LatentGrid, LatentReference, ModelOutputs
 from tests.conftest import DEMO_SIZE, TINY_FIT
 from training.calibrate import DEFAULT_WEIGHTS, default_window
 from training.config import FitConfig
 from training.errors import ConfigError, TrainingError
-from training.fit import fit_bundle
+from training.fit import GOLDEN_IMAGES, fit_bundle
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -155,6 +158,30 @@ def test_a_fit_without_jitter_has_no_lighting_check(demo_data: Path, tmp_path: P
     config = FitConfig(**{**TINY_FIT, "jitter": 0.0, "max_steps": 2})
     bundle_dir = fit_bundle(demo_data, tmp_path / "bundle", config)
     assert load_bundle(bundle_dir).manifest.training["lighting"] is None
+
+
+def test_a_fit_runs_the_graphs_a_bounded_batch_at_a_time(
+    demo_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A folder of thousands of good images must not reach ONNX Runtime (or memory) at once:
+    # with batches of 2 and parity on 4 images (checked in batches of 3), no graph run may see
+    # more than the GOLDEN_IMAGES of the golden vectors, 4, fewer than the held-out images.
+    for module in (training.calibrate, training.fit):
+        monkeypatch.setattr(module, "SCORING_BATCH", 2)
+    monkeypatch.setattr(training.export, "PARITY_EXAMPLES", 4)
+    seen: list[int] = []
+    run = OnnxGraphs.run
+
+    def recording(self: OnnxGraphs, batch: np.ndarray) -> ModelOutputs:
+        seen.append(batch.shape[0])
+        return run(self, batch)
+
+    monkeypatch.setattr(OnnxGraphs, "run", recording)
+    config = FitConfig(**{**TINY_FIT, "max_steps": 2})
+    bundle_dir = fit_bundle(demo_data, tmp_path / "bundle", config)
+    held_out = load_bundle(bundle_dir).manifest.training["data"]["n_holdout"]
+    assert held_out > GOLDEN_IMAGES == 4
+    assert seen and max(seen) <= GOLDEN_IMAGES
 
 
 def test_head_width_zero_is_refused_up_front_or_fits(demo_data: Path, tmp_path: Path) -> None:

@@ -222,7 +222,7 @@ def build_bundle(
         graphs, parity = export_model(model, staging, holdout, threads=config.threads)
         grid = LatentGrid(model.cfg.latent_channels, *model.cfg.grid(spec.height, spec.width))
         reference, errors = fit_references(graphs, train, grid, lighting=config.jitter)
-        holdout_out = graphs.run_in_batches(holdout)
+        holdout_out = graphs.run_in_batches(holdout, batch_size=SCORING_BATCH)
         baseline = LatentBaseline.fit(holdout_out.mu)
         write_latent_reference(staging / LATENT_REFERENCE, reference, baseline)
         write_error_reference(staging / ERROR_REFERENCE, errors)
