@@ -39,6 +39,7 @@ from service.scoring import (
     MapParts,
     ModelOutputs,
     ScoreBatch,
+    batch_slices,
     raw_scores,
 )
 
@@ -172,8 +173,8 @@ class OnnxGraphs:
     def run_in_batches(self, images: FloatArray, batch_size: int = 32) -> ModelOutputs:
         """:meth:`run` over ``images`` in batches of ``batch_size``, outputs concatenated."""
         parts = [
-            self.run(np.ascontiguousarray(images[start : start + batch_size]))
-            for start in range(0, images.shape[0], batch_size)
+            self.run(np.ascontiguousarray(images[rows]))
+            for rows in batch_slices(images.shape[0], batch_size)
         ]
         return ModelOutputs(
             *(np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(ModelOutputs))

@@ -89,6 +89,13 @@ class ModelOutputs:
         return ModelOutputs(*(getattr(self, f.name)[index] for f in fields(self)))
 
 
+def batch_slices(count: int, size: int) -> list[slice]:
+    """Consecutive slices of at most ``size`` rows that cover ``count`` rows, in order."""
+    if size < 1:
+        raise ValueError(f"batch size is {size}; expected at least 1")
+    return [slice(start, start + size) for start in range(0, count, size)]
+
+
 @dataclass(frozen=True)
 class LatentGrid:
     """How the flat latent ``(N, D)`` is laid out: ``D = channels * rows * columns``."""

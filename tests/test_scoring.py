@@ -26,6 +26,7 @@ from service.scoring import (
     ModelOutputs,
     ScoreCalibration,
     anomaly_map,
+    batch_slices,
     box_mean,
     coarse_window,
     empirical_p_values,
@@ -547,3 +548,17 @@ def test_calibration_round_trips_and_overrides_are_validated() -> None:
         calibration.rule_for(target_false_alarm_rate=1.5)
     with pytest.raises(ValueError, match="not both"):
         calibration.rule_for(threshold=1.0, target_false_alarm_rate=0.1)
+
+
+@pytest.mark.parametrize(("count", "size"), [(0, 3), (1, 3), (6, 3), (7, 3), (7, 1), (2, 32)])
+def test_batch_slices_cover_every_row_once_in_order(count: int, size: int) -> None:
+    slices = batch_slices(count, size)
+    rows = [i for s in slices for i in range(count)[s]]
+    assert rows == list(range(count))
+    assert all(len(range(count)[s]) <= size for s in slices)
+    assert len(slices) == -(-count // size)
+
+
+def test_a_batch_size_below_one_is_refused() -> None:
+    with pytest.raises(ValueError, match="batch size is 0"):
+        batch_slices(5, 0)

@@ -32,6 +32,7 @@ from service.scoring import (
     LatentGrid,
     LatentReference,
     ModelOutputs,
+    batch_slices,
     fewest_for_conformal,
     raw_scores,
 )
@@ -67,8 +68,7 @@ def batched_raw_scores(
     on each batch, or ``source`` already holds their outputs for every image. Only the scores,
     one number per image and score, are kept."""
     parts: list[dict[str, F64Array]] = []
-    for start in range(0, images.shape[0], SCORING_BATCH):
-        rows = slice(start, start + SCORING_BATCH)
+    for rows in batch_slices(images.shape[0], SCORING_BATCH):
         batch = np.ascontiguousarray(images[rows])
         out = source.run(batch) if isinstance(source, OnnxGraphs) else source.rows(rows)
         parts.append(raw_scores(batch, out, window, reference, errors)[0])
@@ -183,8 +183,8 @@ def fit_references(
     totals: dict[str, Any] = {f.name: 0.0 for f in fields(ErrorReference)}
     gains = lighting_gains(lighting)
     for gain in gains:
-        for start in range(0, train.shape[0], SCORING_BATCH):
-            batch = np.ascontiguousarray(train[start : start + SCORING_BATCH])
+        for rows in batch_slices(train.shape[0], SCORING_BATCH):
+            batch = np.ascontiguousarray(train[rows])
             images = batch if gain == 1.0 else relight(batch, gain)
             outputs = graphs.run(images)
             mus.append(outputs.mu)

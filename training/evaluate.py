@@ -17,7 +17,7 @@ from PIL import Image
 
 from service.preprocessing import ImageError, InputSpec, list_image_files, load_image_file, stack
 from service.runtime import DevicePolicy, Scorer, open_scorer
-from service.scoring import SCORE_NAMES, F64Array
+from service.scoring import SCORE_NAMES, F64Array, batch_slices
 from training.errors import DataError
 from training.metrics import auroc, average_precision, best_tpr_at_fpr, threshold_stats
 
@@ -147,8 +147,8 @@ def run_evaluation(
     scorer = open_scorer(Path(bundle_dir), device=device)
     test = load_test_set(Path(data_dir), scorer.manifest.input)
     parts = [
-        scorer.score(test.images[i : i + batch_size], keep_maps=True)
-        for i in range(0, len(test.paths), batch_size)
+        scorer.score(test.images[rows], keep_maps=True)
+        for rows in batch_slices(len(test.paths), batch_size)
     ]
     scores = {name: np.concatenate([p.raw[name] for p in parts]) for name in SCORE_NAMES}
     scores["combined"] = np.concatenate([p.combined for p in parts])

@@ -18,7 +18,7 @@ import numpy.typing as npt
 
 from service.preprocessing import list_image_files
 from service.runtime import DevicePolicy, Scorer, open_scorer
-from service.scoring import kl_divergence
+from service.scoring import batch_slices, kl_divergence
 from training.data import find_images, load_images, training_folder
 from training.errors import DataError
 from training.evaluate import NORMAL, TestSet, load_test_set
@@ -175,9 +175,7 @@ def encode(
     scorer: Scorer, paths: tuple[Path, ...], labels: tuple[str, ...], x: F32Array
 ) -> Encoded:
     """Posterior means, log-variances and reconstructions of ``x`` through the bundle."""
-    outs = [
-        scorer.run_model(np.ascontiguousarray(x[i : i + BATCH])) for i in range(0, len(x), BATCH)
-    ]
+    outs = [scorer.run_model(np.ascontiguousarray(x[rows])) for rows in batch_slices(len(x), BATCH)]
     return Encoded(
         paths,
         labels,
@@ -193,7 +191,7 @@ def decode(scorer: Scorer, z: F64Array) -> F32Array:
     """Decoded images ``(N, C, H, W)`` of latents ``z`` ``(N, D)``."""
     z32 = z.astype(np.float32)
     return np.concatenate(
-        [scorer.decode(np.ascontiguousarray(z32[i : i + BATCH])) for i in range(0, len(z), BATCH)]
+        [scorer.decode(np.ascontiguousarray(z32[rows])) for rows in batch_slices(len(z), BATCH)]
     )
 
 

@@ -36,7 +36,7 @@ from service.bundle import (
     Tolerance,
 )
 from service.runtime import OnnxGraphs, output_differences
-from service.scoring import ModelOutputs
+from service.scoring import ModelOutputs, batch_slices
 from training.errors import ExportError
 from training.model import VAE, CoarseGraph, FlatDecoder, FlatEncoder, ProbabilityHead
 
@@ -115,8 +115,8 @@ def torch_outputs(model: VAE, images: F32Array, batch_size: int = 16) -> ModelOu
     coarse = CoarseGraph(model.coarse, model.cfg.coarse_factor)
     parts: list[ModelOutputs] = []
     with torch.no_grad():
-        for start in range(0, images.shape[0], batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size]))
+        for rows in batch_slices(images.shape[0], batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(images[rows]))
             mu, logvar = model.encoder(x)
             recon = model.decoder(mu)
             defect = ProbabilityHead(model.head)(x, recon)

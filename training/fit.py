@@ -47,6 +47,7 @@ from service.scoring import (
     Calibration,
     LatentBaseline,
     LatentGrid,
+    batch_slices,
 )
 from training.calibrate import (
     SCORING_BATCH,
@@ -323,8 +324,7 @@ def _self_check(
     scorer = Scorer(load_bundle(staging), device="cpu")
     scorer.self_test()
     batches = [
-        scorer.score(holdout[start : start + SCORING_BATCH]).raw
-        for start in range(0, holdout.shape[0], SCORING_BATCH)
+        scorer.score(holdout[rows]).raw for rows in batch_slices(holdout.shape[0], SCORING_BATCH)
     ]
     for name, cal in calibration.scores.items():
         expected = np.sort(np.asarray(cal.values))

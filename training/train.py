@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from service.scoring import batch_slices
 from training.config import Device, FitConfig
 from training.errors import ConfigError
 from training.loss import ELBOLoss, focal_loss
@@ -186,8 +187,8 @@ def _validate(model: VAE, loss_fn: ELBOLoss, x: Tensor, batch_size: int) -> tupl
     model.eval()
     totals = np.zeros(3)
     with torch.no_grad():
-        for start in range(0, x.shape[0], batch_size):
-            batch = x[start : start + batch_size]
+        for rows in batch_slices(x.shape[0], batch_size):
+            batch = x[rows]
             recon, mu, logvar = model(batch)
             _, parts = loss_fn(recon, batch, mu, logvar)
             totals += np.array([parts.total, parts.mse, parts.kl]) * batch.shape[0]
