@@ -31,11 +31,11 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from functools import cached_property
-from statistics import NormalDist
 from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
+from scipy.special import betaincinv
 
 FloatArray = npt.NDArray[np.float32]
 F64Array = npt.NDArray[np.float64]
@@ -501,12 +501,29 @@ def _conformal_rank(n: int, rate: float) -> int:
 
 def fewest_for_conformal(rate: float) -> int:
     """The fewest held-out values for which :func:`threshold_for_rate` can set a conformal
-    (``empirical``) threshold at ``rate``; below it, the threshold is a Gaussian tail fit."""
+    (``empirical``) threshold at ``rate``; below it, the threshold is a Gaussian prediction
+    bound."""
     _check_rate(rate)
     n = max(1, math.floor(1.0 / rate) - 2)
     while _conformal_rank(n, rate) > n:
         n += 1
     return n
+
+
+def student_t_upper_quantile(rate: float, dof: int) -> float:
+    """``t`` with ``P(T >= t) = rate`` for Student's t with ``dof`` degrees of freedom.
+
+    Computed from the inverse regularised incomplete beta function of ``2 * rate`` (for rates
+    below one half), which keeps its precision for rates far below the double spacing near 1."""
+    _check_rate(rate)
+    if dof < 1:
+        raise ValueError(f"Student's t needs at least 1 degree of freedom, got {dof}")
+    if rate > 0.5:
+        return -student_t_upper_quantile(1.0 - rate, dof)
+    if rate == 0.5:
+        return 0.0
+    x = float(betaincinv(dof / 2.0, 0.5, 2.0 * rate))
+    return math.sqrt(dof * (1.0 - x) / x) if x > 0.0 else math.inf
 
 
 def threshold_for_rate(combined_sorted: F64Array, rate: float) -> DecisionRule:
@@ -517,8 +534,13 @@ def threshold_for_rate(combined_sorted: F64Array, rate: float) -> DecisionRule:
     part (a Gaussian fit's standard deviation grows with them). On the ``n`` values kept, the
     threshold is conformal when ``n`` is large enough: the ``ceil((n + 1)(1 - rate))``-th
     smallest, which bounds the false-alarm rate by ``rate``. With fewer than ``1 / rate - 1``
-    values that order statistic does not exist, and the threshold comes from a Gaussian fit of
-    the values kept instead (method ``normal_tail``; :func:`fewest_for_conformal`).
+    values that order statistic does not exist, and the threshold is the Gaussian prediction
+    bound of the values kept instead (method ``normal_tail``; :func:`fewest_for_conformal`):
+    ``mean + sd * sqrt(1 + 1/n) * t``, ``t`` Student's upper ``rate`` quantile with ``n - 1``
+    degrees of freedom, the bound a new normal image exceeds with probability ``rate`` when the
+    mean and spread are themselves estimated from ``n`` images (a plain Gaussian quantile would
+    take them as exact, and flag more than ``rate`` of good parts, the more so the fewer were
+    held out).
     """
     _check_rate(rate)
     kept = without_outliers(combined_sorted)
@@ -527,12 +549,17 @@ def threshold_for_rate(combined_sorted: F64Array, rate: float) -> DecisionRule:
     k = _conformal_rank(n, rate)
     if k <= n:
         return DecisionRule(float(kept[k - 1]), rate, "empirical", outliers)
+    if n < 2:
+        raise ValueError(f"a threshold needs at least 2 held-out scores, got {n}")
     mean = float(kept.mean())
     std = float(max(kept.std(ddof=1), 1e-6))
-    # The upper quantile by symmetry, -inv_cdf(rate): 1.0 - rate rounds to 1.0 for rates below
-    # ~1.1e-16, where inv_cdf(1.0 - rate) fails; inv_cdf(rate) holds down to the smallest double.
-    z = -NormalDist().inv_cdf(rate)
-    return DecisionRule(mean + std * z, rate, "normal_tail", outliers)
+    threshold = mean + std * math.sqrt(1.0 + 1.0 / n) * student_t_upper_quantile(rate, n - 1)
+    if not math.isfinite(threshold):
+        raise ValueError(
+            f"target false-alarm rate {rate} is too small for a threshold from {n} held-out "
+            "scores: the bound is beyond the largest double"
+        )
+    return DecisionRule(threshold, rate, "normal_tail", outliers)
 
 
 @dataclass(frozen=True)

@@ -130,7 +130,9 @@ def test_fewest_values_refuses_rates_outside_zero_one() -> None:
 
 def test_the_fit_log_says_how_the_threshold_was_set() -> None:
     tail = describe_rule(DecisionRule(3.47, 0.01, "normal_tail", outliers=2), held_out=42)
-    assert tail.startswith("threshold 3.470 for a 1% false-alarm rate: a Gaussian tail fit to 40 ")
+    assert tail.startswith(
+        "threshold 3.470 for a 1% false-alarm rate: a Gaussian prediction bound from 40 "
+    )
     assert "needs 99" in tail and "2 far above the rest left out" in tail
     conformal = describe_rule(DecisionRule(2.5, 0.05, "empirical"), held_out=300)
     assert conformal == (

@@ -251,14 +251,15 @@ def describe_lighting(check: LightingCheck) -> str:
 
 def describe_rule(rule: DecisionRule, held_out: int) -> str:
     """One line for the fit's log: the threshold, its target rate, and how ``held_out`` normal
-    images set it (a conformal order statistic, or a Gaussian tail fit where they are too few)."""
+    images set it (a conformal order statistic, or a Gaussian prediction bound where they are too
+    few)."""
     kept = held_out - rule.outliers
     how = (
         f"the conformal bound on {kept} held-out good images"
         if rule.method == "empirical"
-        else f"a Gaussian tail fit to {kept} held-out good images (the conformal bound at this "
-        f"rate needs {fewest_for_conformal(rule.target_false_alarm_rate)}: expect the observed "
-        "rate to differ more)"
+        else f"a Gaussian prediction bound from {kept} held-out good images (the conformal "
+        f"bound at this rate needs {fewest_for_conformal(rule.target_false_alarm_rate)}: expect "
+        "the observed rate to differ more)"
     )
     left_out = (
         f"; {rule.outliers} far above the rest left out as parts that do not look good"
