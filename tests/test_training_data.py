@@ -11,6 +11,7 @@ from PIL import Image
 from service.preprocessing import InputSpec
 from training.config import Aspect
 from training.data import (
+    evenly_spaced,
     find_images,
     holdout_split,
     load_images,
@@ -235,3 +236,17 @@ def test_fit_on_too_few_images_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="found 3 usable images"):
         fit_bundle(tmp_path / "data", tmp_path / "bundle", FitConfig(progress=False))
     assert not (tmp_path / "bundle").exists()
+
+
+def test_evenly_spaced_rows_are_every_row_up_to_the_limit_then_every_kth() -> None:
+    rows = np.arange(40.0).reshape(10, 4)
+    every = evenly_spaced(10, 10)
+    assert every == slice(None) and np.shares_memory(rows[every], rows)  # a view, no copy
+    for n, limit, expected in ((10, 4, [0, 3, 6, 9]), (10, 5, [0, 2, 4, 6, 8]), (7, 3, [0, 3, 6])):
+        picked = np.arange(n)[evenly_spaced(n, limit)]
+        np.testing.assert_array_equal(picked, expected)
+        assert len(picked) <= limit
+    spread = np.arange(2400)[evenly_spaced(2400, 1000)]
+    assert 500 <= len(spread) <= 1000 and spread[-1] >= 2400 - 3  # across the whole folder
+    with pytest.raises(ValueError, match="at least 1"):
+        evenly_spaced(10, 0)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -12,13 +14,14 @@ from PIL import Image
 import training.calibrate
 import training.export
 import training.fit
-from service.bundle import ERROR_ARRAYS, FORMAT_VERSION, MANIFEST, load_bundle
+from service.bundle import ERROR_ARRAYS, FORMAT_VERSION, MANIFEST, Bundle, load_bundle
 from service.preprocessing import list_image_files, load_image_file, stack
 from service.runtime import OnnxGraphs, Scorer
 from service.scoring import SCORE_NAMES, ErrorReference, LatentGrid, LatentReference, ModelOutputs
 from tests.conftest import DEMO_SIZE, TINY_FIT
 from training.calibrate import DEFAULT_WEIGHTS, default_window
 from training.config import FitConfig
+from training.data import evenly_spaced
 from training.errors import ConfigError, TrainingError
 from training.fit import GOLDEN_IMAGES, fit_bundle
 
@@ -100,14 +103,27 @@ def test_service_scores_held_out_images_as_calibrated(
 
 
 def test_the_latent_and_error_references_are_fitted_on_the_training_images(
-    trained_bundle: Path, demo_data: Path
+    trained_bundle: Path,
 ) -> None:
     bundle = load_bundle(trained_bundle)
-    scorer = Scorer(bundle, device="cpu")
+    assert bundle.manifest.training["subsets"]["reference_images"] == len(training_files(bundle))
+    assert_references_fitted_on(bundle, slice(None))
+
+
+def training_files(bundle: Bundle) -> list[Path]:
+    """The bundle's training images (the folder's good images less those it held out)."""
     held_out = set(bundle.manifest.training["data"]["holdout_files"])
-    train = [p for p in list_image_files(demo_data / "train" / "good") if p.name not in held_out]
+    folder = Path(bundle.manifest.training["data"]["folder"])
+    train = [p for p in list_image_files(folder) if p.name not in held_out]
     assert len(train) == bundle.manifest.training["data"]["n_train"]
-    as_they_are = stack([load_image_file(p, bundle.manifest.input) for p in train])
+    return train
+
+
+def assert_references_fitted_on(bundle: Bundle, rows: slice) -> None:
+    """The bundle's references are those of these rows of its training images."""
+    scorer = Scorer(bundle, device="cpu")
+    train = training_files(bundle)
+    as_they_are = stack([load_image_file(p, bundle.manifest.input) for p in train])[rows]
     # Over the lighting range the training called normal: as they are, darker and brighter.
     jitter = bundle.manifest.training["config"]["jitter"]
     assert jitter > 0
@@ -182,6 +198,54 @@ def test_a_fit_runs_the_graphs_a_bounded_batch_at_a_time(
     held_out = load_bundle(bundle_dir).manifest.training["data"]["n_holdout"]
     assert held_out > GOLDEN_IMAGES == 4
     assert seen and max(seen) <= GOLDEN_IMAGES
+
+
+def test_a_large_folder_fits_its_references_and_checks_on_seeded_subsets(
+    demo_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Thousands of good images must not make the fit's work beyond the training grow with them:
+    # past REFERENCE_IMAGES training images and CHECK_IMAGES held-out ones, the references, the
+    # training's validation and the checks read evenly spaced ones; calibration reads them all.
+    monkeypatch.setattr(training.fit, "REFERENCE_IMAGES", 7)
+    monkeypatch.setattr(training.fit, "CHECK_IMAGES", 3)
+    seen: dict[str, list[int]] = {}
+
+    def recording(name: str, function: Callable[..., Any], position: int) -> Callable[..., Any]:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            seen.setdefault(name, []).append(args[position].shape[0])
+            return function(*args, **kwargs)
+
+        return wrapper
+
+    for name, position in (
+        ("train_both", 2),
+        ("choose_rule", 3),
+        ("calibrate", 2),
+        ("lighting_check", 3),
+    ):
+        monkeypatch.setattr(
+            training.fit, name, recording(name, getattr(training.fit, name), position)
+        )
+    config = FitConfig(**{**TINY_FIT, "max_steps": 2})
+    bundle = load_bundle(fit_bundle(demo_data, tmp_path / "bundle", config))
+    data = bundle.manifest.training["data"]
+    assert data["n_train"] > 7 and data["n_holdout"] > 3
+    referenced = len(range(data["n_train"])[evenly_spaced(data["n_train"], 7)])
+    checked = len(range(data["n_holdout"])[evenly_spaced(data["n_holdout"], 3)])
+    assert 4 <= referenced <= 7 and 2 <= checked <= 3
+    assert bundle.manifest.training["subsets"] == {
+        "reference_images": referenced,
+        "check_images": checked,
+        "of_training": data["n_train"],
+        "of_held_out": data["n_holdout"],
+    }
+    assert seen == {
+        "train_both": [checked],
+        "choose_rule": [checked],
+        "calibrate": [data["n_holdout"]],
+        "lighting_check": [checked],
+    }
+    assert_references_fitted_on(bundle, evenly_spaced(data["n_train"], 7))
 
 
 def test_head_width_zero_is_refused_up_front_or_fits(demo_data: Path, tmp_path: Path) -> None:

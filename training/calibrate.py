@@ -52,6 +52,14 @@ DEFAULT_WEIGHTS: Mapping[str, float] = {
 # The default local window is the shorter image side over this: specks of a few pixels count.
 WINDOW_DIVISOR = 32
 SYNTHETIC_COPIES = 4
+# Past these counts a fit reads evenly spaced images (training.data.evenly_spaced), so that its
+# cost beyond the training stays bounded however many good images a folder holds: the
+# references' per-position means and per-cell Gaussians (each image read in three lightings) are
+# settled long before REFERENCE_IMAGES, and the checks (the training's validation, the
+# synthetic-defect AUROC, the lighting check) are figures for the log. Calibration reads every
+# held-out image.
+REFERENCE_IMAGES = 1000
+CHECK_IMAGES = 500
 # Images scored at a time: memory holds one batch's outputs and maps, however many images a fit
 # has (the graphs' own batches, OnnxGraphs.run_in_batches, are as large).
 SCORING_BATCH = 32

@@ -152,6 +152,16 @@ def load_images(paths: list[Path], spec: InputSpec, *, skip_bad: bool) -> ImageS
     return ImageSet(tuple(kept), images, tuple(skipped), digest.hexdigest()[:16])
 
 
+def evenly_spaced(n: int, limit: int) -> slice:
+    """At most ``limit`` of ``n`` rows, evenly spaced from the first: every ``k``-th row for the
+    smallest ``k`` that keeps them within ``limit`` (every row when ``n <= limit``). A slice, so
+    indexing an array with it takes a view, not a copy; spread over the whole folder, so a
+    folder whose files drift in time is sampled across its drift."""
+    if limit < 1:
+        raise ValueError(f"at most {limit} rows; expected at least 1")
+    return slice(None, None, math.ceil(n / limit)) if n > limit else slice(None)
+
+
 def holdout_split(
     n: int, *, fraction: float, min_holdout: int, seed: int
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:

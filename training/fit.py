@@ -50,6 +50,8 @@ from service.scoring import (
     batch_slices,
 )
 from training.calibrate import (
+    CHECK_IMAGES,
+    REFERENCE_IMAGES,
     SCORING_BATCH,
     RuleChoice,
     calibrate,
@@ -61,6 +63,7 @@ from training.calibrate import (
 )
 from training.config import FitConfig
 from training.data import (
+    evenly_spaced,
     find_images,
     holdout_split,
     load_images,
@@ -163,8 +166,9 @@ def _fit(data_dir: Path, out_dir: Path, config: FitConfig, overwrite: bool) -> N
         config.coarse_steps_for(len(train_idx)), device,
     )  # fmt: skip
     holdout = images.images[holdout_idx]
+    validation = holdout[evenly_spaced(len(holdout_idx), CHECK_IMAGES)]
     model = VAE(config.model_config(channels=spec.channels))
-    result, coarse = train_both(model, images.images[train_idx], holdout, config, device)
+    result, coarse = train_both(model, images.images[train_idx], validation, config, device)
     log.info("training: %s; coarse VAE: %s", result.stop_reason, coarse.stop_reason)
     facts = {
         "data": {
@@ -222,8 +226,23 @@ def build_bundle(
     try:
         graphs, parity = export_model(model, staging, holdout, threads=config.threads)
         grid = LatentGrid(model.cfg.latent_channels, *model.cfg.grid(spec.height, spec.width))
-        reference, errors = fit_references(graphs, train, grid, lighting=config.jitter)
+        referenced = train[evenly_spaced(train.shape[0], REFERENCE_IMAGES)]
+        reference, errors = fit_references(graphs, referenced, grid, lighting=config.jitter)
         holdout_out = graphs.run_in_batches(holdout, batch_size=SCORING_BATCH)
+        checked = evenly_spaced(holdout.shape[0], CHECK_IMAGES)
+        check_images, check_out = holdout[checked], holdout_out.rows(checked)
+        subsets = {
+            "reference_images": referenced.shape[0],
+            "check_images": check_images.shape[0],
+            "of_training": train.shape[0],
+            "of_held_out": holdout.shape[0],
+        }
+        if referenced.shape[0] < train.shape[0] or check_images.shape[0] < holdout.shape[0]:
+            log.info(
+                "references from %d of %d training images; checks on %d of %d held-out images "
+                "(calibration on all)",
+                referenced.shape[0], train.shape[0], check_images.shape[0], holdout.shape[0],
+            )  # fmt: skip
         baseline = LatentBaseline.fit(holdout_out.mu)
         write_latent_reference(staging / LATENT_REFERENCE, reference, baseline)
         write_error_reference(staging / ERROR_REFERENCE, errors)
@@ -231,8 +250,8 @@ def build_bundle(
             graphs,
             reference,
             errors,
-            holdout,
-            holdout_out,
+            check_images,
+            check_out,
             seed=config.seed,
             local_window=config.local_window,
             weights=config.weights,
@@ -258,8 +277,8 @@ def build_bundle(
                 graphs,
                 reference,
                 errors,
-                holdout,
-                holdout_out,
+                check_images,
+                check_out,
                 calibration,
                 change=config.jitter,
             )
@@ -270,6 +289,7 @@ def build_bundle(
             "model": model.cfg.to_dict(),
             **facts,
             "decision": choice.to_dict(),
+            "subsets": subsets,
             "lighting": lighting,
             "export": {"parity": parity.to_dict(), "opset": OPSET},
             "seed": config.seed,
