@@ -134,6 +134,7 @@ def test_the_fit_log_says_how_the_threshold_was_set() -> None:
         "threshold 3.470 for a 1% false-alarm rate: a Gaussian prediction bound from 40 "
     )
     assert "needs 99" in tail and "2 far above the rest left out" in tail
+    assert "--holdout-fraction holds out more" in tail
     conformal = describe_rule(DecisionRule(2.5, 0.05, "empirical"), held_out=300)
     assert conformal == (
         "threshold 2.500 for a 5% false-alarm rate: the conformal bound on 300 held-out good images"

@@ -266,8 +266,9 @@ def describe_rule(rule: DecisionRule, held_out: int) -> str:
         f"the conformal bound on {kept} held-out good images"
         if rule.method == "empirical"
         else f"a Gaussian prediction bound from {kept} held-out good images (the conformal "
-        f"bound at this rate needs {fewest_for_conformal(rule.target_false_alarm_rate)}: expect "
-        "the observed rate to differ more)"
+        f"bound at this rate needs {fewest_for_conformal(rule.target_false_alarm_rate)}; the "
+        "fewer held out, the higher the bound sits above them: --holdout-fraction holds out "
+        "more)"
     )
     left_out = (
         f"; {rule.outliers} far above the rest left out as parts that do not look good"
