@@ -452,7 +452,7 @@ def test_student_t_upper_quantile_refuses_what_has_no_quantile() -> None:
 def test_the_small_set_threshold_holds_its_rate_on_new_normal_images(n: int) -> None:
     # Over many held-out sets of n Gaussian values, the chance that a new value from the same
     # Gaussian passes the threshold averages to the rate asked: the prediction bound is exact
-    # there. A Gaussian quantile with the estimates taken as exact flags more (2.2% at n = 12).
+    # there. A Gaussian quantile with the estimates taken as exact flags more (2.3% at n = 12).
     rng = np.random.default_rng(n)
     rate = 0.01
     exceed = [
