@@ -17,6 +17,7 @@ from training.data import (
     load_images,
     resolve_color_mode,
     resolve_input_size,
+    split_rows_in_place,
     training_folder,
 )
 from training.errors import DataError
@@ -224,6 +225,25 @@ def test_holdout_split_is_seeded_and_disjoint() -> None:
     assert np.array_equal(again[1], held)
     assert not np.array_equal(holdout_split(50, fraction=0.2, min_holdout=4, seed=2)[1], held)
     assert len(holdout_split(10, fraction=0.2, min_holdout=4, seed=0)[1]) == 4
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 50])
+def test_the_split_reorders_the_rows_in_place_into_two_views(n: int) -> None:
+    train_idx, holdout_idx = holdout_split(n + 6, fraction=0.3, min_holdout=4, seed=n)
+    rows = np.random.default_rng(n).random((n + 6, 2, 3, 3)).astype(np.float32)
+    expected_train, expected_holdout = rows[train_idx], rows[holdout_idx]
+    train, holdout = split_rows_in_place(rows, train_idx, holdout_idx)
+    np.testing.assert_array_equal(train, expected_train)
+    np.testing.assert_array_equal(holdout, expected_holdout)
+    assert np.shares_memory(train, rows) and np.shares_memory(holdout, rows)  # no copy
+    assert train.flags.c_contiguous and holdout.flags.c_contiguous
+
+
+def test_a_split_that_misses_or_repeats_a_row_is_refused() -> None:
+    rows = np.zeros((5, 1, 2, 2), dtype=np.float32)
+    for train_idx, holdout_idx in (([0, 1, 2], [3]), ([0, 1, 2], [3, 3]), ([0, 1, 2, 3], [5])):
+        with pytest.raises(ValueError, match="not each of the 5 images once"):
+            split_rows_in_place(rows, np.array(train_idx), np.array(holdout_idx))
 
 
 def test_too_few_images(tmp_path: Path) -> None:

@@ -175,3 +175,31 @@ def holdout_split(
         )
     order = np.random.default_rng(seed).permutation(n)
     return np.sort(order[n_holdout:]), np.sort(order[:n_holdout])
+
+
+def split_rows_in_place(
+    images: npt.NDArray[np.float32],
+    train_idx: npt.NDArray[np.int64],
+    holdout_idx: npt.NDArray[np.int64],
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+    """``(images[train_idx], images[holdout_idx])`` as two views of ``images``, whose rows are
+    reordered in place (training rows first): no copy of the images, where indexing would make
+    one of each part. ``train_idx`` and ``holdout_idx`` must together name every row once."""
+    order = np.concatenate([train_idx, holdout_idx])
+    if not np.array_equal(np.sort(order), np.arange(images.shape[0])):
+        raise ValueError(
+            f"the split names {order.size} rows, not each of the {images.shape[0]} images once"
+        )
+    placed = np.zeros(order.size, dtype=bool)
+    for start in range(order.size):
+        if placed[start]:
+            continue
+        # Follow the cycle from ``start``: row ``j`` takes the row ``order[j]`` held before.
+        first, j = images[start].copy(), start
+        while order[j] != start:
+            images[j] = images[order[j]]
+            placed[j] = True
+            j = int(order[j])
+        images[j] = first
+        placed[j] = True
+    return images[: train_idx.size], images[train_idx.size :]

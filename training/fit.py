@@ -69,6 +69,7 @@ from training.data import (
     load_images,
     resolve_color_mode,
     resolve_input_size,
+    split_rows_in_place,
     training_folder,
 )
 from training.errors import ExportError, TrainingError
@@ -165,10 +166,11 @@ def _fit(data_dir: Path, out_dir: Path, config: FitConfig, overwrite: bool) -> N
         spec.height, len(train_idx), len(holdout_idx), config.steps_for(len(train_idx)),
         config.coarse_steps_for(len(train_idx)), device,
     )  # fmt: skip
-    holdout = images.images[holdout_idx]
+    holdout_files = [images.paths[i].name for i in holdout_idx]
+    train, holdout = split_rows_in_place(images.images, train_idx, holdout_idx)
     validation = holdout[evenly_spaced(len(holdout_idx), CHECK_IMAGES)]
     model = VAE(config.model_config(channels=spec.channels))
-    result, coarse = train_both(model, images.images[train_idx], validation, config, device)
+    result, coarse = train_both(model, train, validation, config, device)
     log.info("training: %s; coarse VAE: %s", result.stop_reason, coarse.stop_reason)
     facts = {
         "data": {
@@ -177,7 +179,7 @@ def _fit(data_dir: Path, out_dir: Path, config: FitConfig, overwrite: bool) -> N
             "n_images": len(images.paths),
             "n_train": len(train_idx),
             "n_holdout": len(holdout_idx),
-            "holdout_files": [images.paths[i].name for i in holdout_idx],
+            "holdout_files": holdout_files,
             "skipped": [{"file": str(p), "reason": r} for p, r in images.skipped],
         },
         "split": "one held-out split of the normal images serves validation, the choice "
@@ -190,7 +192,7 @@ def _fit(data_dir: Path, out_dir: Path, config: FitConfig, overwrite: bool) -> N
     }
     build_bundle(
         result.model,
-        images.images[train_idx],
+        train,
         holdout,
         spec,
         out_dir,
