@@ -43,7 +43,10 @@ from service.scoring import (
 #    held-out logs (log_centre, log_scale), not their mean and standard deviation.
 # 7: and the latent reference's mean distance per cell (mean_distance): latent_distance is read
 #    relative to the training images' mean distance there.
-FORMAT_VERSION = 7
+# 8: the input spec's wide_sample_bits (the bits 16-bit greyscale samples use); and a
+#    normal_tail threshold is the Gaussian prediction bound of the held-out scores (format 7's
+#    was their plain Gaussian quantile, which a per-request rate no longer reproduced).
+FORMAT_VERSION = 8
 MANIFEST = "manifest.json"
 ENCODER = "encoder.onnx"
 DECODER = "decoder.onnx"

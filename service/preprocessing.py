@@ -3,7 +3,8 @@
 Every image, whether a file on disk during training or bytes on the wire during serving, goes
 through :func:`decode_image` (or :func:`image_from_raw`) and then :func:`preprocess`, driven by the
 :class:`InputSpec` stored in the bundle's manifest. The pixel scale is fixed by the spec (8-bit
-samples divided by 255), never guessed from the data.
+samples divided by 255; 16-bit greyscale samples first reduced to the top 8 of the bits the
+training images used, which the fit records), never guessed from the image being scored.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import io
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,6 +25,9 @@ ColorMode = Literal["L", "RGB"]
 ResizeMethod = Literal["bilinear", "bicubic", "nearest", "lanczos", "box"]
 
 ACCEPTED_FORMATS = ("PNG", "JPEG", "BMP", "TIFF")
+# Pillow's modes of 16-bit greyscale images.
+WIDE_GREY_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+WIDE_SAMPLE_BITS = 16
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 DEFAULT_MAX_PIXELS = 50_000_000
 RAW_CHANNELS = (1, 3, 4)
@@ -50,6 +55,9 @@ class InputSpec:
     resize: ResizeMethod = "bilinear"
     # Model input = 8-bit sample value * scale: pixels in [0, 1].
     scale: float = 1.0 / 255.0
+    # The bits a 16-bit greyscale image's samples use (12 for a 12-bit camera's 0-4095): its
+    # 8-bit value is the top 8 of them, sample >> (wide_sample_bits - 8), at most 255.
+    wide_sample_bits: int = WIDE_SAMPLE_BITS
 
     def __post_init__(self) -> None:
         if self.height < 1 or self.width < 1:
@@ -59,6 +67,11 @@ class InputSpec:
         if self.resize not in _RESAMPLING:
             raise ValueError(
                 f"InputSpec resize is {self.resize!r}; expected one of {sorted(_RESAMPLING)}"
+            )
+        if not 8 <= self.wide_sample_bits <= WIDE_SAMPLE_BITS:
+            raise ValueError(
+                f"InputSpec wide_sample_bits is {self.wide_sample_bits}; expected 8 to "
+                f"{WIDE_SAMPLE_BITS}"
             )
 
     @property
@@ -80,7 +93,7 @@ class InputSpec:
         """Inverse of :meth:`to_dict`; unknown keys are an error."""
         fields = dict(data)
         channels = fields.pop("channels", None)
-        unknown = set(fields) - {"height", "width", "color_mode", "resize", "scale"}
+        unknown = set(fields) - {f.name for f in dataclass_fields(cls)}
         if unknown:
             raise ValueError(f"unknown input spec fields: {sorted(unknown)}")
         spec = cls(**fields)
@@ -166,11 +179,20 @@ def image_from_raw(
     return Image.fromarray(array, mode="RGB" if channels == 3 else "RGBA")
 
 
-def _to_8bit_mode(image: Image.Image, color_mode: ColorMode) -> Image.Image:
-    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
-        # 16-bit greyscale: keep the top 8 bits, an exact and documented scale (65535 -> 255).
-        array = np.asarray(image, dtype=np.uint16) >> 8
-        image = Image.fromarray(array.astype(np.uint8), mode="L")
+def wide_sample_max(image: Image.Image) -> int | None:
+    """The largest sample of a 16-bit greyscale image; ``None`` for an image of another mode."""
+    if image.mode not in WIDE_GREY_MODES:
+        return None
+    return int(np.asarray(image, dtype=np.uint16).max())
+
+
+def _to_8bit_mode(image: Image.Image, spec: InputSpec) -> Image.Image:
+    color_mode = spec.color_mode
+    if image.mode in WIDE_GREY_MODES:
+        # The top 8 of the bits the samples use: exact and documented (4095 -> 255 at 12 bits);
+        # a sample beyond them saturates, as a brighter-than-ever pixel of an 8-bit camera does.
+        shifted = np.asarray(image, dtype=np.uint16) >> (spec.wide_sample_bits - 8)
+        image = Image.fromarray(np.minimum(shifted, 255).astype(np.uint8), mode="L")
     elif image.mode in ("I", "F"):
         raise ImageError(
             f"image mode {image.mode!r} (32-bit samples) is not supported; send 8- or 16-bit images"
@@ -195,7 +217,7 @@ def preprocess_into(image: Image.Image, spec: InputSpec, out: npt.NDArray[np.flo
     """
     if out.shape != spec.shape or out.dtype != np.float32:
         raise ValueError(f"output has shape {out.shape} {out.dtype}; expected {spec.shape} float32")
-    image = _to_8bit_mode(image, spec.color_mode)
+    image = _to_8bit_mode(image, spec)
     if image.size != (spec.width, spec.height):
         image = image.resize((spec.width, spec.height), _RESAMPLING[spec.resize])
     pixels = np.asarray(image)  # (H, W) or (H, W, C) uint8

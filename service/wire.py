@@ -213,6 +213,7 @@ def model_info(model: LoadedModel, limits: Limits, drift: DriftSettings) -> pb.M
             channels=spec.channels,
             color_mode=spec.color_mode,
             resize=spec.resize,
+            wide_sample_bits=spec.wide_sample_bits,
         ),
         latent_dim=manifest.latent_dim,
         default_rule=pb.DecisionRule(

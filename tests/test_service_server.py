@@ -404,6 +404,7 @@ def test_model_info_describes_model_device_and_limits(client: Client, model: Loa
     assert (info.input.height, info.input.width) == (manifest.input.height, manifest.input.width)
     assert info.input.channels == manifest.input.channels
     assert info.input.color_mode == manifest.input.color_mode
+    assert info.input.wide_sample_bits == manifest.input.wide_sample_bits == 16  # RGB images
     assert info.latent_dim == manifest.latent_dim
     grid = manifest.latent
     assert (info.latent_grid.channels, info.latent_grid.rows, info.latent_grid.columns) == (
@@ -413,7 +414,7 @@ def test_model_info_describes_model_device_and_limits(client: Client, model: Loa
     )
     assert info.latent_dim == grid.channels * grid.rows * grid.columns
     assert dict(info.combined_weights) == dict(manifest.calibration.weights)
-    assert info.bundle_format_version == manifest.format_version == 7
+    assert info.bundle_format_version == manifest.format_version == 8
     assert info.default_rule.threshold == manifest.calibration.rule.threshold
     assert info.default_rule.outliers_left_out == manifest.calibration.rule.outliers
     assert info.calibration_size == len(manifest.calibration.combined.values)

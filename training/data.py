@@ -14,11 +14,15 @@ from PIL import Image
 
 from service.preprocessing import (
     IMAGE_SUFFIXES,
+    WIDE_GREY_MODES,
+    WIDE_SAMPLE_BITS,
     ColorMode,
     ImageError,
     InputSpec,
+    decode_image,
     list_image_files,
     preprocess_bytes,
+    wide_sample_max,
 )
 from training.config import Aspect, ColorChoice
 from training.errors import DataError
@@ -83,6 +87,24 @@ def resolve_color_mode(paths: list[Path], choice: ColorChoice) -> ColorMode:
         if mode not in _GREY_MODES:
             return "RGB"
     return "L"
+
+
+def resolve_wide_sample_bits(paths: list[Path]) -> int:
+    """The bits the folder's 16-bit greyscale images use: the bit length of their largest
+    sample (12 for a 12-bit camera's 0-4095), at least 8; ``WIDE_SAMPLE_BITS`` when there are
+    none. Only such images are decoded (their headers say which)."""
+    largest: int | None = None
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                if image.mode not in WIDE_GREY_MODES:
+                    continue
+            top = wide_sample_max(decode_image(path.read_bytes(), image_id=str(path)))
+        except (OSError, ValueError):
+            continue  # unreadable files are reported by load_images
+        if top is not None:
+            largest = top if largest is None else max(largest, top)
+    return WIDE_SAMPLE_BITS if largest is None else max(8, largest.bit_length())
 
 
 def resolve_input_size(

@@ -41,7 +41,7 @@ from service.bundle import (
     write_latent_reference,
     write_manifest,
 )
-from service.preprocessing import InputSpec
+from service.preprocessing import WIDE_SAMPLE_BITS, InputSpec
 from service.runtime import OnnxGraphs, Scorer
 from service.scoring import (
     Calibration,
@@ -69,6 +69,7 @@ from training.data import (
     load_images,
     resolve_color_mode,
     resolve_input_size,
+    resolve_wide_sample_bits,
     split_rows_in_place,
     training_folder,
 )
@@ -151,7 +152,14 @@ def _fit(data_dir: Path, out_dir: Path, config: FitConfig, overwrite: bool) -> N
         width=width,
         color_mode=resolve_color_mode(paths, config.color_mode),
         resize=config.resize,
+        wide_sample_bits=resolve_wide_sample_bits(paths),
     )
+    if spec.wide_sample_bits < WIDE_SAMPLE_BITS:
+        log.info(
+            "16-bit greyscale images whose samples use %d bits: each is read as the top 8 of "
+            "them (a sample of %d is white)",
+            spec.wide_sample_bits, 2**spec.wide_sample_bits - 1,
+        )  # fmt: skip
     images = load_images(paths, spec, skip_bad=config.skip_bad_images)
     train_idx, holdout_idx = holdout_split(
         len(images.paths),
