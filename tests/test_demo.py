@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from training.demo import run
+import training.demo
+from service.bundle import MANIFEST, load_bundle
+from training.demo import _prepare_bundle, run
 from training.evaluate import evaluate_bundle
 
 
@@ -33,3 +37,31 @@ def test_demo_scores_every_test_image_through_the_service_and_stops_cleanly(
     # The AUROC of the scores that came through the service is training evaluate's.
     expected = evaluate_bundle(trained_bundle, demo_data, device="cpu")["auroc_combined"]
     assert float(match.group(1)) == pytest.approx(expected, abs=6e-4)
+
+
+def test_a_cached_bundle_this_release_refuses_is_fitted_again(
+    demo_data: Path,
+    trained_bundle: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    shutil.copytree(demo_data, tmp_path / "data")
+    shutil.copytree(trained_bundle, tmp_path / "bundle")
+    manifest = tmp_path / "bundle" / MANIFEST
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "format_version": 7}))
+    fits: list[int] = []
+
+    def fit(data_dir: Path, bundle_dir: Path, config: Any, *, overwrite: bool) -> Path:
+        fits.append(config.max_steps)  # the real fit takes minutes; the session bundle stands in
+        shutil.rmtree(bundle_dir)
+        return Path(shutil.copytree(trained_bundle, bundle_dir))
+
+    monkeypatch.setattr(training.demo, "fit_bundle", fit)
+    bundle_dir = _prepare_bundle(tmp_path, seed=0, retrain=False, steps=20)
+    out = capsys.readouterr().out
+    assert "cannot be used: manifest format_version is 7; this software reads 8" in out
+    assert "training a bundle" in out and fits == [20]
+    load_bundle(bundle_dir)
+    _prepare_bundle(tmp_path, seed=0, retrain=False, steps=20)  # now usable: reused, not refitted
+    assert "reusing the bundle" in capsys.readouterr().out and fits == [20]

@@ -1,8 +1,9 @@
 """The product end to end on its built-in demo data (``make demo``).
 
-Generates the demo dataset, fits a bundle (once; reused on later runs), starts the gRPC service in
-a subprocess, streams every test image through the client, prints a summary (images scored,
-anomalies flagged, AUROC, where the metrics are served) and stops the service with SIGTERM.
+Generates the demo dataset, fits a bundle (once; reused on later runs while this release can
+serve it), starts the gRPC service in a subprocess, streams every test image through the client,
+prints a summary (images scored, anomalies flagged, AUROC, where the metrics are served) and
+stops the service with SIGTERM.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.bundle import MANIFEST, load_bundle
+from service.bundle import MANIFEST, BundleError, load_bundle
 from service.client import Client, Result
 from service.preprocessing import list_image_files
 from service.server_process import ServerProcess, ServerStartError
@@ -50,12 +51,27 @@ def _test_images(data_dir: Path) -> list[LabelledImage]:
     return images
 
 
+def _why_unusable(bundle_dir: Path) -> str | None:
+    """Why the demo's cached bundle cannot be served (none yet, or one this release refuses, e.g.
+    of an older format); ``None`` when it can."""
+    if not (bundle_dir / MANIFEST).is_file():
+        return "there is none"
+    try:
+        load_bundle(bundle_dir)
+    except BundleError as exc:
+        return str(exc)
+    return None
+
+
 def _prepare_bundle(workdir: Path, seed: int, retrain: bool, steps: int) -> Path:
     data_dir, bundle_dir = workdir / "data", workdir / "bundle"
     if not (data_dir / "train" / "good").is_dir():
         print(f"[demo] generating the demo dataset in {data_dir}", flush=True)
         generate_demo_dataset(data_dir, seed=seed)
-    if retrain or not (bundle_dir / MANIFEST).is_file():
+    stale = None if retrain else _why_unusable(bundle_dir)
+    if stale is not None and (bundle_dir / MANIFEST).is_file():
+        print(f"[demo] the bundle in {bundle_dir} cannot be used: {stale}", flush=True)
+    if retrain or stale is not None:
         print(f"[demo] training a bundle in {bundle_dir} ({steps} steps)", flush=True)
         config = FitConfig(seed=seed, max_steps=steps, model_version="demo")
         fit_bundle(data_dir, bundle_dir, config, overwrite=True)
