@@ -36,6 +36,7 @@ from training.calibrate import (
     fit_references,
     lighting_check,
     lighting_gains,
+    lighting_warning,
     relight,
 )
 from training.metrics import (
@@ -309,6 +310,19 @@ def test_the_lighting_check_counts_what_the_service_flags(
     assert bundle.manifest.training["lighting"] == again.to_dict()
     line = describe_lighting(again)
     assert f"{again.flagged_darker:.1%} of them {change:.0%} darker" in line
+
+
+def test_a_fit_warns_where_a_change_of_light_flags_many_good_images() -> None:
+    # Screw's suite fit: a third of its held-out good screws flagged once 10% brighter.
+    screw = LightingCheck(change=0.1, flagged=0.0, flagged_darker=0.0, flagged_brighter=0.328)
+    warning = lighting_warning(screw)
+    assert warning is not None
+    assert warning.startswith("lit 10% brighter, 32.8% of the held-out good images")
+    assert "fit again after a change of light" in warning
+    darker = LightingCheck(change=0.2, flagged=0.0, flagged_darker=0.5, flagged_brighter=0.2)
+    assert str(lighting_warning(darker)).startswith("lit 20% darker, 50.0%")
+    at_most = LightingCheck(change=0.1, flagged=0.3, flagged_darker=0.1, flagged_brighter=0.05)
+    assert lighting_warning(at_most) is None  # 10% at most, whatever the images as they are
 
 
 @pytest.mark.parametrize("change", [0.0, 1.0, -0.1, float("nan")])

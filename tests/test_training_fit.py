@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from service.preprocessing import list_image_files, load_image_file, stack
 from service.runtime import OnnxGraphs, Scorer
 from service.scoring import SCORE_NAMES, ErrorReference, LatentGrid, LatentReference, ModelOutputs
 from tests.conftest import DEMO_SIZE, TINY_FIT
-from training.calibrate import DEFAULT_WEIGHTS, default_window
+from training.calibrate import DEFAULT_WEIGHTS, LightingCheck, default_window
 from training.config import FitConfig
 from training.data import evenly_spaced
 from training.errors import ConfigError, TrainingError
@@ -174,6 +175,21 @@ def test_a_fit_without_jitter_has_no_lighting_check(demo_data: Path, tmp_path: P
     config = FitConfig(**{**TINY_FIT, "jitter": 0.0, "max_steps": 2})
     bundle_dir = fit_bundle(demo_data, tmp_path / "bundle", config)
     assert load_bundle(bundle_dir).manifest.training["lighting"] is None
+
+
+def test_the_fit_log_warns_of_light_that_flags_many_good_images(
+    demo_data: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    check = LightingCheck(change=0.1, flagged=0.0, flagged_darker=0.0, flagged_brighter=0.4)
+    monkeypatch.setattr(training.fit, "lighting_check", lambda *args, **kwargs: check)
+    with caplog.at_level(logging.INFO, logger="training.fit"):
+        fit_bundle(demo_data, tmp_path / "bundle", FitConfig(**{**TINY_FIT, "max_steps": 2}))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(w.startswith("lit 10% brighter, 40.0% of the held-out good") for w in warnings)
+    assert load_bundle(tmp_path / "bundle").manifest.training["lighting"] == check.to_dict()
 
 
 def test_a_fit_runs_the_graphs_a_bounded_batch_at_a_time(

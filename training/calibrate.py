@@ -63,6 +63,9 @@ CHECK_IMAGES = 500
 # Images scored at a time: memory holds one batch's outputs and maps, however many images a fit
 # has (the graphs' own batches, OnnxGraphs.run_in_batches, are as large).
 SCORING_BATCH = 32
+# Past this share of held-out good images flagged under the training's change of light, the fit
+# warns: a line whose light drifts that far would see many false alarms.
+LIGHTING_WARNING_SHARE = 0.10
 
 
 def batched_raw_scores(
@@ -245,6 +248,21 @@ def lighting_check(
         flagged=flagged(normal, normal_out),
         flagged_darker=flagged(relight(normal, darker)),
         flagged_brighter=flagged(relight(normal, brighter)),
+    )
+
+
+def lighting_warning(check: LightingCheck) -> str | None:
+    """A warning for the fit's log where light within the training's jitter, darker or brighter,
+    makes the threshold flag more than ``LIGHTING_WARNING_SHARE`` of the held-out good images;
+    ``None`` where it does not."""
+    darker = check.flagged_darker >= check.flagged_brighter
+    worse = check.flagged_darker if darker else check.flagged_brighter
+    if worse <= LIGHTING_WARNING_SHARE:
+        return None
+    return (
+        f"lit {check.change:.0%} {'darker' if darker else 'brighter'}, {worse:.1%} of the "
+        "held-out good images would be flagged: keep the line's light as it was for these "
+        "images, watch the drift gauges, and fit again after a change of light"
     )
 
 

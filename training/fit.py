@@ -60,6 +60,7 @@ from training.calibrate import (
     describe_rule,
     fit_references,
     lighting_check,
+    lighting_warning,
 )
 from training.config import FitConfig
 from training.data import (
@@ -293,6 +294,9 @@ def build_bundle(
                 change=config.jitter,
             )
             log.info("%s", describe_lighting(check))
+            warning = lighting_warning(check)
+            if warning is not None:
+                log.warning("%s", warning)
             lighting = check.to_dict()
         training = {
             "config": config.to_dict(),
