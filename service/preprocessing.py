@@ -28,6 +28,7 @@ ACCEPTED_FORMATS = ("PNG", "JPEG", "BMP", "TIFF")
 # Pillow's modes of 16-bit greyscale images.
 WIDE_GREY_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 WIDE_SAMPLE_BITS = 16
+PIXEL_SCALE = 1.0 / 255.0
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 DEFAULT_MAX_PIXELS = 50_000_000
 RAW_CHANNELS = (1, 3, 4)
@@ -54,7 +55,7 @@ class InputSpec:
     color_mode: ColorMode = "RGB"
     resize: ResizeMethod = "bilinear"
     # Model input = 8-bit sample value * scale: pixels in [0, 1].
-    scale: float = 1.0 / 255.0
+    scale: float = PIXEL_SCALE
     # The bits a 16-bit greyscale image's samples use (12 for a 12-bit camera's 0-4095): its
     # 8-bit value is the top 8 of them, sample >> (wide_sample_bits - 8), at most 255.
     wide_sample_bits: int = WIDE_SAMPLE_BITS
@@ -217,12 +218,30 @@ def preprocess_into(image: Image.Image, spec: InputSpec, out: npt.NDArray[np.flo
     """
     if out.shape != spec.shape or out.dtype != np.float32:
         raise ValueError(f"output has shape {out.shape} {out.dtype}; expected {spec.shape} float32")
+    np.multiply(pixels(image, spec), np.float32(spec.scale), out=out, dtype=np.float32)
+
+
+def pixels(image: Image.Image, spec: InputSpec) -> npt.NDArray[np.uint8]:
+    """One image's 8-bit samples ``(C, H, W)`` in the spec's colour mode and size: the model
+    input before its scale (:func:`model_input`), in a quarter of its memory."""
     image = _to_8bit_mode(image, spec)
     if image.size != (spec.width, spec.height):
         image = image.resize((spec.width, spec.height), _RESAMPLING[spec.resize])
-    pixels = np.asarray(image)  # (H, W) or (H, W, C) uint8
-    chw = pixels[None, :, :] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
-    np.multiply(chw, np.float32(spec.scale), out=out, dtype=np.float32)
+    hwc = np.asarray(image)  # (H, W) or (H, W, C) uint8
+    return hwc[None, :, :] if hwc.ndim == 2 else hwc.transpose(2, 0, 1)
+
+
+def model_input(
+    samples: npt.NDArray[np.uint8] | npt.NDArray[np.float32], scale: float = PIXEL_SCALE
+) -> npt.NDArray[np.float32]:
+    """The model input of 8-bit samples ``(..., C, H, W)`` (:func:`pixels`), each times
+    ``scale`` (the spec's): the values :func:`preprocess` gives. Model input (float32) is
+    returned as it is."""
+    if samples.dtype == np.float32:
+        return np.asarray(samples, dtype=np.float32)
+    if samples.dtype != np.uint8:
+        raise ValueError(f"samples are {samples.dtype}; expected uint8 (or float32 model input)")
+    return np.multiply(samples, np.float32(scale), dtype=np.float32)
 
 
 def preprocess_bytes(

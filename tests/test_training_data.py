@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.preprocessing import InputSpec
+from service.preprocessing import InputSpec, model_input
 from training.config import Aspect
 from training.data import (
     evenly_spaced,
     find_images,
     holdout_split,
     load_images,
+    load_samples,
     resolve_color_mode,
     resolve_input_size,
     split_rows_in_place,
@@ -125,6 +126,23 @@ def test_pixels_are_scaled_by_the_spec_not_the_data(tmp_path: Path) -> None:
     Image.fromarray(np.full((8, 8, 3), 51, dtype=np.uint8)).save(path)
     loaded = load_images([path], InputSpec(height=8, width=8), skip_bad=False)
     np.testing.assert_allclose(loaded.images, 0.2, atol=1e-6)
+
+
+def test_samples_are_the_model_input_in_a_quarter_of_the_memory(tmp_path: Path) -> None:
+    paths = write_images(tmp_path / "rgb", 3)
+    paths += write_images(tmp_path / "grey", 2, mode="L", suffix=".bmp")
+    wide = tmp_path / "wide.png"
+    Image.fromarray(np.full((20, 24), 40_000, dtype=np.uint16)).save(wide)
+    for spec in (SPEC, InputSpec(height=12, width=20, color_mode="L", wide_sample_bits=12)):
+        images = load_images([*paths, wide], spec, skip_bad=False)
+        samples = load_samples([*paths, wide], spec, skip_bad=False)
+        assert samples.images.dtype == np.uint8 and samples.images.shape == images.images.shape
+        assert samples.images.nbytes * 4 == images.images.nbytes
+        np.testing.assert_array_equal(model_input(samples.images, spec.scale), images.images)
+        assert (samples.paths, samples.fingerprint) == (images.paths, images.fingerprint)
+    np.testing.assert_array_equal(model_input(images.images), images.images)  # passes through
+    with pytest.raises(ValueError, match="samples are int16; expected uint8"):
+        model_input(samples.images.astype(np.int16))  # type: ignore[arg-type]
 
 
 def test_colour_mode_auto(tmp_path: Path) -> None:

@@ -13,13 +13,15 @@ import pytest
 import torch
 
 import training.train
+from service.preprocessing import model_input
 from training.config import FitConfig
 from training.errors import ConfigError
-from training.model import VAE
+from training.model import VAE, downsample
 from training.synth import corrupt
 from training.train import (
     Budget,
     TrainResult,
+    downsampled,
     jitter_intensity,
     learning_rate,
     random_crops,
@@ -135,6 +137,31 @@ def test_the_same_seed_gives_bit_identical_weights(device: str) -> None:
         for name, tensor in weights.items()
         if tensor.is_floating_point()
     )
+
+
+def test_training_on_8_bit_samples_gives_the_model_of_their_model_input() -> None:
+    samples = np.asarray(np.rint(_images() * 255), dtype=np.uint8)
+    images = model_input(samples)
+    config = _config()
+    results = []
+    for train in (images[:8], samples[:8]):
+        torch.manual_seed(config.seed)
+        model = VAE(config.model_config(channels=1))
+        results.append(train_both(model, train, images[8:], config, torch.device("cpu")))
+    for from_input, from_samples in zip(*results, strict=True):
+        weights = from_input.model.state_dict()
+        for name, tensor in from_samples.model.state_dict().items():
+            assert torch.equal(tensor, weights[name]), name
+
+
+def test_the_coarse_images_are_made_a_batch_at_a_time_as_all_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    samples = np.asarray(np.rint(_images(n=11) * 255), dtype=np.uint8)
+    whole = downsample(torch.from_numpy(model_input(samples)), 2).numpy()
+    monkeypatch.setattr(training.train, "DOWNSAMPLE_BATCH", 4)
+    for images in (samples, model_input(samples)):
+        np.testing.assert_array_equal(downsampled(images, 2), whole)
 
 
 def _kernel_settings() -> tuple[bool, bool, bool]:

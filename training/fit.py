@@ -41,7 +41,7 @@ from service.bundle import (
     write_latent_reference,
     write_manifest,
 )
-from service.preprocessing import WIDE_SAMPLE_BITS, InputSpec
+from service.preprocessing import WIDE_SAMPLE_BITS, InputSpec, model_input
 from service.runtime import OnnxGraphs, Scorer
 from service.scoring import (
     Calibration,
@@ -67,7 +67,7 @@ from training.data import (
     evenly_spaced,
     find_images,
     holdout_split,
-    load_images,
+    load_samples,
     resolve_color_mode,
     resolve_input_size,
     resolve_wide_sample_bits,
@@ -77,7 +77,7 @@ from training.data import (
 from training.errors import ExportError, TrainingError
 from training.export import GOLDEN_TOLERANCE, OPSET, export_model
 from training.model import VAE
-from training.train import select_device, train_both
+from training.train import Images, select_device, train_both
 
 __all__ = ["FitConfig", "fit_bundle"]
 
@@ -161,7 +161,7 @@ def _fit(data_dir: Path, out_dir: Path, config: FitConfig, overwrite: bool) -> N
             "them (a sample of %d is white)",
             spec.wide_sample_bits, 2**spec.wide_sample_bits - 1,
         )  # fmt: skip
-    images = load_images(paths, spec, skip_bad=config.skip_bad_images)
+    images = load_samples(paths, spec, skip_bad=config.skip_bad_images)
     train_idx, holdout_idx = holdout_split(
         len(images.paths),
         fraction=config.holdout_fraction,
@@ -176,10 +176,13 @@ def _fit(data_dir: Path, out_dir: Path, config: FitConfig, overwrite: bool) -> N
         config.coarse_steps_for(len(train_idx)), device,
     )  # fmt: skip
     holdout_files = [images.paths[i].name for i in holdout_idx]
-    train, holdout = split_rows_in_place(images.images, train_idx, holdout_idx)
+    # The images stay 8-bit samples (a quarter of the model input's memory); the held-out ones,
+    # read several times over, and any subset are made model input where they are used.
+    train, holdout_samples = split_rows_in_place(images.images, train_idx, holdout_idx)
+    holdout = model_input(holdout_samples, spec.scale)
     validation = holdout[evenly_spaced(len(holdout_idx), CHECK_IMAGES)]
     model = VAE(config.model_config(channels=spec.channels))
-    result, coarse = train_both(model, train, validation, config, device)
+    result, coarse = train_both(model, train, validation, config, device, scale=spec.scale)
     log.info("training: %s; coarse VAE: %s", result.stop_reason, coarse.stop_reason)
     facts = {
         "data": {
@@ -214,7 +217,7 @@ def _fit(data_dir: Path, out_dir: Path, config: FitConfig, overwrite: bool) -> N
 
 def build_bundle(
     model: VAE,
-    train: F32Array,
+    train: Images,
     holdout: F32Array,
     spec: InputSpec,
     out_dir: Path,
@@ -223,9 +226,9 @@ def build_bundle(
     facts: Mapping[str, Any],
     overwrite: bool = False,
 ) -> Path:
-    """Export ``model``, fit the latent and error references on ``train`` (over the lighting
-    range of the training's jitter), choose the rule,
-    calibrate on ``holdout`` and write a checked bundle.
+    """Export ``model``, fit the latent and error references on ``train`` (model input or 8-bit
+    samples; over the lighting range of the training's jitter), choose the rule, calibrate on
+    ``holdout`` and write a checked bundle.
 
     The bundle is assembled in a staging folder next to ``out_dir`` and moved into place only
     after it has passed the service's own loading and self-test; on any failure nothing is left.
@@ -237,7 +240,7 @@ def build_bundle(
     try:
         graphs, parity = export_model(model, staging, holdout, threads=config.threads)
         grid = LatentGrid(model.cfg.latent_channels, *model.cfg.grid(spec.height, spec.width))
-        referenced = train[evenly_spaced(train.shape[0], REFERENCE_IMAGES)]
+        referenced = model_input(train[evenly_spaced(train.shape[0], REFERENCE_IMAGES)], spec.scale)
         reference, errors = fit_references(graphs, referenced, grid, lighting=config.jitter)
         holdout_out = graphs.run_in_batches(holdout, batch_size=SCORING_BATCH)
         checked = evenly_spaced(holdout.shape[0], CHECK_IMAGES)

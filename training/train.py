@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from service.preprocessing import PIXEL_SCALE, model_input
 from service.scoring import batch_slices
 from training.config import Device, FitConfig
 from training.errors import ConfigError
@@ -41,9 +42,12 @@ from training.synth import corrupt
 log = logging.getLogger(__name__)
 
 F32Array = npt.NDArray[np.float32]
+# Training images: the model input (float32), or its 8-bit samples (uint8), read at the scale.
+Images = npt.NDArray[np.float32] | npt.NDArray[np.uint8]
 VALIDATIONS = 10  # full-size validation passes over a run, for the history
 # Under a time limit, the local model may use this share of it; the coarse VAE gets the rest.
 LOCAL_TIME_SHARE = 0.8
+DOWNSAMPLE_BATCH = 64
 
 
 @dataclass(frozen=True)
@@ -198,15 +202,18 @@ def _validate(model: VAE, loss_fn: ELBOLoss, x: Tensor, batch_size: int) -> tupl
 
 def train_both(
     model: VAE,
-    train_images: F32Array,
+    train_images: Images,
     val_images: F32Array,
     config: FitConfig,
     device: torch.device,
+    *,
+    scale: float = PIXEL_SCALE,
 ) -> tuple[TrainResult, TrainResult]:
     """Train the local model and its head, then the coarse VAE; results in that order.
 
-    A time limit (``config.time_limit_minutes``) bounds the two together. On CUDA the kernels
-    are deterministic (:func:`deterministic_kernels`)."""
+    ``train_images`` may be 8-bit samples, read as the model input at ``scale`` (a crop, a
+    batch at a time). A time limit (``config.time_limit_minutes``) bounds the two together. On
+    CUDA the kernels are deterministic (:func:`deterministic_kernels`)."""
     if model.coarse is None:
         raise ConfigError("the model has no coarse VAE; a bundle needs one")
     with deterministic_kernels(device):
@@ -220,12 +227,13 @@ def train_both(
             device,
             steps=config.steps_for(n_train),
             time_limit_s=None if limit is None else LOCAL_TIME_SHARE * limit,
+            scale=scale,
         )
         factor = model.cfg.coarse_factor
         coarse = train_vae(
             model.coarse,
-            downsample(torch.from_numpy(train_images), factor).numpy(),
-            downsample(torch.from_numpy(val_images), factor).numpy(),
+            downsampled(train_images, factor, scale),
+            downsampled(val_images, factor, scale),
             config,
             device,
             steps=config.coarse_steps_for(n_train),
@@ -239,9 +247,19 @@ def train_both(
         return local, coarse
 
 
+def downsampled(images: Images, factor: int, scale: float = PIXEL_SCALE) -> F32Array:
+    """The coarse VAE's images (:func:`downsample`) of model input or 8-bit samples at
+    ``scale``, made a batch at a time so that the model input of all is never held at once."""
+    parts = [
+        downsample(torch.from_numpy(model_input(images[rows], scale)), factor).numpy()
+        for rows in batch_slices(images.shape[0], DOWNSAMPLE_BATCH)
+    ]
+    return np.concatenate(parts)
+
+
 def train_vae(
     model: VAE,
-    train_images: F32Array,
+    train_images: Images,
     val_images: F32Array,
     config: FitConfig,
     device: torch.device,
@@ -249,9 +267,11 @@ def train_vae(
     steps: int,
     time_limit_s: float | None = None,
     name: str = "fit",
+    scale: float = PIXEL_SCALE,
 ) -> TrainResult:
     """Train ``model`` (and its defect head, not its coarse VAE) on crops of ``train_images``
-    for ``steps`` optimiser steps, or until ``time_limit_s`` seconds have passed."""
+    (model input, or 8-bit samples read at ``scale``) for ``steps`` optimiser steps, or until
+    ``time_limit_s`` seconds have passed."""
     rng = np.random.default_rng(config.seed)
     model.to(device).train()
     x_train = torch.from_numpy(train_images)
@@ -275,9 +295,8 @@ def train_vae(
     while step < total:
         for group in optimiser.param_groups:
             group["lr"] = learning_rate(config.learning_rate, budget.progress(step))
-        clean = jitter_intensity(
-            random_crops(x_train, config.batch_size, crop, rng).numpy(), config.jitter, rng
-        )
+        crops = random_crops(x_train, config.batch_size, crop, rng).numpy()
+        clean = jitter_intensity(model_input(crops, scale), config.jitter, rng)
         corrupted, masks = corrupt(clean, config.corruption, rng)
         target = torch.from_numpy(clean).to(device)
         inputs = torch.from_numpy(corrupted).to(device)
