@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Generic, Protocol, TypeVar
@@ -80,19 +81,23 @@ def find_images(folder: Path) -> list[Path]:
     )
 
 
+def _headers(paths: list[Path]) -> Iterator[tuple[Path, str, tuple[int, int]]]:
+    """Each readable file's path, Pillow mode and ``(width, height)``, from its header alone;
+    unreadable files are left out here and reported by the load."""
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                mode, size = image.mode, image.size
+        except (OSError, ValueError):
+            continue
+        yield path, mode, size
+
+
 def resolve_color_mode(paths: list[Path], choice: ColorChoice) -> ColorMode:
     """The colour mode to train in: the choice, or for ``auto`` greyscale iff all files are."""
     if choice != "auto":
         return choice
-    for path in paths:
-        try:
-            with Image.open(path) as image:
-                mode = image.mode
-        except (OSError, ValueError):
-            continue  # unreadable files are reported by load_images
-        if mode not in _GREY_MODES:
-            return "RGB"
-    return "L"
+    return "RGB" if any(mode not in _GREY_MODES for _, mode, _ in _headers(paths)) else "L"
 
 
 def resolve_wide_sample_bits(paths: list[Path]) -> int:
@@ -100,11 +105,10 @@ def resolve_wide_sample_bits(paths: list[Path]) -> int:
     sample (12 for a 12-bit camera's 0-4095), at least 8; ``WIDE_SAMPLE_BITS`` when there are
     none. Only such images are decoded (their headers say which)."""
     largest: int | None = None
-    for path in paths:
+    for path, mode, _ in _headers(paths):
+        if mode not in WIDE_GREY_MODES:
+            continue
         try:
-            with Image.open(path) as image:
-                if image.mode not in WIDE_GREY_MODES:
-                    continue
             top = wide_sample_max(decode_image(path.read_bytes(), image_id=str(path)))
         except (OSError, ValueError):
             continue  # unreadable files are reported by load_images
@@ -125,15 +129,7 @@ def resolve_input_size(
     input is never larger than the images' median size, and both sides are multiples of
     ``multiple``.
     """
-    sizes: list[tuple[int, int]] = []
-    for path in paths:
-        try:
-            with Image.open(path) as image:
-                width, height = image.size
-        except (OSError, ValueError):
-            continue  # unreadable files are reported by load_images
-        if width > 0 and height > 0:
-            sizes.append((height, width))
+    sizes = [(h, w) for _, _, (w, h) in _headers(paths) if w > 0 and h > 0]
     if not sizes:
         return side, side
     heights, widths = np.array(sizes, dtype=np.float64).T
