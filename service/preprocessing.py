@@ -231,9 +231,11 @@ def pixels(image: Image.Image, spec: InputSpec) -> npt.NDArray[np.uint8]:
     return hwc[None, :, :] if hwc.ndim == 2 else hwc.transpose(2, 0, 1)
 
 
-def model_input(
-    samples: npt.NDArray[np.uint8] | npt.NDArray[np.float32], scale: float = PIXEL_SCALE
-) -> npt.NDArray[np.float32]:
+# Images as a fit holds them: 8-bit samples (:func:`pixels`) or model input; model_input reads both.
+Images = npt.NDArray[np.uint8] | npt.NDArray[np.float32]
+
+
+def model_input(samples: Images, scale: float = PIXEL_SCALE) -> npt.NDArray[np.float32]:
     """The model input of 8-bit samples ``(..., C, H, W)`` (:func:`pixels`), each times
     ``scale`` (the spec's): the values :func:`preprocess` gives. Model input (float32) is
     returned as it is."""

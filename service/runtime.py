@@ -172,12 +172,11 @@ class OnnxGraphs:
 
     def run_in_batches(self, images: FloatArray, batch_size: int = 32) -> ModelOutputs:
         """:meth:`run` over ``images`` in batches of ``batch_size``, outputs concatenated."""
-        parts = [
-            self.run(np.ascontiguousarray(images[rows]))
-            for rows in batch_slices(images.shape[0], batch_size)
-        ]
-        return ModelOutputs(
-            *(np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(ModelOutputs))
+        return ModelOutputs.joined(
+            [
+                self.run(np.ascontiguousarray(images[rows]))
+                for rows in batch_slices(images.shape[0], batch_size)
+            ]
         )
 
 

@@ -28,7 +28,7 @@ score for a target false-alarm rate.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from functools import cached_property
 from typing import Any, Literal
@@ -84,9 +84,16 @@ class ModelOutputs:
     coarse_input: FloatArray  # (N, C, H/f, W/f), the image downsampled for the coarse VAE
     coarse_recon: FloatArray  # (N, C, H/f, W/f), the coarse VAE's reconstruction of it
 
-    def rows(self, index: slice) -> ModelOutputs:
-        """The outputs of some images of the batch."""
+    def rows(self, index: slice | npt.NDArray[np.intp]) -> ModelOutputs:
+        """The outputs of some images of the batch: a slice (views) or row numbers (copies)."""
         return ModelOutputs(*(getattr(self, f.name)[index] for f in fields(self)))
+
+    @classmethod
+    def joined(cls, parts: Sequence[ModelOutputs]) -> ModelOutputs:
+        """The outputs of consecutive batches as those of one batch."""
+        if not parts:
+            raise ValueError("joining needs the outputs of at least one batch")
+        return cls(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(cls)))
 
 
 def batch_slices(count: int, size: int) -> list[slice]:

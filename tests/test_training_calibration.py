@@ -38,7 +38,10 @@ from training.calibrate import (
     lighting_gains,
     lighting_warning,
     relight,
+    resolve_window,
+    score_held_out,
 )
+from training.data import load_samples
 from training.metrics import (
     auroc,
     average_precision,
@@ -258,13 +261,16 @@ def test_calibrate_matches_the_bundle(
         local_window=stored.local_window,
         weights=stored.weights,
     )
-    calibration = calibrate(
-        bundle.latent_reference,
-        bundle.error_reference,
+    held_out = score_held_out(
+        graphs,
         holdout,
-        graphs.run_in_batches(holdout),
-        choice,
-        target_false_alarm_rate=stored.rule.target_false_alarm_rate,
+        window=choice.local_window,
+        reference=bundle.latent_reference,
+        errors=bundle.error_reference,
+        checked=slice(None),
+    )
+    calibration = calibrate(
+        held_out, choice, target_false_alarm_rate=stored.rule.target_false_alarm_rate
     )
     assert set(calibration.scores) == set(SCORE_NAMES)
     assert calibration.local_window == stored.local_window
@@ -422,6 +428,96 @@ def test_scores_in_batches_are_the_scores_of_the_whole_set(
     for name in SCORE_NAMES:
         np.testing.assert_array_equal(from_outputs[name], whole[name], err_msg=name)
         np.testing.assert_array_equal(from_graphs[name], whole[name], err_msg=name)
+
+
+def _held_out_samples(bundle: Bundle, demo_data: Path) -> np.ndarray:
+    """The session bundle's held-out images as 8-bit samples, as a fit holds them."""
+    folder = demo_data / "train" / "good"
+    names = bundle.manifest.training["data"]["holdout_files"]
+    paths = [folder / name for name in names]
+    return load_samples(paths, bundle.manifest.input, skip_bad=False).images
+
+
+def test_the_held_out_pass_keeps_every_score_and_the_checked_rows_outputs(
+    bundle_and_holdout: tuple[Bundle, OnnxGraphs, np.ndarray],
+    demo_data: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A fit reads its held-out images once, from their 8-bit samples, a batch at a time: the
+    # scores and posterior means of all of them, the input and outputs of the checked rows
+    # only, each equal to what the whole set's outputs give.
+    bundle, graphs, holdout = bundle_and_holdout
+    monkeypatch.setattr(training.calibrate, "SCORING_BATCH", 2)
+    samples = _held_out_samples(bundle, demo_data)
+    assert samples.dtype == np.uint8 and samples.shape == holdout.shape
+    assert holdout.shape[0] > 4
+    window = bundle.manifest.calibration.local_window
+    reference, errors = bundle.latent_reference, bundle.error_reference
+    every = graphs.run_in_batches(holdout, batch_size=2)
+    checked = slice(1, None, 3)  # rows in some batches and not others
+    held_out = score_held_out(
+        graphs,
+        samples,
+        scale=bundle.manifest.input.scale,
+        window=window,
+        reference=reference,
+        errors=errors,
+        checked=checked,
+    )
+    expected = batched_raw_scores(holdout, every, window, reference, errors)
+    assert held_out.window == window and set(held_out.raw) == set(SCORE_NAMES)
+    for name in SCORE_NAMES:
+        np.testing.assert_array_equal(held_out.raw[name], expected[name], err_msg=name)
+    np.testing.assert_array_equal(held_out.mu, every.mu)
+    np.testing.assert_array_equal(held_out.check_images, holdout[checked])
+    wanted = every.rows(checked)
+    for f in fields(ModelOutputs):
+        np.testing.assert_array_equal(
+            getattr(held_out.check_out, f.name), getattr(wanted, f.name), err_msg=f.name
+        )
+
+
+def test_calibration_refuses_scores_taken_at_another_window(
+    bundle_and_holdout: tuple[Bundle, OnnxGraphs, np.ndarray],
+) -> None:
+    bundle, graphs, holdout = bundle_and_holdout
+    stored = bundle.manifest.calibration
+    held_out = score_held_out(
+        graphs,
+        holdout,
+        window=stored.local_window + 1,
+        reference=bundle.latent_reference,
+        errors=bundle.error_reference,
+        checked=slice(0, 1),
+    )
+    choice = RuleChoice(stored.local_window, stored.weights, 0.5, "the stored rule")
+    with pytest.raises(ValueError, match="window of"):
+        calibrate(held_out, choice, target_false_alarm_rate=0.01)
+
+
+def test_the_window_is_the_given_one_or_the_default() -> None:
+    assert resolve_window(5, 256, 128) == 5
+    assert resolve_window(None, 256, 128) == default_window(256, 128) == 4
+
+
+def test_references_fitted_on_samples_are_those_of_their_model_input(
+    bundle_and_holdout: tuple[Bundle, OnnxGraphs, np.ndarray],
+    demo_data: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    bundle, graphs, holdout = bundle_and_holdout
+    monkeypatch.setattr(training.calibrate, "SCORING_BATCH", 2)
+    grid = bundle.latent_reference.grid
+    samples = _held_out_samples(bundle, demo_data)
+    scale = bundle.manifest.input.scale
+    from_samples = fit_references(graphs, samples, grid, lighting=0.1, scale=scale)
+    from_input = fit_references(graphs, holdout, grid, lighting=0.1)
+    np.testing.assert_array_equal(from_samples[0].mean, from_input[0].mean)
+    np.testing.assert_array_equal(from_samples[0].mean_distance, from_input[0].mean_distance)
+    for f in fields(ErrorReference):
+        np.testing.assert_array_equal(
+            getattr(from_samples[1], f.name), getattr(from_input[1], f.name), err_msg=f.name
+        )
 
 
 def test_references_fitted_in_batches_are_the_means_over_every_image(

@@ -224,19 +224,21 @@ def test_a_large_folder_fits_its_references_and_checks_on_seeded_subsets(
     # training's validation and the checks read evenly spaced ones; calibration reads them all.
     monkeypatch.setattr(training.fit, "REFERENCE_IMAGES", 7)
     monkeypatch.setattr(training.fit, "CHECK_IMAGES", 3)
-    seen: dict[str, list[int]] = {}
+    seen: dict[str, list[tuple[int, str]]] = {}
 
     def recording(name: str, function: Callable[..., Any], position: int) -> Callable[..., Any]:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            seen.setdefault(name, []).append(args[position].shape[0])
+            images = args[position]
+            seen.setdefault(name, []).append((images.shape[0], images.dtype.name))
             return function(*args, **kwargs)
 
         return wrapper
 
     for name, position in (
         ("train_both", 2),
+        ("fit_references", 1),
+        ("score_held_out", 1),
         ("choose_rule", 3),
-        ("calibrate", 2),
         ("lighting_check", 3),
     ):
         monkeypatch.setattr(
@@ -255,11 +257,14 @@ def test_a_large_folder_fits_its_references_and_checks_on_seeded_subsets(
         "of_training": data["n_train"],
         "of_held_out": data["n_holdout"],
     }
+    # The references and the held-out pass read the 8-bit samples, a batch at a time; only the
+    # checked subset is ever model input as a whole.
     assert seen == {
-        "train_both": [checked],
-        "choose_rule": [checked],
-        "calibrate": [data["n_holdout"]],
-        "lighting_check": [checked],
+        "train_both": [(checked, "float32")],
+        "fit_references": [(referenced, "uint8")],
+        "score_held_out": [(data["n_holdout"], "uint8")],
+        "choose_rule": [(checked, "float32")],
+        "lighting_check": [(checked, "float32")],
     }
     assert_references_fitted_on(bundle, evenly_spaced(data["n_train"], 7))
 

@@ -19,6 +19,7 @@ from training.synth import (
     perlin_noise,
     perlin_texture,
     synthesise_anomalies,
+    synthesised_batches,
 )
 
 F32Array = npt.NDArray[np.float32]
@@ -141,3 +142,25 @@ def test_synthetic_anomalies_change_every_image_locally(
     np.testing.assert_array_equal(images, demo_images[(32, 32)][:3])
     trained_on = synthesise_anomalies(images, copies=2, seed=0, defects=TRAINING_DEFECTS)
     assert trained_on.shape == (6, 3, 32, 32) and not np.array_equal(trained_on, source[:6])
+
+
+def test_synthetic_anomalies_in_batches_are_the_same_whatever_the_batch(
+    demo_images: dict[tuple[int, int], F32Array],
+) -> None:
+    # The fit scores its synthetic defects a batch at a time; the batches must not change them.
+    images = demo_images[(32, 32)][:5]
+    copies = 3
+    # The whole set made at once, one copy of each image per row, as the batches must give it.
+    whole = np.repeat(images, copies, axis=0)
+    rng = np.random.default_rng(4)
+    for i in range(whole.shape[0]):
+        HELD_OUT_DEFECTS[i % len(HELD_OUT_DEFECTS)](whole[i], images, rng)
+    np.clip(whole, 0.0, 1.0, out=whole)
+    for batch in (1, 4, 15, 64):
+        parts = list(synthesised_batches(images, copies=copies, seed=4, batch=batch))
+        assert [p.shape[0] for p in parts[:-1]] == [batch] * (len(parts) - 1)
+        np.testing.assert_array_equal(np.concatenate(parts), whole, err_msg=f"batch {batch}")
+    np.testing.assert_array_equal(synthesise_anomalies(images, copies=copies, seed=4), whole)
+    np.testing.assert_array_equal(images, demo_images[(32, 32)][:5])
+    with pytest.raises(ValueError, match="batch is 0"):
+        next(synthesised_batches(images, copies=copies, seed=4, batch=0))

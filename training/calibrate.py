@@ -17,13 +17,14 @@ images are never used.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+from service.preprocessing import PIXEL_SCALE, Images, model_input
 from service.runtime import OnnxGraphs
 from service.scoring import (
     Calibration,
@@ -37,7 +38,7 @@ from service.scoring import (
     raw_scores,
 )
 from training.metrics import auroc
-from training.synth import synthesise_anomalies
+from training.synth import synthesised_batches
 
 F32Array = npt.NDArray[np.float32]
 F64Array = npt.NDArray[np.float64]
@@ -57,7 +58,7 @@ SYNTHETIC_COPIES = 4
 # references' per-position means and per-cell Gaussians (each image read in three lightings) are
 # settled long before REFERENCE_IMAGES, and the checks (the training's validation, the
 # synthetic-defect AUROC, the lighting check) are figures for the log. Calibration reads every
-# held-out image.
+# held-out image, keeping only its scores (:func:`score_held_out`).
 REFERENCE_IMAGES = 1000
 CHECK_IMAGES = 500
 # Images scored at a time: memory holds one batch's outputs and maps, however many images a fit
@@ -66,6 +67,13 @@ SCORING_BATCH = 32
 # Past this share of held-out good images flagged under the training's change of light, the fit
 # warns: a line whose light drifts that far would see many false alarms.
 LIGHTING_WARNING_SHARE = 0.10
+
+
+def joined_scores(parts: Sequence[Mapping[str, F64Array]]) -> dict[str, F64Array]:
+    """The raw scores of consecutive batches as those of one batch."""
+    if not parts:
+        raise ValueError("joining needs the scores of at least one batch")
+    return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
 
 
 def batched_raw_scores(
@@ -83,7 +91,7 @@ def batched_raw_scores(
         batch = np.ascontiguousarray(images[rows])
         out = source.run(batch) if isinstance(source, OnnxGraphs) else source.rows(rows)
         parts.append(raw_scores(batch, out, window, reference, errors)[0])
-    return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+    return joined_scores(parts)
 
 
 @dataclass(frozen=True)
@@ -110,6 +118,61 @@ def default_window(height: int, width: int) -> int:
     return max(2, min(height, width) // WINDOW_DIVISOR)
 
 
+def resolve_window(local_window: int | None, height: int, width: int) -> int:
+    """The local window a fit uses: the one given, or :func:`default_window`."""
+    return local_window if local_window is not None else default_window(height, width)
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """What a fit keeps of its held-out images after one pass of the graphs over them: every
+    image's raw scores at ``window`` and posterior mean, and the model input and graph outputs
+    of the checked subset only."""
+
+    window: int
+    raw: dict[str, F64Array]
+    mu: FloatArray  # (N, D)
+    check_images: F32Array
+    check_out: ModelOutputs
+
+
+def score_held_out(
+    graphs: OnnxGraphs,
+    images: Images,
+    *,
+    scale: float = PIXEL_SCALE,
+    window: int,
+    reference: LatentReference,
+    errors: ErrorReference,
+    checked: slice,
+) -> HeldOut:
+    """Run the graphs over the held-out ``images`` (8-bit samples read at ``scale``, or model
+    input) ``SCORING_BATCH`` at a time. Memory holds one batch's model input and outputs, the
+    scores and posterior means, and the ``checked`` rows' input and outputs, however many images
+    are held out; the batches are those of :func:`batched_raw_scores`, so the scores are the
+    same."""
+    wanted = np.arange(images.shape[0])[checked]
+    parts: list[dict[str, F64Array]] = []
+    mus: list[FloatArray] = []
+    kept: list[F32Array] = []
+    kept_out: list[ModelOutputs] = []
+    for rows in batch_slices(images.shape[0], SCORING_BATCH):
+        batch = np.ascontiguousarray(model_input(images[rows], scale))
+        out = graphs.run(batch)
+        parts.append(raw_scores(batch, out, window, reference, errors)[0])
+        mus.append(out.mu)
+        local = wanted[(wanted >= rows.start) & (wanted < rows.stop)] - rows.start
+        kept.append(batch[local])
+        kept_out.append(out.rows(local))
+    return HeldOut(
+        window=window,
+        raw=joined_scores(parts),
+        mu=np.concatenate(mus),
+        check_images=np.concatenate(kept),
+        check_out=ModelOutputs.joined(kept_out),
+    )
+
+
 def choose_rule(
     graphs: OnnxGraphs,
     reference: LatentReference,
@@ -130,38 +193,44 @@ def choose_rule(
         for part, value in (("window", local_window), ("weights", weights))
         if value is not None
     ]
-    window = local_window if local_window is not None else default_window(height, width)
+    window = resolve_window(local_window, height, width)
     weighting = dict(weights) if weights is not None else dict(DEFAULT_WEIGHTS)
-    synthetic = synthesise_anomalies(normal, copies=SYNTHETIC_COPIES, seed=seed)
-    labels = np.r_[np.zeros(normal.shape[0]), np.ones(synthetic.shape[0])]
     normal_raw = batched_raw_scores(normal, normal_out, window, reference, errors)
-    synthetic_raw = batched_raw_scores(synthetic, graphs, window, reference, errors)
+    # The synthetic images are made and scored a batch at a time: only their scores are kept.
+    synthetic_raw = joined_scores(
+        [
+            raw_scores(batch, graphs.run(batch), window, reference, errors)[0]
+            for batch in synthesised_batches(
+                normal, copies=SYNTHETIC_COPIES, seed=seed, batch=SCORING_BATCH
+            )
+        ]
+    )
+    made = normal.shape[0] * SYNTHETIC_COPIES
+    labels = np.r_[np.zeros(normal.shape[0]), np.ones(made)]
     calibration = Calibration.fit(
         normal_raw, weighting, target_false_alarm_rate=0.5, local_window=window
     )
     combined = np.r_[calibration.combine(normal_raw), calibration.combine(synthetic_raw)]
     method = (
         (f"{' and '.join(given)} given by the user" if given else "the product's default rule")
-        + f"; synthetic AUROC: held-out normal images against {synthetic.shape[0]} synthetic "
+        + f"; synthetic AUROC: held-out normal images against {made} synthetic "
         "defects of kinds never trained on (pasted patches, blotches, noise, relighting)"
     )
     return RuleChoice(window, weighting, auroc(combined, labels), method)
 
 
 def calibrate(
-    reference: LatentReference,
-    errors: ErrorReference,
-    normal: F32Array,
-    normal_out: ModelOutputs,
-    choice: RuleChoice,
-    *,
-    target_false_alarm_rate: float,
+    held_out: HeldOut, choice: RuleChoice, *, target_false_alarm_rate: float
 ) -> Calibration:
-    """Fit the calibration of every score and the default threshold on held-out normals, from
-    the graphs' outputs ``normal_out`` for them."""
-    raw = batched_raw_scores(normal, normal_out, choice.local_window, reference, errors)
+    """Fit the calibration of every score and the default threshold on the raw scores of the
+    held-out normal images (:func:`score_held_out`, at the rule's window)."""
+    if held_out.window != choice.local_window:
+        raise ValueError(
+            f"the held-out images were scored with a window of {held_out.window} pixels; the "
+            f"rule's window is {choice.local_window}"
+        )
     return Calibration.fit(
-        raw,
+        held_out.raw,
         choice.weights,
         target_false_alarm_rate=target_false_alarm_rate,
         local_window=choice.local_window,
@@ -182,20 +251,26 @@ def lighting_gains(change: float) -> tuple[float, ...]:
 
 
 def fit_references(
-    graphs: OnnxGraphs, train: F32Array, grid: LatentGrid, *, lighting: float
+    graphs: OnnxGraphs,
+    train: Images,
+    grid: LatentGrid,
+    *,
+    lighting: float,
+    scale: float = PIXEL_SCALE,
 ) -> tuple[LatentReference, ErrorReference]:
-    """The latent and error references of normal images, fitted on the training images over
-    the lighting range the training calls normal (its jitter, :func:`lighting_gains`): a
-    dimmer or brighter good part is then read as the training read it, not as a defect.
+    """The latent and error references of normal images, fitted on the training images (8-bit
+    samples read at ``scale``, or model input) over the lighting range the training calls
+    normal (its jitter, :func:`lighting_gains`): a dimmer or brighter good part is then read as
+    the training read it, not as a defect.
 
-    A batch of ``SCORING_BATCH`` images at a time, so that memory holds one batch's outputs
-    and the running sums of the maps, however many training images there are."""
+    A batch of ``SCORING_BATCH`` images at a time, so that memory holds one batch's input and
+    outputs and the running sums of the maps, however many training images there are."""
     mus: list[FloatArray] = []
     totals: dict[str, Any] = {f.name: 0.0 for f in fields(ErrorReference)}
     gains = lighting_gains(lighting)
     for gain in gains:
         for rows in batch_slices(train.shape[0], SCORING_BATCH):
-            batch = np.ascontiguousarray(train[rows])
+            batch = np.ascontiguousarray(model_input(train[rows], scale))
             images = batch if gain == 1.0 else relight(batch, gain)
             outputs = graphs.run(images)
             mus.append(outputs.mu)

@@ -12,7 +12,7 @@ import contextlib
 import logging
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -122,9 +122,7 @@ def torch_outputs(model: VAE, images: F32Array, batch_size: int = 16) -> ModelOu
             defect = ProbabilityHead(model.head)(x, recon)
             outputs = (mu.flatten(1), logvar.flatten(1), recon, defect, *coarse(x))
             parts.append(ModelOutputs(*(t.numpy() for t in outputs)))
-    return ModelOutputs(
-        *(np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(ModelOutputs))
-    )
+    return ModelOutputs.joined(parts)
 
 
 def export_model(

@@ -41,7 +41,7 @@ from service.bundle import (
     write_latent_reference,
     write_manifest,
 )
-from service.preprocessing import WIDE_SAMPLE_BITS, InputSpec, model_input
+from service.preprocessing import WIDE_SAMPLE_BITS, Images, InputSpec, model_input
 from service.runtime import OnnxGraphs, Scorer
 from service.scoring import (
     Calibration,
@@ -61,6 +61,8 @@ from training.calibrate import (
     fit_references,
     lighting_check,
     lighting_warning,
+    resolve_window,
+    score_held_out,
 )
 from training.config import FitConfig
 from training.data import (
@@ -75,9 +77,9 @@ from training.data import (
     training_folder,
 )
 from training.errors import ExportError, TrainingError
-from training.export import GOLDEN_TOLERANCE, OPSET, export_model
+from training.export import GOLDEN_TOLERANCE, OPSET, PARITY_EXAMPLES, export_model
 from training.model import VAE
-from training.train import Images, select_device, train_both
+from training.train import select_device, train_both
 
 __all__ = ["FitConfig", "fit_bundle"]
 
@@ -176,13 +178,14 @@ def _fit(data_dir: Path, out_dir: Path, config: FitConfig, overwrite: bool) -> N
         config.coarse_steps_for(len(train_idx)), device,
     )  # fmt: skip
     holdout_files = [images.paths[i].name for i in holdout_idx]
-    # The images stay 8-bit samples (a quarter of the model input's memory); the held-out ones,
-    # read several times over, and any subset are made model input where they are used.
-    train, holdout_samples = split_rows_in_place(images.images, train_idx, holdout_idx)
-    holdout = model_input(holdout_samples, spec.scale)
-    validation = holdout[evenly_spaced(len(holdout_idx), CHECK_IMAGES)]
+    # The images stay 8-bit samples (a quarter of the model input's memory); the training's
+    # crops, the references' and the held-out images are made model input a batch at a time.
+    train, holdout = split_rows_in_place(images.images, train_idx, holdout_idx)
+    checked = evenly_spaced(len(holdout_idx), CHECK_IMAGES)
     model = VAE(config.model_config(channels=spec.channels))
-    result, coarse = train_both(model, train, validation, config, device, scale=spec.scale)
+    result, coarse = train_both(
+        model, train, model_input(holdout[checked], spec.scale), config, device, scale=spec.scale
+    )
     log.info("training: %s; coarse VAE: %s", result.stop_reason, coarse.stop_reason)
     facts = {
         "data": {
@@ -218,7 +221,7 @@ def _fit(data_dir: Path, out_dir: Path, config: FitConfig, overwrite: bool) -> N
 def build_bundle(
     model: VAE,
     train: Images,
-    holdout: F32Array,
+    holdout: Images,
     spec: InputSpec,
     out_dir: Path,
     *,
@@ -226,9 +229,10 @@ def build_bundle(
     facts: Mapping[str, Any],
     overwrite: bool = False,
 ) -> Path:
-    """Export ``model``, fit the latent and error references on ``train`` (model input or 8-bit
-    samples; over the lighting range of the training's jitter), choose the rule, calibrate on
-    ``holdout`` and write a checked bundle.
+    """Export ``model``, fit the latent and error references on ``train`` (over the lighting
+    range of the training's jitter), choose the rule, calibrate on ``holdout`` and write a
+    checked bundle. Both are 8-bit samples read at the spec's scale, or model input; memory
+    holds a batch of either at a time as model input, and the checks' subset.
 
     The bundle is assembled in a staging folder next to ``out_dir`` and moved into place only
     after it has passed the service's own loading and self-test; on any failure nothing is left.
@@ -238,84 +242,11 @@ def build_bundle(
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     staging.chmod(0o755)  # mkdtemp makes it private; a bundle is meant to be shared
     try:
-        graphs, parity = export_model(model, staging, holdout, threads=config.threads)
-        grid = LatentGrid(model.cfg.latent_channels, *model.cfg.grid(spec.height, spec.width))
-        referenced = model_input(train[evenly_spaced(train.shape[0], REFERENCE_IMAGES)], spec.scale)
-        reference, errors = fit_references(graphs, referenced, grid, lighting=config.jitter)
-        holdout_out = graphs.run_in_batches(holdout, batch_size=SCORING_BATCH)
-        checked = evenly_spaced(holdout.shape[0], CHECK_IMAGES)
-        check_images, check_out = holdout[checked], holdout_out.rows(checked)
-        subsets = {
-            "reference_images": referenced.shape[0],
-            "check_images": check_images.shape[0],
-            "of_training": train.shape[0],
-            "of_held_out": holdout.shape[0],
-        }
-        if referenced.shape[0] < train.shape[0] or check_images.shape[0] < holdout.shape[0]:
-            log.info(
-                "references from %d of %d training images; checks on %d of %d held-out images "
-                "(calibration on all)",
-                referenced.shape[0], train.shape[0], check_images.shape[0], holdout.shape[0],
-            )  # fmt: skip
-        baseline = LatentBaseline.fit(holdout_out.mu)
-        write_latent_reference(staging / LATENT_REFERENCE, reference, baseline)
-        write_error_reference(staging / ERROR_REFERENCE, errors)
-        choice = choose_rule(
-            graphs,
-            reference,
-            errors,
-            check_images,
-            check_out,
-            seed=config.seed,
-            local_window=config.local_window,
-            weights=config.weights,
+        calibration, choice = _export_and_calibrate(
+            model, train, holdout, spec, staging, config, facts
         )
-        log.info(
-            "decision rule: window %d, weights %s (synthetic-defect AUROC %.3f)",
-            choice.local_window,
-            dict(choice.weights),
-            choice.synthetic_auroc,
-        )
-        calibration = calibrate(
-            reference,
-            errors,
-            holdout,
-            holdout_out,
-            choice,
-            target_false_alarm_rate=config.target_false_alarm_rate,
-        )
-        log.info("%s", describe_rule(calibration.rule, holdout.shape[0]))
-        lighting = None
-        if config.jitter > 0:
-            check = lighting_check(
-                graphs,
-                reference,
-                errors,
-                check_images,
-                check_out,
-                calibration,
-                change=config.jitter,
-            )
-            log.info("%s", describe_lighting(check))
-            warning = lighting_warning(check)
-            if warning is not None:
-                log.warning("%s", warning)
-            lighting = check.to_dict()
-        training = {
-            "config": config.to_dict(),
-            "model": model.cfg.to_dict(),
-            **facts,
-            "decision": choice.to_dict(),
-            "subsets": subsets,
-            "lighting": lighting,
-            "export": {"parity": parity.to_dict(), "opset": OPSET},
-            "seed": config.seed,
-            "versions": _versions(),
-        }
-        _write_bundle(
-            staging, graphs, holdout, spec, grid, calibration, training, config.model_version
-        )
-        _self_check(staging, holdout, calibration, choice)
+        # The training's ONNX Runtime sessions are gone by now: the self-check's are the only ones.
+        _self_check(staging, holdout, spec.scale, calibration, choice)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         staging.rename(out_dir)
@@ -325,17 +256,115 @@ def build_bundle(
     return out_dir
 
 
+def _export_and_calibrate(
+    model: VAE,
+    train: Images,
+    holdout: Images,
+    spec: InputSpec,
+    staging: Path,
+    config: FitConfig,
+    facts: Mapping[str, Any],
+) -> tuple[Calibration, RuleChoice]:
+    """Everything of :func:`build_bundle` that reads the graphs: the exported model, its
+    references, rule, calibration, golden vectors and manifest, written into ``staging``."""
+    graphs, parity = export_model(
+        model, staging, model_input(holdout[:PARITY_EXAMPLES], spec.scale), threads=config.threads
+    )
+    grid = LatentGrid(model.cfg.latent_channels, *model.cfg.grid(spec.height, spec.width))
+    referenced = train[evenly_spaced(train.shape[0], REFERENCE_IMAGES)]
+    reference, errors = fit_references(
+        graphs, referenced, grid, lighting=config.jitter, scale=spec.scale
+    )
+    held_out = score_held_out(
+        graphs,
+        holdout,
+        scale=spec.scale,
+        window=resolve_window(config.local_window, spec.height, spec.width),
+        reference=reference,
+        errors=errors,
+        checked=evenly_spaced(holdout.shape[0], CHECK_IMAGES),
+    )
+    check_images, check_out = held_out.check_images, held_out.check_out
+    subsets = {
+        "reference_images": referenced.shape[0],
+        "check_images": check_images.shape[0],
+        "of_training": train.shape[0],
+        "of_held_out": holdout.shape[0],
+    }
+    if referenced.shape[0] < train.shape[0] or check_images.shape[0] < holdout.shape[0]:
+        log.info(
+            "references from %d of %d training images; checks on %d of %d held-out images "
+            "(calibration on all)",
+            referenced.shape[0], train.shape[0], check_images.shape[0], holdout.shape[0],
+        )  # fmt: skip
+    baseline = LatentBaseline.fit(held_out.mu)
+    write_latent_reference(staging / LATENT_REFERENCE, reference, baseline)
+    write_error_reference(staging / ERROR_REFERENCE, errors)
+    choice = choose_rule(
+        graphs,
+        reference,
+        errors,
+        check_images,
+        check_out,
+        seed=config.seed,
+        local_window=config.local_window,
+        weights=config.weights,
+    )
+    log.info(
+        "decision rule: window %d, weights %s (synthetic-defect AUROC %.3f)",
+        choice.local_window,
+        dict(choice.weights),
+        choice.synthetic_auroc,
+    )
+    calibration = calibrate(
+        held_out, choice, target_false_alarm_rate=config.target_false_alarm_rate
+    )
+    log.info("%s", describe_rule(calibration.rule, holdout.shape[0]))
+    lighting = None
+    if config.jitter > 0:
+        check = lighting_check(
+            graphs,
+            reference,
+            errors,
+            check_images,
+            check_out,
+            calibration,
+            change=config.jitter,
+        )
+        log.info("%s", describe_lighting(check))
+        warning = lighting_warning(check)
+        if warning is not None:
+            log.warning("%s", warning)
+        lighting = check.to_dict()
+    training = {
+        "config": config.to_dict(),
+        "model": model.cfg.to_dict(),
+        **facts,
+        "decision": choice.to_dict(),
+        "subsets": subsets,
+        "lighting": lighting,
+        "export": {"parity": parity.to_dict(), "opset": OPSET},
+        "seed": config.seed,
+        "versions": _versions(),
+    }
+    golden_inputs = model_input(holdout[:GOLDEN_IMAGES], spec.scale)
+    _write_bundle(
+        staging, graphs, golden_inputs, spec, grid, calibration, training, config.model_version
+    )
+    return calibration, choice
+
+
 def _write_bundle(
     staging: Path,
     graphs: OnnxGraphs,
-    holdout: F32Array,
+    golden_inputs: F32Array,
     spec: InputSpec,
     grid: LatentGrid,
     calibration: Calibration,
     training: dict[str, Any],
     model_version: str,
 ) -> None:
-    inputs = np.ascontiguousarray(holdout[:GOLDEN_IMAGES])
+    inputs = np.ascontiguousarray(golden_inputs)
     out = graphs.run(inputs)
     write_golden(staging / GOLDEN, Golden.of(inputs, out))
     manifest = Manifest(
@@ -353,7 +382,8 @@ def _write_bundle(
 
 def _self_check(
     staging: Path,
-    holdout: F32Array,
+    holdout: Images,
+    scale: float,
     calibration: Calibration,
     choice: RuleChoice,
 ) -> None:
@@ -361,7 +391,8 @@ def _self_check(
     scorer = Scorer(load_bundle(staging), device="cpu")
     scorer.self_test()
     batches = [
-        scorer.score(holdout[rows]).raw for rows in batch_slices(holdout.shape[0], SCORING_BATCH)
+        scorer.score(model_input(holdout[rows], scale)).raw
+        for rows in batch_slices(holdout.shape[0], SCORING_BATCH)
     ]
     for name, cal in calibration.scores.items():
         expected = np.sort(np.asarray(cal.values))

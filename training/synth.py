@@ -17,7 +17,7 @@ Every function takes and returns float32 images ``(C, H, W)`` in [0, 1] and bool
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -224,8 +224,28 @@ def synthesise_anomalies(
     images: F32Array, *, copies: int, seed: int, defects: Sequence[Defect] = HELD_OUT_DEFECTS
 ) -> F32Array:
     """``copies`` defective versions of each image ``(N, C, H, W)``, cycling through ``defects``."""
+    return np.concatenate(
+        list(synthesised_batches(images, copies=copies, seed=seed, batch=64, defects=defects))
+    )
+
+
+def synthesised_batches(
+    images: F32Array,
+    *,
+    copies: int,
+    seed: int,
+    batch: int,
+    defects: Sequence[Defect] = HELD_OUT_DEFECTS,
+) -> Iterator[F32Array]:
+    """:func:`synthesise_anomalies`, ``batch`` defective images at a time and the same whatever
+    the batch: memory holds one batch of them, however many are made."""
+    if batch < 1:
+        raise ValueError(f"batch is {batch}; expected at least 1")
     rng = np.random.default_rng(seed)
-    out = np.repeat(images, copies, axis=0).astype(np.float32, copy=False)  # a new array
-    for i in range(out.shape[0]):
-        defects[i % len(defects)](out[i], images, rng)
-    return np.clip(out, 0.0, 1.0, out=out)  # in place: one copy of the images in memory
+    total = images.shape[0] * copies
+    for start in range(0, total, batch):
+        made = np.arange(start, min(start + batch, total))
+        out = images[made // copies].astype(np.float32, copy=False)  # a new array: one row a copy
+        for row, i in enumerate(made):
+            defects[i % len(defects)](out[row], images, rng)
+        yield np.clip(out, 0.0, 1.0, out=out)

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from service.preprocessing import PIXEL_SCALE, model_input
+from service.preprocessing import PIXEL_SCALE, Images, model_input
 from service.scoring import batch_slices
 from training.config import Device, FitConfig
 from training.errors import ConfigError
@@ -42,8 +42,6 @@ from training.synth import corrupt
 log = logging.getLogger(__name__)
 
 F32Array = npt.NDArray[np.float32]
-# Training images: the model input (float32), or its 8-bit samples (uint8), read at the scale.
-Images = npt.NDArray[np.float32] | npt.NDArray[np.uint8]
 VALIDATIONS = 10  # full-size validation passes over a run, for the history
 # Under a time limit, the local model may use this share of it; the coarse VAE gets the rest.
 LOCAL_TIME_SHARE = 0.8
