@@ -25,6 +25,7 @@ from service.scoring import (
 from training.calibrate import (
     DEFAULT_WEIGHTS,
     SYNTHETIC_COPIES,
+    HeldOut,
     LightingCheck,
     RuleChoice,
     batched_raw_scores,
@@ -261,13 +262,8 @@ def test_calibrate_matches_the_bundle(
         local_window=stored.local_window,
         weights=stored.weights,
     )
-    held_out = score_held_out(
-        graphs,
-        holdout,
-        window=choice.local_window,
-        reference=bundle.latent_reference,
-        errors=bundle.error_reference,
-        checked=slice(None),
+    held_out = _score_held_out(
+        bundle, graphs, holdout, window=choice.local_window, checked=slice(None)
     )
     calibration = calibrate(
         held_out, choice, target_false_alarm_rate=stored.rule.target_false_alarm_rate
@@ -438,6 +434,21 @@ def _held_out_samples(bundle: Bundle, demo_data: Path) -> np.ndarray:
     return load_samples(paths, bundle.manifest.input, skip_bad=False).images
 
 
+def _score_held_out(
+    bundle: Bundle, graphs: OnnxGraphs, images: np.ndarray, *, window: int, checked: slice
+) -> HeldOut:
+    """The fit's held-out pass over ``images`` with the session bundle's references and scale."""
+    return score_held_out(
+        graphs,
+        images,
+        scale=bundle.manifest.input.scale,
+        window=window,
+        reference=bundle.latent_reference,
+        errors=bundle.error_reference,
+        checked=checked,
+    )
+
+
 def test_the_held_out_pass_keeps_every_score_and_the_checked_rows_outputs(
     bundle_and_holdout: tuple[Bundle, OnnxGraphs, np.ndarray],
     demo_data: Path,
@@ -455,15 +466,7 @@ def test_the_held_out_pass_keeps_every_score_and_the_checked_rows_outputs(
     reference, errors = bundle.latent_reference, bundle.error_reference
     every = graphs.run_in_batches(holdout, batch_size=2)
     checked = slice(1, None, 3)  # rows in some batches and not others
-    held_out = score_held_out(
-        graphs,
-        samples,
-        scale=bundle.manifest.input.scale,
-        window=window,
-        reference=reference,
-        errors=errors,
-        checked=checked,
-    )
+    held_out = _score_held_out(bundle, graphs, samples, window=window, checked=checked)
     expected = batched_raw_scores(holdout, every, window, reference, errors)
     assert held_out.window == window and set(held_out.raw) == set(SCORE_NAMES)
     for name in SCORE_NAMES:
@@ -482,13 +485,8 @@ def test_calibration_refuses_scores_taken_at_another_window(
 ) -> None:
     bundle, graphs, holdout = bundle_and_holdout
     stored = bundle.manifest.calibration
-    held_out = score_held_out(
-        graphs,
-        holdout,
-        window=stored.local_window + 1,
-        reference=bundle.latent_reference,
-        errors=bundle.error_reference,
-        checked=slice(0, 1),
+    held_out = _score_held_out(
+        bundle, graphs, holdout, window=stored.local_window + 1, checked=slice(0, 1)
     )
     choice = RuleChoice(stored.local_window, stored.weights, 0.5, "the stored rule")
     with pytest.raises(ValueError, match="window of"):

@@ -111,7 +111,7 @@ def resolve_wide_sample_bits(paths: list[Path]) -> int:
         try:
             top = wide_sample_max(decode_image(path.read_bytes(), image_id=str(path)))
         except (OSError, ValueError):
-            continue  # unreadable files are reported by load_images
+            continue  # unreadable files are reported by the load
         if top is not None:
             largest = top if largest is None else max(largest, top)
     return WIDE_SAMPLE_BITS if largest is None else max(8, largest.bit_length())

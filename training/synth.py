@@ -220,15 +220,6 @@ def corrupt(
     return np.clip(out, 0.0, 1.0), masks
 
 
-def synthesise_anomalies(
-    images: F32Array, *, copies: int, seed: int, defects: Sequence[Defect] = HELD_OUT_DEFECTS
-) -> F32Array:
-    """``copies`` defective versions of each image ``(N, C, H, W)``, cycling through ``defects``."""
-    return np.concatenate(
-        list(synthesised_batches(images, copies=copies, seed=seed, batch=64, defects=defects))
-    )
-
-
 def synthesised_batches(
     images: F32Array,
     *,
@@ -237,8 +228,9 @@ def synthesised_batches(
     batch: int,
     defects: Sequence[Defect] = HELD_OUT_DEFECTS,
 ) -> Iterator[F32Array]:
-    """:func:`synthesise_anomalies`, ``batch`` defective images at a time and the same whatever
-    the batch: memory holds one batch of them, however many are made."""
+    """``copies`` defective versions of each image ``(N, C, H, W)``, cycling through
+    ``defects``, ``batch`` of them at a time (in the order of ``np.repeat(images, copies)``) and
+    the same whatever the batch: memory holds one batch of them, however many are made."""
     if batch < 1:
         raise ValueError(f"batch is {batch}; expected at least 1")
     rng = np.random.default_rng(seed)
