@@ -48,6 +48,7 @@ NON_DEFAULT: dict[str, tuple[list[str], Any]] = {
     "min_holdout": (["--min-holdout", "3"], 3),
     "seed": (["--seed", "7"], 7),
     "device": (["--device", "cpu"], "cpu"),
+    "precision": (["--precision", "bf16"], "bf16"),
     "threads": (["--threads", "2"], 2),
     "target_false_alarm_rate": (["--target-false-alarm-rate", "0.05"], 0.05),
     "local_window": (["--local-window", "6"], 6),

@@ -60,6 +60,7 @@ def test_manifest_records_the_fit(trained_bundle: Path) -> None:
     assert run["history"][-1]["step"] == 20 and run["final"]["step"] == 20
     coarse = training["coarse_training"]
     assert coarse["steps"] == coarse["planned_steps"] == 20
+    assert run["precision"] == coarse["precision"] == "fp32"
     assert coarse["stop_reason"] == "completed 20 steps"
     assert training["model"]["coarse_factor"] == 4
     assert set(training["versions"]) >= {"torch", "onnx", "onnxruntime", "numpy"}

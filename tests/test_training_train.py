@@ -26,6 +26,7 @@ from training.train import (
     learning_rate,
     random_crops,
     select_device,
+    select_precision,
     train_both,
 )
 
@@ -123,10 +124,11 @@ def test_training_lowers_the_held_out_error() -> None:
         ),
     ],
 )
-def test_the_same_seed_gives_bit_identical_weights(device: str) -> None:
-    first = _train(_config(), device=device)
-    again = _train(_config(), device=device)
-    other = _train(_config(seed=1), device=device)
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_same_seed_gives_bit_identical_weights(device: str, precision: str) -> None:
+    first = _train(_config(precision=precision), device=device)
+    again = _train(_config(precision=precision), device=device)
+    other = _train(_config(seed=1, precision=precision), device=device)
     weights, repeated = first.model.state_dict(), again.model.state_dict()
     assert weights.keys() == repeated.keys()
     for name, tensor in weights.items():
@@ -338,3 +340,53 @@ def test_device_policy() -> None:
         assert select_device("auto").type == "cpu"
         with pytest.raises(ConfigError, match="cuda"):
             select_device("cuda")
+
+
+def test_auto_precision_is_bf16_on_a_cpu_with_amx_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(training.train, "cpu_has_amx", lambda: True)
+    assert select_precision("auto", cpu) == torch.bfloat16
+    assert select_precision("auto", cuda) == torch.float32
+    monkeypatch.setattr(training.train, "cpu_has_amx", lambda: False)
+    assert select_precision("auto", cpu) == torch.float32
+    assert select_precision("bf16", cpu) == torch.bfloat16
+    assert select_precision("fp32", cpu) == torch.float32
+
+
+def test_bf16_on_a_gpu_without_it_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)
+    with pytest.raises(ConfigError, match=r"precision has value 'bf16'.*lacks bfloat16"):
+        select_precision("bf16", torch.device("cuda"))
+
+
+@pytest.mark.parametrize(
+    ("precision", "dtype"), [("fp32", torch.float32), ("bf16", torch.bfloat16)]
+)
+def test_the_precision_is_what_the_convolutions_compute_in(
+    precision: str, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: set[torch.dtype] = set()
+    real_conv = torch.nn.Conv2d.forward
+
+    def recording_conv(self: torch.nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+        out = real_conv(self, x)
+        if self.training:  # training steps, not the full-size validation passes
+            seen.add(out.dtype)
+        return out
+
+    monkeypatch.setattr(torch.nn.Conv2d, "forward", recording_conv)
+    local, coarse = _train_both(_config(precision=precision))
+    assert seen == {dtype}
+    assert local.summary()["precision"] == coarse.summary()["precision"] == precision
+    for model in (local.model, coarse.model):
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_bf16_and_fp32_training_give_different_models() -> None:
+    fp32 = _train(_config(precision="fp32")).model.state_dict()
+    bf16 = _train(_config(precision="bf16")).model.state_dict()
+    assert any(
+        not torch.equal(tensor, bf16[name])
+        for name, tensor in fp32.items()
+        if tensor.is_floating_point()
+    )

@@ -7,7 +7,10 @@ defect head to find the defect's pixels from the corrupted crop and its reconstr
 of the crops: :meth:`FitConfig.head_batch`). The budget is a number of steps
 (:meth:`FitConfig.steps_for`); AdamW's learning rate warms up and anneals over it, and the final
 weights are kept. Held-out images are scored at full size a few times along the way for the
-history; they never steer the training.
+history; they never steer the training. The networks may run in bfloat16 mixed precision
+(:func:`select_precision`, when asked for: on CPUs with Intel AMX its steps take about 0.6 of
+the time);
+the weights, their updates and the losses stay float32, and the exported graphs are float32.
 
 The coarse VAE is trained afterwards by the same loop, on whole images downsampled by the
 coarse factor (the crop size exceeds them), for as many steps, at most ``coarse_max_steps``
@@ -33,7 +36,7 @@ from tqdm import tqdm
 
 from service.preprocessing import PIXEL_SCALE, Images, model_input
 from service.scoring import batch_slices
-from training.config import Device, FitConfig
+from training.config import Device, FitConfig, Precision
 from training.errors import ConfigError
 from training.loss import ELBOLoss, focal_loss
 from training.model import VAE, downsample, reparameterise
@@ -72,11 +75,13 @@ class TrainResult:
     planned_steps: int
     stop_reason: str
     seconds: float
+    precision: str
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready facts for the manifest."""
         return {
             "steps": self.steps,
+            "precision": self.precision,
             "planned_steps": self.planned_steps,
             "stop_reason": self.stop_reason,
             "seconds": round(self.seconds, 1),
@@ -97,6 +102,31 @@ def select_device(choice: Device) -> torch.device:
     if choice == "cuda":
         raise ConfigError("option device has value 'cuda' but torch sees no usable CUDA device")
     return torch.device("cpu")
+
+
+def cpu_has_amx() -> bool:
+    """Whether this CPU has Intel AMX tiles, which multiply bfloat16 in hardware (torch's own
+    probe; False where this torch has none)."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(probe()) if probe is not None else False
+
+
+def select_precision(choice: Precision, device: torch.device) -> torch.dtype:
+    """The dtype of the training's convolutions: bfloat16 when asked for or (``auto``) on a CPU
+    with AMX, else float32. bf16 on CUDA needs a GPU that computes it (fails loudly)."""
+    if choice == "fp32":
+        return torch.float32
+    if choice == "bf16":
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise ConfigError("option precision has value 'bf16' but this GPU lacks bfloat16")
+        return torch.bfloat16
+    return torch.bfloat16 if device.type == "cpu" and cpu_has_amx() else torch.float32
+
+
+def mixed_precision(device: torch.device, dtype: torch.dtype) -> torch.autocast:
+    """Autocast to ``dtype`` on ``device`` (off for float32): convolutions and matrix products
+    in ``dtype``, the weights and their updates in float32."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
 @contextlib.contextmanager
@@ -214,6 +244,7 @@ def train_both(
     CUDA the kernels are deterministic (:func:`deterministic_kernels`)."""
     if model.coarse is None:
         raise ConfigError("the model has no coarse VAE; a bundle needs one")
+    precision = select_precision(config.precision, device)
     with deterministic_kernels(device):
         limit = None if config.time_limit_minutes is None else 60 * config.time_limit_minutes
         n_train = train_images.shape[0]
@@ -226,6 +257,7 @@ def train_both(
             steps=config.steps_for(n_train),
             time_limit_s=None if limit is None else LOCAL_TIME_SHARE * limit,
             scale=scale,
+            precision=precision,
         )
         factor = model.cfg.coarse_factor
         coarse = train_vae(
@@ -241,6 +273,7 @@ def train_both(
                 else max(limit - local.seconds, (1 - LOCAL_TIME_SHARE) * limit)
             ),
             name="coarse",
+            precision=precision,
         )
         return local, coarse
 
@@ -266,10 +299,12 @@ def train_vae(
     time_limit_s: float | None = None,
     name: str = "fit",
     scale: float = PIXEL_SCALE,
+    precision: torch.dtype = torch.float32,
 ) -> TrainResult:
     """Train ``model`` (and its defect head, not its coarse VAE) on crops of ``train_images``
     (model input, or 8-bit samples read at ``scale``) for ``steps`` optimiser steps, or until
-    ``time_limit_s`` seconds have passed."""
+    ``time_limit_s`` seconds have passed. The networks run in ``precision``
+    (:func:`mixed_precision`); the losses are computed in float32."""
     rng = np.random.default_rng(config.seed)
     model.to(device).train()
     x_train = torch.from_numpy(train_images)
@@ -298,7 +333,9 @@ def train_vae(
         corrupted, masks = corrupt(clean, config.corruption, rng)
         target = torch.from_numpy(clean).to(device)
         inputs = torch.from_numpy(corrupted).to(device)
-        mu, logvar = model.encoder(inputs)
+        with mixed_precision(device, precision):
+            mu, logvar = model.encoder(inputs)
+        mu, logvar = mu.float(), logvar.float()
         if not config.encoder_denoises:
             # The encoder learns from clean crops only, so that it describes a defect rather
             # than hides it; the decoder learns to draw the clean part from whatever it says.
@@ -306,12 +343,14 @@ def train_vae(
             keep = clean_rows.view(-1, 1, 1, 1).to(mu.dtype)
             mu = mu * keep + mu.detach() * (1 - keep)
             logvar = logvar * keep + logvar.detach() * (1 - keep)
-        recon = model.decoder(reparameterise(mu, logvar))
+        with mixed_precision(device, precision):
+            recon = model.decoder(reparameterise(mu, logvar)).float()
         loss, parts = loss_fn(recon, target, mu, logvar)
         head_loss = torch.zeros(())
         if model.head is not None:
             # The crops are in random order, corrupted or not, so the first ones are a fair share.
-            logits = model.head(inputs[:head_batch], recon[:head_batch].detach())
+            with mixed_precision(device, precision):
+                logits = model.head(inputs[:head_batch], recon[:head_batch].detach()).float()
             head_loss = focal_loss(
                 logits, torch.from_numpy(masks[:head_batch]).to(device).unsqueeze(1)
             )
@@ -344,4 +383,10 @@ def train_vae(
             break
     bar.close()
     model.eval()
-    return TrainResult(model, tuple(history), step, total, stop_reason, budget.elapsed())
+    return TrainResult(
+        model, tuple(history), step, total, stop_reason, budget.elapsed(), _dtype_name(precision)
+    )
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
