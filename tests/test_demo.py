@@ -58,10 +58,19 @@ def test_a_cached_bundle_this_release_refuses_is_fitted_again(
         return Path(shutil.copytree(trained_bundle, bundle_dir))
 
     monkeypatch.setattr(training.demo, "fit_bundle", fit)
-    bundle_dir = _prepare_bundle(tmp_path, seed=0, retrain=False, steps=20)
+    bundle_dir, fitted = _prepare_bundle(tmp_path, seed=0, retrain=False, steps=20)
     out = capsys.readouterr().out
     assert "cannot be used: manifest format_version is 7; this software reads 8" in out
     assert "training a bundle" in out and fits == [20]
-    load_bundle(bundle_dir)
-    _prepare_bundle(tmp_path, seed=0, retrain=False, steps=20)  # now usable: reused, not refitted
+    assert fitted == load_bundle(bundle_dir).manifest
+    loads: list[Path] = []
+
+    def counting_load(path: Path) -> Any:
+        loads.append(path)
+        return load_bundle(path)
+
+    monkeypatch.setattr(training.demo, "load_bundle", counting_load)
+    # Now usable: reused, not refitted, and loaded once.
+    _, reused = _prepare_bundle(tmp_path, seed=0, retrain=False, steps=20)
     assert "reusing the bundle" in capsys.readouterr().out and fits == [20]
+    assert loads == [bundle_dir] and reused == fitted

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.bundle import MANIFEST, BundleError, load_bundle
+from service.bundle import MANIFEST, BundleError, Manifest, load_bundle
 from service.client import Client, Result
 from service.preprocessing import list_image_files
 from service.server_process import ServerProcess, ServerStartError
@@ -51,33 +51,34 @@ def _test_images(data_dir: Path) -> list[LabelledImage]:
     return images
 
 
-def _why_unusable(bundle_dir: Path) -> str | None:
-    """Why the demo's cached bundle cannot be served (none yet, or one this release refuses, e.g.
-    of an older format); ``None`` when it can."""
+def _cached_manifest(bundle_dir: Path) -> Manifest | str:
+    """The manifest of the demo's cached bundle when it can be served, else why not (none yet,
+    or one this release refuses, e.g. of an older format)."""
     if not (bundle_dir / MANIFEST).is_file():
         return "there is none"
     try:
-        load_bundle(bundle_dir)
+        return load_bundle(bundle_dir).manifest
     except BundleError as exc:
         return str(exc)
-    return None
 
 
-def _prepare_bundle(workdir: Path, seed: int, retrain: bool, steps: int) -> Path:
+def _prepare_bundle(workdir: Path, seed: int, retrain: bool, steps: int) -> tuple[Path, Manifest]:
+    """The demo's bundle and its manifest: the cached one when it can be served, else a new
+    fit; the bundle is loaded once either way."""
     data_dir, bundle_dir = workdir / "data", workdir / "bundle"
     if not (data_dir / "train" / "good").is_dir():
         print(f"[demo] generating the demo dataset in {data_dir}", flush=True)
         generate_demo_dataset(data_dir, seed=seed)
-    stale = None if retrain else _why_unusable(bundle_dir)
-    if stale is not None and (bundle_dir / MANIFEST).is_file():
-        print(f"[demo] the bundle in {bundle_dir} cannot be used: {stale}", flush=True)
-    if retrain or stale is not None:
-        print(f"[demo] training a bundle in {bundle_dir} ({steps} steps)", flush=True)
-        config = FitConfig(seed=seed, max_steps=steps, model_version="demo")
-        fit_bundle(data_dir, bundle_dir, config, overwrite=True)
-    else:
+    cached = "--retrain was given" if retrain else _cached_manifest(bundle_dir)
+    if isinstance(cached, Manifest):
         print(f"[demo] reusing the bundle in {bundle_dir} (--retrain to fit again)", flush=True)
-    return bundle_dir
+        return bundle_dir, cached
+    if not retrain and (bundle_dir / MANIFEST).is_file():
+        print(f"[demo] the bundle in {bundle_dir} cannot be used: {cached}", flush=True)
+    print(f"[demo] training a bundle in {bundle_dir} ({steps} steps)", flush=True)
+    config = FitConfig(seed=seed, max_steps=steps, model_version="demo")
+    fit_bundle(data_dir, bundle_dir, config, overwrite=True)
+    return bundle_dir, load_bundle(bundle_dir).manifest
 
 
 def _scored_total(metrics_port: int) -> float:
@@ -96,8 +97,7 @@ def run(args: argparse.Namespace) -> int:
     """Run the demo; returns the process exit code."""
     workdir: Path = args.workdir
     workdir.mkdir(parents=True, exist_ok=True)
-    bundle_dir = _prepare_bundle(workdir, args.seed, args.retrain, args.max_steps)
-    manifest = load_bundle(bundle_dir).manifest
+    bundle_dir, manifest = _prepare_bundle(workdir, args.seed, args.retrain, args.max_steps)
     images = _test_images(workdir / "data")
     serve = ["--bundle", str(bundle_dir), "--host", HOST, "--port", "0", "--metrics-port", "0"]
     serve += ["--grace-period", str(GRACE_PERIOD_S)]
