@@ -7,9 +7,8 @@ defect head to find the defect's pixels from the corrupted crop and its reconstr
 of the crops: :meth:`FitConfig.head_batch`). The budget is a number of steps
 (:meth:`FitConfig.steps_for`); AdamW's learning rate warms up and anneals over it, and the final
 weights are kept. Held-out images are scored at full size a few times along the way for the
-history; they never steer the training. The networks may run in bfloat16 mixed precision
-(:func:`select_precision`, when asked for: on CPUs with Intel AMX its steps take about 0.6 of
-the time);
+history; they never steer the training. When asked for (:func:`select_precision`), the networks
+run in bfloat16 mixed precision, whose steps take about 0.6 of the time on CPUs with Intel AMX;
 the weights, their updates and the losses stay float32, and the exported graphs are float32.
 
 The coarse VAE is trained afterwards by the same loop, on whole images downsampled by the
@@ -104,6 +103,10 @@ def select_device(choice: Device) -> torch.device:
     return torch.device("cpu")
 
 
+# The arithmetic each --precision value names (auto resolves to one of them).
+PRECISION_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
 def cpu_has_amx() -> bool:
     """Whether this CPU has Intel AMX tiles, which multiply bfloat16 in hardware (torch's own
     probe; False where this torch has none)."""
@@ -114,13 +117,11 @@ def cpu_has_amx() -> bool:
 def select_precision(choice: Precision, device: torch.device) -> torch.dtype:
     """The dtype of the training's convolutions: bfloat16 when asked for or (``auto``) on a CPU
     with AMX, else float32. bf16 on CUDA needs a GPU that computes it (fails loudly)."""
-    if choice == "fp32":
-        return torch.float32
-    if choice == "bf16":
-        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise ConfigError("option precision has value 'bf16' but this GPU lacks bfloat16")
-        return torch.bfloat16
-    return torch.bfloat16 if device.type == "cpu" and cpu_has_amx() else torch.float32
+    if choice == "auto":
+        choice = "bf16" if device.type == "cpu" and cpu_has_amx() else "fp32"
+    if choice == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("option precision has value 'bf16' but this GPU lacks bfloat16")
+    return PRECISION_DTYPES[choice]
 
 
 def mixed_precision(device: torch.device, dtype: torch.dtype) -> torch.autocast:
@@ -389,4 +390,4 @@ def train_vae(
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
-    return {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
+    return next(name for name, known in PRECISION_DTYPES.items() if known == dtype)
