@@ -24,8 +24,8 @@ def test_each_round_prints_both_precisions_and_their_share(
     out = capsys.readouterr().out
     assert re.search(r"CPU with Intel AMX: (yes|no); 1 torch threads; 2 steps per model", out)
     rounds = re.findall(
-        r"round (\d): local model \d+ ms/step fp32, \d+ bf16 \((\d\.\d\d)\); coarse VAE \d+ fp32, "
-        r"\d+ bf16 \((\d\.\d\d)\)",
+        r"round (\d): local model \d+ ms/step fp32, \d+ bf16 \((\d+\.\d\d)\); coarse VAE \d+ fp32, "
+        r"\d+ bf16 \((\d+\.\d\d)\)",
         out,
     )
     assert [r[0] for r in rounds] == ["1", "2"]
