@@ -69,11 +69,11 @@ def _prepare_bundle(workdir: Path, seed: int, retrain: bool, steps: int) -> tupl
     if not (data_dir / "train" / "good").is_dir():
         print(f"[demo] generating the demo dataset in {data_dir}", flush=True)
         generate_demo_dataset(data_dir, seed=seed)
-    cached = "--retrain was given" if retrain else _cached_manifest(bundle_dir)
+    cached = None if retrain else _cached_manifest(bundle_dir)
     if isinstance(cached, Manifest):
         print(f"[demo] reusing the bundle in {bundle_dir} (--retrain to fit again)", flush=True)
         return bundle_dir, cached
-    if not retrain and (bundle_dir / MANIFEST).is_file():
+    if cached is not None and (bundle_dir / MANIFEST).is_file():
         print(f"[demo] the bundle in {bundle_dir} cannot be used: {cached}", flush=True)
     print(f"[demo] training a bundle in {bundle_dir} ({steps} steps)", flush=True)
     config = FitConfig(seed=seed, max_steps=steps, model_version="demo")
