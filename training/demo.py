@@ -51,11 +51,11 @@ def _test_images(data_dir: Path) -> list[LabelledImage]:
     return images
 
 
-def _cached_manifest(bundle_dir: Path) -> Manifest | str:
-    """The manifest of the demo's cached bundle when it can be served, else why not (none yet,
-    or one this release refuses, e.g. of an older format)."""
+def _cached_manifest(bundle_dir: Path) -> Manifest | str | None:
+    """The manifest of the demo's cached bundle when it can be served, why not when this release
+    refuses it (e.g. an older format), or None when there is none yet."""
     if not (bundle_dir / MANIFEST).is_file():
-        return "there is none"
+        return None
     try:
         return load_bundle(bundle_dir).manifest
     except BundleError as exc:
@@ -73,7 +73,7 @@ def _prepare_bundle(workdir: Path, seed: int, retrain: bool, steps: int) -> tupl
     if isinstance(cached, Manifest):
         print(f"[demo] reusing the bundle in {bundle_dir} (--retrain to fit again)", flush=True)
         return bundle_dir, cached
-    if cached is not None and (bundle_dir / MANIFEST).is_file():
+    if cached is not None:
         print(f"[demo] the bundle in {bundle_dir} cannot be used: {cached}", flush=True)
     print(f"[demo] training a bundle in {bundle_dir} ({steps} steps)", flush=True)
     config = FitConfig(seed=seed, max_steps=steps, model_version="demo")
