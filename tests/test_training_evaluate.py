@@ -19,7 +19,7 @@ from training.config import FitConfig
 from training.errors import DataError
 from training.evaluate import AUROC_KEYS, evaluate_bundle, run_evaluation
 from training.fit import build_bundle
-from training.model import VAE, VAEConfig
+from training.model import VAE, DefectHead, VAEConfig
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -62,7 +62,7 @@ def _known_model() -> VAE:
         channels=3, width=4, max_width=8, latent_channels=2, head_width=2, coarse_factor=2
     )
     model = VAE(cfg)
-    assert model.head is not None
+    assert isinstance(model.head, DefectHead)
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, nn.Conv2d | nn.ConvTranspose2d):

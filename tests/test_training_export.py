@@ -20,7 +20,7 @@ from training.config import FitConfig
 from training.errors import ExportError
 from training.export import PARITY_TOLERANCE, export_model, torch_outputs
 from training.fit import build_bundle
-from training.model import VAE, VAEConfig
+from training.model import VAE, DefectHeads, VAEConfig
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 SPEC = InputSpec(height=32, width=32)
@@ -32,9 +32,11 @@ def _real_inputs(demo_data: Path, spec: InputSpec = SPEC, count: int = 5) -> F32
     return stack([load_image_file(p, spec) for p in files])
 
 
-def _random_model(head_width: int = 4) -> VAE:
+def _random_model(head_width: int = 4, head_count: int = 1) -> VAE:
     torch.manual_seed(0)
-    cfg = VAEConfig(width=8, max_width=16, latent_channels=4, head_width=head_width)
+    cfg = VAEConfig(
+        width=8, max_width=16, latent_channels=4, head_width=head_width, head_count=head_count
+    )
     return VAE(cfg).eval()
 
 
@@ -110,6 +112,24 @@ def test_export_leaves_the_model_as_it_was(demo_data: Path, tmp_path: Path) -> N
     for f in fields(ModelOutputs):
         np.testing.assert_array_equal(getattr(after, f.name), getattr(before, f.name), f.name)
     np.testing.assert_allclose(graphs.run(images).mu, after.mu, atol=1e-4, rtol=1e-3)
+
+
+def test_several_heads_export_one_graph_of_their_mean_probability(
+    demo_data: Path, tmp_path: Path
+) -> None:
+    model = _random_model(head_count=2)
+    images = _real_inputs(demo_data)
+    graphs, _ = export_model(model, tmp_path, images, threads=1)
+    head = onnx.load(str(tmp_path / HEAD))
+    assert [o.name for o in head.graph.output] == ["defect_map"]
+    x = torch.from_numpy(images)
+    assert isinstance(model.head, DefectHeads)
+    with torch.no_grad():
+        recon = model.decoder(model.encoder(x)[0])
+        each = [torch.sigmoid(member(x, recon))[:, 0] for member in model.head.members]
+    mean = torch.stack(each).mean(dim=0).numpy()
+    assert np.abs(each[0].numpy() - each[1].numpy()).max() > 1e-3  # two heads, two maps
+    np.testing.assert_allclose(graphs.run(images).defect_map, mean, atol=1e-5, rtol=1e-4)
 
 
 def test_torch_outputs_are_the_flat_inference_path(demo_data: Path) -> None:

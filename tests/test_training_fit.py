@@ -282,6 +282,24 @@ def test_head_width_zero_is_refused_up_front_or_fits(demo_data: Path, tmp_path: 
     Scorer(load_bundle(bundle_dir), device="cpu").self_test()
 
 
+def test_a_fit_with_several_heads_writes_a_bundle_that_serves(
+    demo_data: Path, tmp_path: Path
+) -> None:
+    config = FitConfig(**{**TINY_FIT, "head_count": 2, "max_steps": 4})
+    bundle = load_bundle(fit_bundle(demo_data, tmp_path / "bundle", config))
+    assert bundle.manifest.training["model"]["head_count"] == 2
+    scorer = Scorer(bundle, device="cpu")
+    scorer.self_test()
+    images = stack(
+        [
+            load_image_file(p, bundle.manifest.input)
+            for p in list_image_files(demo_data / "test" / "good")
+        ]
+    )
+    maps = scorer.graphs.run(images).defect_map
+    assert maps.shape == (images.shape[0], 32, 32) and 0 <= maps.min() <= maps.max() <= 1
+
+
 def test_fit_refuses_a_non_empty_output_folder(demo_data: Path, tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("keep me")
     with pytest.raises(TrainingError, match="not empty; pass --overwrite"):

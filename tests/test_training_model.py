@@ -11,6 +11,8 @@ from training.model import (
     COARSE_STRIDE,
     VAE,
     CoarseGraph,
+    DefectHead,
+    DefectHeads,
     FlatDecoder,
     FlatEncoder,
     ProbabilityHead,
@@ -85,6 +87,27 @@ def test_probability_head_gives_a_map_in_the_unit_range() -> None:
     assert probability.shape == (3, 16, 24)
     torch.testing.assert_close(probability, torch.sigmoid(logits).squeeze(1))
     assert float(probability.min()) >= 0.0 and float(probability.max()) <= 1.0
+
+
+def test_several_heads_start_apart_and_export_their_mean_probability() -> None:
+    torch.manual_seed(0)
+    model = VAE(_small(head_count=3)).eval()
+    assert isinstance(model.head, DefectHeads) and len(model.head.members) == 3
+    firsts = [next(member.parameters()) for member in model.head.members]
+    assert not torch.equal(firsts[0], firsts[1]) and not torch.equal(firsts[1], firsts[2])
+    x, recon = torch.rand(2, 3, 16, 24), torch.rand(2, 3, 16, 24)
+    with torch.no_grad():
+        logits = model.head(x, recon)
+        probability = ProbabilityHead(model.head)(x, recon)
+        each = [torch.sigmoid(member(x, recon))[:, 0] for member in model.head.members]
+    assert logits.shape == (2, 3, 16, 24)
+    torch.testing.assert_close(probability, torch.stack(each).mean(dim=0))
+
+
+def test_one_head_is_the_plain_head_and_a_count_below_one_is_refused() -> None:
+    assert isinstance(VAE(_small()).head, DefectHead)
+    with pytest.raises(ValueError, match="head_count is 0"):
+        _small(head_count=0)
 
 
 def test_no_head_when_head_width_is_zero() -> None:

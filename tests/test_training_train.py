@@ -16,7 +16,7 @@ import training.train
 from service.preprocessing import model_input
 from training.config import FitConfig
 from training.errors import ConfigError
-from training.model import VAE, downsample
+from training.model import VAE, DefectHeads, downsample
 from training.synth import corrupt
 from training.train import (
     Budget,
@@ -28,6 +28,7 @@ from training.train import (
     select_device,
     select_precision,
     train_both,
+    train_vae,
 )
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -267,6 +268,32 @@ def test_the_defect_head_learns_from_its_share_of_each_batch(
     )
     train_both(model, images[:8], images[8:], config, torch.device("cpu"))
     assert seen == [(expected, expected)] * config.steps_for(8)
+
+
+def test_each_of_several_heads_learns_as_a_lone_head_and_none_steers_the_vae() -> None:
+    config = _config(epochs=2, head_count=2)
+    images = _images()
+    torch.manual_seed(0)
+    pair = VAE(config.model_config(channels=1))
+    lone = VAE(_config(epochs=2).model_config(channels=1))
+    assert isinstance(pair.head, DefectHeads) and lone.head is not None
+    first, second = list(pair.head.members)
+    lone.encoder.load_state_dict(pair.encoder.state_dict())
+    lone.decoder.load_state_dict(pair.decoder.state_dict())
+    lone.head.load_state_dict(second.state_dict())
+    first_before = {k: v.clone() for k, v in first.state_dict().items()}
+    for model in (pair, lone):
+        torch.manual_seed(1)  # the same reparameterisation noise for both
+        train_vae(model, images[:8], images[8:], config, torch.device("cpu"), steps=4)
+    for part in ("encoder", "decoder"):
+        for key, value in getattr(lone, part).state_dict().items():
+            assert torch.equal(value, getattr(pair, part).state_dict()[key]), (part, key)
+    for key, value in lone.head.state_dict().items():
+        torch.testing.assert_close(second.state_dict()[key], value, rtol=1e-5, atol=1e-6)
+    assert any(not torch.equal(first_before[k], v) for k, v in first.state_dict().items())
+    assert not any(
+        torch.allclose(a, b) for a, b in zip(first.parameters(), second.parameters(), strict=True)
+    )
 
 
 def test_the_coarse_vae_trains_on_whole_downsampled_images() -> None:

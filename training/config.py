@@ -80,6 +80,15 @@ class FitConfig:
         default=VAEConfig.head_width,
         metadata=_option("channels of the defect head's first level", "model"),
     )
+    head_count: int = field(
+        default=VAEConfig.head_count,
+        metadata=_option(
+            "defect heads learning side by side from their own starting weights; the bundle's "
+            "map is their mean probability (each costs a head's share of a training step and "
+            "of scoring: see the README's quality suite)",
+            "model",
+        ),
+    )
     coarse_factor: int = field(
         default=VAEConfig.coarse_factor,
         metadata=_option(
@@ -216,7 +225,7 @@ class FitConfig:
     def __post_init__(self) -> None:
         for name in (
             "image_size", "crop_size", "epochs", "max_steps", "coarse_max_steps", "batch_size",
-            "head_width",
+            "head_width", "head_count",
         ):  # fmt: skip
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -290,6 +299,7 @@ class FitConfig:
             latent_channels=self.latent_channels,
             latent_stride=self.latent_stride,
             head_width=self.head_width,
+            head_count=self.head_count,
             coarse_factor=self.coarse_factor,
             coarse_width=self.coarse_width,
         )

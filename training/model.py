@@ -18,7 +18,10 @@ is the ``coarse_error`` score.
 Defect head. A small U-Net that reads the input beside its reconstruction and gives a per-pixel
 anomaly logit (DRAEM, Zavrtanik et al., 2021): it learns, from synthetic defects, which
 differences between an image and its reconstruction are defects and which are the ordinary
-imperfections of the reconstruction.
+imperfections of the reconstruction. With ``head_count`` above 1, that many heads learn side by
+side from their own starting weights (:class:`DefectHeads`) and the exported map is their mean
+probability: what a head learns about real defects from synthetic ones depends on where it
+started, and a mean depends less on any one start.
 
 The exported graphs (:class:`FlatEncoder`, :class:`FlatDecoder`, :class:`ProbabilityHead`,
 :class:`CoarseGraph`) hold
@@ -49,6 +52,7 @@ class VAEConfig:
     latent_channels: int = 8
     latent_stride: int = 8
     head_width: int = 8  # 0: no defect head
+    head_count: int = 1  # defect heads learning side by side; the bundle's map is their mean
     coarse_factor: int = 4  # 0: no coarse VAE (the coarse VAE itself)
     coarse_width: int = 32
 
@@ -58,6 +62,8 @@ class VAEConfig:
         for name in ("width", "max_width", "latent_channels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} is {getattr(self, name)}; expected an integer >= 1")
+        if self.head_count < 1:
+            raise ValueError(f"head_count is {self.head_count}; expected an integer >= 1")
         if self.res_blocks < 0 or self.head_width < 0:
             raise ValueError(
                 f"res_blocks is {self.res_blocks} and head_width {self.head_width}; "
@@ -241,6 +247,26 @@ class DefectHead(nn.Module):
         return logits
 
 
+class DefectHeads(nn.Module):
+    """``cfg.head_count`` defect heads, each from its own starting weights:
+    ``(image, recon)`` -> each head's logits side by side, ``(B, head_count, H, W)``."""
+
+    def __init__(self, cfg: VAEConfig) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(DefectHead(cfg) for _ in range(cfg.head_count))
+
+    def forward(self, image: Tensor, recon: Tensor) -> Tensor:
+        return torch.cat([member(image, recon) for member in self.members], dim=1)
+
+
+def build_head(cfg: VAEConfig) -> DefectHead | DefectHeads | None:
+    """The model's defect head: none at ``head_width`` 0, one :class:`DefectHead` (whose weights
+    and graph are those of bundles made before ``head_count`` existed), or several."""
+    if not cfg.head_width:
+        return None
+    return DefectHead(cfg) if cfg.head_count == 1 else DefectHeads(cfg)
+
+
 class VAE(nn.Module):
     """Encoder, reparameterisation, decoder, and (when configured) the defect head and the
     coarse VAE, trained apart on whole images downsampled by ``cfg.coarse_factor``."""
@@ -250,7 +276,7 @@ class VAE(nn.Module):
         self.cfg = cfg
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
-        self.head = DefectHead(cfg) if cfg.head_width else None
+        self.head = build_head(cfg)
         self.coarse = VAE(cfg.coarse()) if cfg.coarse_factor else None
 
     def own_parameters(self) -> list[nn.Parameter]:
@@ -299,14 +325,18 @@ class FlatDecoder(nn.Module):
 
 
 class ProbabilityHead(nn.Module):
-    """The exported defect head: ``(image, recon)`` -> anomaly probability ``(N, H, W)``."""
+    """The exported defect head: ``(image, recon)`` -> anomaly probability ``(N, H, W)``, the
+    mean of the heads' probabilities where there are several."""
 
-    def __init__(self, head: DefectHead) -> None:
+    def __init__(self, head: DefectHead | DefectHeads) -> None:
         super().__init__()
         self.head = head
 
     def forward(self, image: Tensor, recon: Tensor) -> Tensor:
-        return torch.sigmoid(self.head(image, recon)).squeeze(1)
+        probability = torch.sigmoid(self.head(image, recon))
+        if probability.shape[1] == 1:
+            return probability.squeeze(1)
+        return probability.mean(dim=1)
 
 
 def downsample(images: Tensor, factor: int) -> Tensor:

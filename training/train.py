@@ -3,13 +3,14 @@
 Each step draws random crops of the training images, changes their brightness and contrast a
 little (lighting is not a defect), gives some of them a synthetic defect (:mod:`training.synth`),
 and trains the VAE to reconstruct the clean crop from the corrupted one (a denoising VAE) and the
-defect head to find the defect's pixels from the corrupted crop and its reconstruction (on a share
-of the crops: :meth:`FitConfig.head_batch`). The budget is a number of steps
-(:meth:`FitConfig.steps_for`); AdamW's learning rate warms up and anneals over it, and the final
-weights are kept. Held-out images are scored at full size a few times along the way for the
-history; they never steer the training. When asked for (:func:`select_precision`), the networks
-run in bfloat16 mixed precision, whose steps take about 0.6 of the time on CPUs with Intel AMX;
-the weights, their updates and the losses stay float32, and the exported graphs are float32.
+defect head (each of them, when there are several) to find the defect's pixels from the corrupted
+crop and its reconstruction (on a share of the crops: :meth:`FitConfig.head_batch`). The budget
+is a number of steps (:meth:`FitConfig.steps_for`); AdamW's learning rate warms up and anneals
+over it, and the final weights are kept. Held-out images are scored at full size a few times
+along the way for the history; they never steer the training. When asked for
+(:func:`select_precision`), the networks run in bfloat16 mixed precision, whose steps take about
+0.6 of the time on CPUs with Intel AMX; the weights, their updates and the losses stay float32,
+and the exported graphs are float32.
 
 The coarse VAE is trained afterwards by the same loop, on whole images downsampled by the
 coarse factor (the crop size exceeds them), for as many steps, at most ``coarse_max_steps``
@@ -352,9 +353,10 @@ def train_vae(
             # The crops are in random order, corrupted or not, so the first ones are a fair share.
             with mixed_precision(device, precision):
                 logits = model.head(inputs[:head_batch], recon[:head_batch].detach()).float()
-            head_loss = focal_loss(
-                logits, torch.from_numpy(masks[:head_batch]).to(device).unsqueeze(1)
-            )
+            head_target = torch.from_numpy(masks[:head_batch]).to(device).unsqueeze(1)
+            # Each head (one channel of the logits) learns from its own loss, as a lone head.
+            for k in range(logits.shape[1]):
+                head_loss = head_loss + focal_loss(logits[:, k : k + 1], head_target)
             loss = loss + head_loss
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
