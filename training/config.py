@@ -85,7 +85,7 @@ class FitConfig:
         metadata=_option(
             "defect heads learning side by side from their own starting weights; the bundle's "
             "map is their mean probability (each costs a head's share of a training step and "
-            "of scoring: see the README's quality suite)",
+            'of scoring: see "Two narrow heads" in the README)',
             "model",
         ),
     )
