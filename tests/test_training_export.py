@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import fields
 from pathlib import Path
 
@@ -130,6 +131,16 @@ def test_several_heads_export_one_graph_of_their_mean_probability(
     mean = torch.stack(each).mean(dim=0).numpy()
     assert np.abs(each[0].numpy() - each[1].numpy()).max() > 1e-3  # two heads, two maps
     np.testing.assert_allclose(graphs.run(images).defect_map, mean, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("head_count", [1, 2])
+def test_export_traces_without_warnings(demo_data: Path, tmp_path: Path, head_count: int) -> None:
+    """A trace warning means a graph whose branches were frozen by one input's shapes."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", torch.jit.TracerWarning)
+        export_model(
+            _random_model(head_count=head_count), tmp_path, _real_inputs(demo_data), threads=1
+        )
 
 
 def test_torch_outputs_are_the_flat_inference_path(demo_data: Path) -> None:

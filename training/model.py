@@ -331,10 +331,11 @@ class ProbabilityHead(nn.Module):
     def __init__(self, head: DefectHead | DefectHeads) -> None:
         super().__init__()
         self.head = head
+        self.single = isinstance(head, DefectHead)
 
     def forward(self, image: Tensor, recon: Tensor) -> Tensor:
         probability = torch.sigmoid(self.head(image, recon))
-        if probability.shape[1] == 1:
+        if self.single:
             return probability.squeeze(1)
         return probability.mean(dim=1)
 
