@@ -59,7 +59,13 @@ def _known_model() -> VAE:
     ``GAIN * squared error + BIAS``: the probability map is a sigmoid of the squared error.
     """
     cfg = VAEConfig(
-        channels=3, width=4, max_width=8, latent_channels=2, head_width=2, coarse_factor=2
+        channels=3,
+        width=4,
+        max_width=8,
+        latent_channels=2,
+        head_width=2,
+        head_count=1,
+        coarse_factor=2,
     )
     model = VAE(cfg)
     assert isinstance(model.head, DefectHead)

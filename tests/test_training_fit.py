@@ -282,12 +282,13 @@ def test_head_width_zero_is_refused_up_front_or_fits(demo_data: Path, tmp_path: 
     Scorer(load_bundle(bundle_dir), device="cpu").self_test()
 
 
-def test_a_fit_with_several_heads_writes_a_bundle_that_serves(
-    demo_data: Path, tmp_path: Path
+@pytest.mark.parametrize("head_count", [1, 2])
+def test_a_fit_with_one_head_or_several_writes_a_bundle_that_serves(
+    demo_data: Path, tmp_path: Path, head_count: int
 ) -> None:
-    config = FitConfig(**{**TINY_FIT, "head_count": 2, "max_steps": 4})
+    config = FitConfig(**{**TINY_FIT, "head_count": head_count, "max_steps": 4})
     bundle = load_bundle(fit_bundle(demo_data, tmp_path / "bundle", config))
-    assert bundle.manifest.training["model"]["head_count"] == 2
+    assert bundle.manifest.training["model"]["head_count"] == head_count
     scorer = Scorer(bundle, device="cpu")
     scorer.self_test()
     images = stack(

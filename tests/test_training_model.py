@@ -53,7 +53,7 @@ def test_any_input_size_keeps_its_shape(
     assert mu.shape == logvar.shape == (2, cfg.latent_channels, rows, columns)
     assert recon.shape == x.shape
     assert float(recon.min()) >= 0.0 and float(recon.max()) <= 1.0
-    assert logits.shape == (2, 1, height, width)
+    assert logits.shape == (2, cfg.head_count, height, width)
 
 
 def test_grid_latent_size_and_size_multiple() -> None:
@@ -76,9 +76,9 @@ def test_grid_latent_size_and_size_multiple() -> None:
             cfg.grid(height, width)
 
 
-def test_probability_head_gives_a_map_in_the_unit_range() -> None:
+def test_probability_head_of_one_head_is_its_sigmoid_in_the_unit_range() -> None:
     torch.manual_seed(0)
-    model = VAE(_small()).eval()
+    model = VAE(_small(head_count=1)).eval()
     assert model.head is not None
     x, recon = torch.rand(3, 3, 16, 24), torch.rand(3, 3, 16, 24)
     with torch.no_grad():
@@ -105,7 +105,7 @@ def test_several_heads_start_apart_and_export_their_mean_probability() -> None:
 
 
 def test_one_head_is_the_plain_head_and_a_count_below_one_is_refused() -> None:
-    assert isinstance(VAE(_small()).head, DefectHead)
+    assert isinstance(VAE(_small(head_count=1)).head, DefectHead)
     with pytest.raises(ValueError, match="head_count is 0"):
         _small(head_count=0)
 

@@ -51,8 +51,8 @@ class VAEConfig:
     res_blocks: int = 1
     latent_channels: int = 8
     latent_stride: int = 8
-    head_width: int = 8  # 0: no defect head
-    head_count: int = 1  # defect heads learning side by side; the bundle's map is their mean
+    head_width: int = 4  # 0: no defect head
+    head_count: int = 2  # defect heads learning side by side; the bundle's map is their mean
     coarse_factor: int = 4  # 0: no coarse VAE (the coarse VAE itself)
     coarse_width: int = 32
 
