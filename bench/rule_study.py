@@ -88,7 +88,8 @@ def study_scores(bundle: Path, data_dir: Path) -> StudyScores:
         )
     spec = scorer.manifest.input
     held_out = stack([load_image_file(folder / name, spec) for name in names])
-    checked = held_out[evenly_spaced(held_out.shape[0], CHECK_IMAGES)]
+    rows = evenly_spaced(held_out.shape[0], CHECK_IMAGES)
+    checked = held_out[rows]
     synthetic = joined_scores(
         [
             scorer.raw_scores(batch)[0]
@@ -101,9 +102,10 @@ def study_scores(bundle: Path, data_dir: Path) -> StudyScores:
         ]
     )
     test = load_test_set(data_dir, spec)
+    held_out_raw = _raw(scorer, held_out)
     return StudyScores(
-        held_out=_raw(scorer, held_out),
-        checked=_raw(scorer, checked),
+        held_out=held_out_raw,
+        checked={name: values[rows] for name, values in held_out_raw.items()},
         synthetic=synthetic,
         test=_raw(scorer, test.images),
         labels=test.labels,
@@ -135,10 +137,11 @@ class Combiner:
             )
         if not self.mean:
             return calibration.combine
-        fitted = calibration
 
         def mean_of_terms(values: Raw) -> F64Array:
-            terms = [w * fitted.scores[t].standardise(values[t]) for t, w in self.weights.items()]
+            terms = [
+                w * calibration.scores[t].standardise(values[t]) for t, w in self.weights.items()
+            ]
             return np.asarray(np.mean(terms, axis=0), dtype=np.float64)
 
         return mean_of_terms
