@@ -43,6 +43,7 @@ NON_DEFAULT: dict[str, tuple[list[str], Any]] = {
     "weight_decay": (["--weight-decay", "0"], 0.0),
     "corruption": (["--corruption", "0.25"], 0.25),
     "encoder_denoises": (["--no-encoder-denoises"], False),
+    "shaded_defects": (["--shaded-defects"], True),
     "jitter": (["--jitter", "0.2"], 0.2),
     "time_limit_minutes": (["--time-limit", "2.5"], 2.5),
     "holdout_fraction": (["--holdout-fraction", "0.3"], 0.3),

@@ -13,17 +13,21 @@ from service.preprocessing import InputSpec, list_image_files, load_image_file, 
 from training.synth import (
     CHANGED,
     HELD_OUT_DEFECTS,
+    SHADED_TRAINING_DEFECTS,
     TRAINING_DEFECTS,
     Defect,
     corrupt,
     perlin_mask,
     perlin_noise,
     perlin_texture,
+    shade,
     synthesised_batches,
 )
 
 F32Array = npt.NDArray[np.float32]
-ALL_DEFECTS: tuple[Defect, ...] = tuple(dict.fromkeys((*TRAINING_DEFECTS, *HELD_OUT_DEFECTS)))
+ALL_DEFECTS: tuple[Defect, ...] = tuple(
+    dict.fromkeys((*SHADED_TRAINING_DEFECTS, *HELD_OUT_DEFECTS))
+)
 SIZES = [(32, 32), (48, 64)]
 DRAWS = 20
 
@@ -43,9 +47,35 @@ def _changed(after: F32Array, before: F32Array) -> npt.NDArray[np.bool_]:
 
 
 def test_the_families_are_disjoint_and_complete() -> None:
-    assert set(TRAINING_DEFECTS).isdisjoint(HELD_OUT_DEFECTS)
+    assert set(SHADED_TRAINING_DEFECTS).isdisjoint(HELD_OUT_DEFECTS)
+    assert set(SHADED_TRAINING_DEFECTS) - set(TRAINING_DEFECTS) == {shade}
     names = {d.__name__ for d in ALL_DEFECTS}
-    assert names == {"perlin_texture", "crack", "paste", "blotch", "noise", "relight"}
+    assert names == {"perlin_texture", "crack", "shade", "paste", "blotch", "noise", "relight"}
+
+
+@pytest.mark.parametrize("size", SIZES, ids=["32x32", "48x64"])
+def test_a_shaded_region_keeps_the_texture_and_covers_an_area(
+    demo_images: dict[tuple[int, int], F32Array], size: tuple[int, int]
+) -> None:
+    images = demo_images[size]
+    covered, darker = [], 0
+    for seed in range(40):
+        before = images[seed % len(images)]
+        image = before.copy()
+        mask = shade(image, images, np.random.default_rng(seed))
+        covered.append(mask.mean())
+        if not mask.any():
+            continue
+        # Inside the region each channel is the image times one gain (where nothing clipped).
+        for after_c, before_c in zip(image[:, mask], before[:, mask], strict=True):
+            kept = (before_c > 0.05) & (after_c < 1.0) & (after_c > 0.0)
+            if kept.sum() > 3:
+                ratio = after_c[kept] / before_c[kept]
+                assert ratio.std() < 1e-4 * ratio.mean(), seed
+        darker += bool(image[:, mask].mean() < before[:, mask].mean())
+    # Areas, not specks: a region is a few per cent of the image or more, most of them darker.
+    assert np.median(covered) > 0.02
+    assert 0.5 * 40 < darker < 40
 
 
 @pytest.mark.parametrize("size", SIZES, ids=["32x32", "48x64"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -17,7 +17,7 @@ from service.preprocessing import model_input
 from training.config import FitConfig
 from training.errors import ConfigError
 from training.model import VAE, DefectHeads, downsample
-from training.synth import corrupt
+from training.synth import SHADED_TRAINING_DEFECTS, TRAINING_DEFECTS, Defect, corrupt
 from training.train import (
     Budget,
     TrainResult,
@@ -88,9 +88,11 @@ def test_the_loop_runs_exactly_the_step_budget(
 ) -> None:
     batches: list[int] = []
 
-    def counting_corrupt(images: F32Array, p: float, rng: np.random.Generator) -> Any:
+    def counting_corrupt(
+        images: F32Array, p: float, rng: np.random.Generator, defects: Sequence[Defect]
+    ) -> Any:
         batches.append(images.shape[0])
-        return corrupt(images, p, rng)
+        return corrupt(images, p, rng, defects)
 
     monkeypatch.setattr(training.train, "corrupt", counting_corrupt)
     config = _config(epochs=epochs, max_steps=max_steps)
@@ -103,6 +105,26 @@ def test_the_loop_runs_exactly_the_step_budget(
     steps = [s.step for s in result.history]
     assert steps == sorted(steps) and steps[-1] == expected
     assert not result.model.training
+
+
+@pytest.mark.parametrize(
+    ("shaded", "expected"), [(False, TRAINING_DEFECTS), (True, SHADED_TRAINING_DEFECTS)]
+)
+def test_shaded_defects_add_the_shade_kind_at_every_step_of_both_vaes(
+    monkeypatch: pytest.MonkeyPatch, shaded: bool, expected: tuple[Defect, ...]
+) -> None:
+    kinds: list[tuple[Defect, ...]] = []
+
+    def recording_corrupt(
+        images: F32Array, p: float, rng: np.random.Generator, defects: Sequence[Defect]
+    ) -> Any:
+        kinds.append(tuple(defects))
+        return corrupt(images, p, rng, defects)
+
+    monkeypatch.setattr(training.train, "corrupt", recording_corrupt)
+    _train(_config(epochs=1, max_steps=2, shaded_defects=shaded))
+    # Two steps of the local model, then two of the coarse VAE.
+    assert kinds == [expected] * 4
 
 
 def test_training_lowers_the_held_out_error() -> None:

@@ -155,6 +155,16 @@ class FitConfig:
             "training",
         ),
     )
+    shaded_defects: bool = field(
+        default=False,
+        metadata=_option(
+            "add regions of the part's own surface darkened or brightened to the synthetic "
+            "defects (a quarter of them), which the VAEs learn to repair and the defect head to "
+            "find: the head then finds areas gone dark; the verdicts gained nothing on the "
+            'development datasets (see "Shaded regions" in the README)',
+            "training",
+        ),
+    )
     jitter: float = field(
         default=0.1,
         metadata=_option(

@@ -7,6 +7,8 @@ defects it was not trained on:
   (blobs of any size, from specks to large areas) filled with foreign texture (another normal
   image, transformed, or a procedural texture) at any opacity, as DRAEM does, and thin cracks
   (random-walk polylines a pixel or two wide, darker or brighter than their surroundings).
+  SHADED_TRAINING_DEFECTS adds wide regions of the part's own surface darkened or brightened
+  (``--shaded-defects``; not the default: see the README's quality suite).
 - HELD_OUT_DEFECTS choose and check the decision rule: pasted rectangles of another image,
   ellipses of foreign colour, patches of noise and local changes of brightness and contrast.
 
@@ -153,6 +155,26 @@ def crack(image: F32Array, others: F32Array, rng: np.random.Generator) -> BoolAr
     return _fill(image, mask, np.broadcast_to(colour, image.shape), float(rng.uniform(0.7, 1.0)))
 
 
+def shade(image: F32Array, others: F32Array, rng: np.random.Generator) -> BoolArray:
+    """A region of the part's own surface darkened or brightened, its texture kept (an area gone
+    dark, a stain, a burn): a Perlin-shaped region, half the time cut along a straight edge."""
+    c, h, w = image.shape
+    # Wider regions than perlin_mask's (3-35% of the image rather than specks to a few per cent).
+    cells = (2 ** int(rng.integers(0, 5)), 2 ** int(rng.integers(0, 5)))
+    region = perlin_noise(h, w, cells, rng) > rng.uniform(0.1, 0.4)
+    if rng.random() < 0.5:
+        yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+        cy, cx = rng.uniform(0, [h, w])
+        angle = rng.uniform(0, 2 * np.pi)
+        region &= np.cos(angle) * (xx - cx) + np.sin(angle) * (yy - cy) > 0
+    darker = rng.random() < 0.7
+    low, high = (0.3, 0.9) if darker else (1.1, 1.5)
+    gain = float(np.exp(rng.uniform(np.log(low), np.log(high))))
+    tint = 1.0 + rng.normal(0.0, 0.05, (c, 1, 1)) if c > 1 else np.ones((1, 1, 1))
+    texture = np.clip(image * (gain * tint), 0.0, 1.0).astype(np.float32)
+    return _fill(image, region, texture, 1.0)
+
+
 def paste(image: F32Array, others: F32Array, rng: np.random.Generator) -> BoolArray:
     """A rectangle cut from another normal image and pasted at another place."""
     _, h, w = image.shape
@@ -200,6 +222,7 @@ def relight(image: F32Array, others: F32Array, rng: np.random.Generator) -> Bool
 
 
 TRAINING_DEFECTS: tuple[Defect, ...] = (perlin_texture, perlin_texture, crack)
+SHADED_TRAINING_DEFECTS: tuple[Defect, ...] = (*TRAINING_DEFECTS, shade)
 HELD_OUT_DEFECTS: tuple[Defect, ...] = (paste, blotch, noise, relight)
 
 

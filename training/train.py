@@ -40,7 +40,7 @@ from training.config import Device, FitConfig, Precision
 from training.errors import ConfigError
 from training.loss import ELBOLoss, focal_loss
 from training.model import VAE, downsample, reparameterise
-from training.synth import corrupt
+from training.synth import SHADED_TRAINING_DEFECTS, TRAINING_DEFECTS, corrupt
 
 log = logging.getLogger(__name__)
 
@@ -308,6 +308,7 @@ def train_vae(
     ``time_limit_s`` seconds have passed. The networks run in ``precision``
     (:func:`mixed_precision`); the losses are computed in float32."""
     rng = np.random.default_rng(config.seed)
+    defects = SHADED_TRAINING_DEFECTS if config.shaded_defects else TRAINING_DEFECTS
     model.to(device).train()
     x_train = torch.from_numpy(train_images)
     x_val = torch.from_numpy(val_images).to(device)
@@ -332,7 +333,7 @@ def train_vae(
             group["lr"] = learning_rate(config.learning_rate, budget.progress(step))
         crops = random_crops(x_train, config.batch_size, crop, rng).numpy()
         clean = jitter_intensity(model_input(crops, scale), config.jitter, rng)
-        corrupted, masks = corrupt(clean, config.corruption, rng)
+        corrupted, masks = corrupt(clean, config.corruption, rng, defects)
         target = torch.from_numpy(clean).to(device)
         inputs = torch.from_numpy(corrupted).to(device)
         with mixed_precision(device, precision):
