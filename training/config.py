@@ -160,8 +160,8 @@ class FitConfig:
         metadata=_option(
             "add regions of the part's own surface darkened or brightened to the synthetic "
             "defects (a quarter of them), which the VAEs learn to repair and the defect head to "
-            "find: the head then finds areas gone dark; the verdicts gained nothing on the "
-            'development datasets (see "Shaded regions" in the README)',
+            "find: the head then finds areas gone dark; the verdicts gained 0.007 on average on "
+            'the development datasets, not yet the default (see "Shaded regions" in the README)',
             "training",
         ),
     )
