@@ -161,8 +161,9 @@ class FitConfig:
             "add regions of the part's own surface darkened or brightened to the synthetic "
             "defects (a quarter of them), which the VAEs learn to repair and the defect head to "
             "find: the head then finds areas gone dark; image AUROC +0.007 over four datasets "
-            "and three seeds, not yet the default for more false alarms on bottle "
-            '(see "Shaded regions" in the README)',
+            "and three seeds, but not the default: on bottle the head then reads a 10%% change "
+            "of the whole part's light as a defect (check the fit's lighting line; see "
+            '"Shaded regions" in the README)',
             "training",
         ),
     )
