@@ -46,7 +46,9 @@ from service.scoring import (
 # 8: the input spec's wide_sample_bits (the bits 16-bit greyscale samples use); and a
 #    normal_tail threshold is the Gaussian prediction bound of the held-out scores (format 7's
 #    was their plain Gaussian quantile, which a per-request rate no longer reproduced).
-FORMAT_VERSION = 8
+# 9: a normal_tail threshold is that bound set after a Yeo-Johnson transform fitted to the
+#    held-out scores (service/tail.py), which format 8's per-request rates no longer reproduce.
+FORMAT_VERSION = 9
 MANIFEST = "manifest.json"
 ENCODER = "encoder.onnx"
 DECODER = "decoder.onnx"

@@ -37,6 +37,8 @@ import numpy as np
 import numpy.typing as npt
 from scipy.special import betaincinv
 
+from service import tail
+
 FloatArray = npt.NDArray[np.float32]
 F64Array = npt.NDArray[np.float64]
 
@@ -71,6 +73,10 @@ MAD_TO_STD = 1.4826
 # at least OUTLIER_MIN_VALUES were held out (fewer do not pin down a median and deviation).
 OUTLIER_DEVIATIONS = 4.0
 OUTLIER_MIN_VALUES = 20
+# The Gaussian prediction bound is set after a Yeo-Johnson transform fitted to the held-out
+# values (service/tail.py) when at least this many are kept: fewer do not pin down a tail's shape,
+# and a shape fitted to them flags more good parts than the bound on the values as they are.
+TAIL_MIN_VALUES = 20
 
 
 @dataclass(frozen=True)
@@ -547,7 +553,10 @@ def threshold_for_rate(combined_sorted: F64Array, rate: float) -> DecisionRule:
     degrees of freedom, the bound a new normal image exceeds with probability ``rate`` when the
     mean and spread are themselves estimated from ``n`` images (a plain Gaussian quantile would
     take them as exact, and flag more than ``rate`` of good parts, the more so the fewer were
-    held out).
+    held out). From ``TAIL_MIN_VALUES`` values kept, the bound is set on the values after a
+    Yeo-Johnson transform fitted to them (:mod:`service.tail`) and mapped back: combined scores
+    have a longer upper tail than a Gaussian, and a bound on them as they are flags more good
+    parts than ``rate``.
     """
     _check_rate(rate)
     kept = without_outliers(combined_sorted)
@@ -558,9 +567,12 @@ def threshold_for_rate(combined_sorted: F64Array, rate: float) -> DecisionRule:
         return DecisionRule(float(kept[k - 1]), rate, "empirical", outliers)
     if n < 2:
         raise ValueError(f"a threshold needs at least 2 held-out scores, got {n}")
-    mean = float(kept.mean())
-    std = float(max(kept.std(ddof=1), 1e-6))
-    threshold = mean + std * math.sqrt(1.0 + 1.0 / n) * student_t_upper_quantile(rate, n - 1)
+    lam = tail.fit_lambda(kept) if n >= TAIL_MIN_VALUES else tail.IDENTITY
+    shaped = tail.transform(kept, lam)
+    mean = float(shaped.mean())
+    std = float(max(shaped.std(ddof=1), 1e-6))
+    bound = mean + std * math.sqrt(1.0 + 1.0 / n) * student_t_upper_quantile(rate, n - 1)
+    threshold = tail.inverse(bound, lam) if math.isfinite(bound) else bound
     if not math.isfinite(threshold):
         raise ValueError(
             f"target false-alarm rate {rate} is too small for a threshold from {n} held-out "

@@ -14,6 +14,7 @@ from service.preprocessing import load_image_file, stack
 from service.runtime import OnnxGraphs, Scorer
 from service.scoring import (
     SCORE_NAMES,
+    TAIL_MIN_VALUES,
     Calibration,
     DecisionRule,
     ErrorReference,
@@ -136,8 +137,11 @@ def test_fewest_values_refuses_rates_outside_zero_one() -> None:
 def test_the_fit_log_says_how_the_threshold_was_set() -> None:
     tail = describe_rule(DecisionRule(3.47, 0.01, "normal_tail", outliers=2), held_out=42)
     assert tail.startswith(
-        "threshold 3.470 for a 1% false-alarm rate: a Gaussian prediction bound from 40 "
+        "threshold 3.470 for a 1% false-alarm rate: a Gaussian prediction bound from 40 held-out "
+        "good images after a transform fitted to their tail (the conformal bound"
     )
+    few = describe_rule(DecisionRule(3.47, 0.01, "normal_tail"), held_out=TAIL_MIN_VALUES - 1)
+    assert f"from {TAIL_MIN_VALUES - 1} held-out good images (the conformal bound" in few
     assert "needs 99" in tail and "2 far above the rest left out" in tail
     assert "--holdout-fraction holds out more" in tail
     conformal = describe_rule(DecisionRule(2.5, 0.05, "empirical"), held_out=300)

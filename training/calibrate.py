@@ -27,6 +27,7 @@ import numpy.typing as npt
 from service.preprocessing import PIXEL_SCALE, Images, model_input
 from service.runtime import OnnxGraphs
 from service.scoring import (
+    TAIL_MIN_VALUES,
     Calibration,
     DecisionRule,
     ErrorReference,
@@ -355,10 +356,11 @@ def describe_rule(rule: DecisionRule, held_out: int) -> str:
     images set it (a conformal order statistic, or a Gaussian prediction bound where they are too
     few)."""
     kept = held_out - rule.outliers
+    shaped = " after a transform fitted to their tail" if kept >= TAIL_MIN_VALUES else ""
     how = (
         f"the conformal bound on {kept} held-out good images"
         if rule.method == "empirical"
-        else f"a Gaussian prediction bound from {kept} held-out good images (the conformal "
+        else f"a Gaussian prediction bound from {kept} held-out good images{shaped} (the conformal "
         f"bound at this rate needs {fewest_for_conformal(rule.target_false_alarm_rate)}; the "
         "fewer held out, the higher the bound sits above them: --holdout-fraction holds out "
         "more)"
