@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from functools import cached_property
+from functools import cached_property, lru_cache
 from typing import Any, Literal
 
 import numpy as np
@@ -539,6 +539,13 @@ def student_t_upper_quantile(rate: float, dof: int) -> float:
     return math.sqrt(dof * (1.0 - x) / x) if x > 0.0 else math.inf
 
 
+@lru_cache(maxsize=8)
+def _tail_lambda(kept: tuple[float, ...]) -> float:
+    """:func:`service.tail.fit_lambda` of a bundle's kept held-out scores, fitted once: every
+    request that asks its own rate reads the same values (the fit takes milliseconds)."""
+    return tail.fit_lambda(np.asarray(kept, dtype=np.float64))
+
+
 def threshold_for_rate(combined_sorted: F64Array, rate: float) -> DecisionRule:
     """Threshold on the combined score giving false-alarm rate ``rate`` on normal images.
 
@@ -567,7 +574,7 @@ def threshold_for_rate(combined_sorted: F64Array, rate: float) -> DecisionRule:
         return DecisionRule(float(kept[k - 1]), rate, "empirical", outliers)
     if n < 2:
         raise ValueError(f"a threshold needs at least 2 held-out scores, got {n}")
-    lam = tail.fit_lambda(kept) if n >= TAIL_MIN_VALUES else tail.IDENTITY
+    lam = _tail_lambda(tuple(kept.tolist())) if n >= TAIL_MIN_VALUES else tail.IDENTITY
     shaped = tail.transform(kept, lam)
     mean = float(shaped.mean())
     std = float(max(shaped.std(ddof=1), 1e-6))

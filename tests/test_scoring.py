@@ -681,3 +681,21 @@ def test_batch_slices_cover_every_row_once_in_order(count: int, size: int) -> No
 def test_a_batch_size_below_one_is_refused() -> None:
     with pytest.raises(ValueError, match="batch size is 0"):
         batch_slices(5, 0)
+
+
+def test_the_tail_is_fitted_once_per_held_out_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every request that asks its own rate reads the bundle's same held-out scores.
+    fits: list[int] = []
+    fit_lambda = tail.fit_lambda
+
+    def counted(values: F64Array) -> float:
+        fits.append(values.shape[0])
+        return fit_lambda(values)
+
+    monkeypatch.setattr(tail, "fit_lambda", counted)
+    held_out = np.sort(np.random.default_rng(11).gumbel(0.0, 1.0, 50))
+    first = [threshold_for_rate(held_out, rate).threshold for rate in (0.01, 0.005, 0.02)]
+    again = [threshold_for_rate(held_out, rate).threshold for rate in (0.01, 0.005, 0.02)]
+    assert fits == [50] and first == again
+    threshold_for_rate(np.sort(np.r_[held_out, 0.5]), 0.01)
+    assert fits == [50, 51]
