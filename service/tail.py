@@ -21,15 +21,13 @@ import numpy.typing as npt
 from scipy.optimize import minimize_scalar
 from scipy.stats import yeojohnson, yeojohnson_llf
 
-F64Array = npt.NDArray[np.float64]
-
 LAMBDA_RANGE = (0.0, 2.0)
 # The lambda that leaves every value as it is.
 IDENTITY = 1.0
 _LAMBDA_TOLERANCE = 1e-6
 
 
-def fit_lambda(values: F64Array) -> float:
+def fit_lambda(values: npt.NDArray[np.float64]) -> float:
     """The maximum-likelihood Yeo-Johnson ``lambda`` of ``values`` within ``LAMBDA_RANGE``;
     1 (the identity) where they have no spread, which leaves no shape to fit."""
     if values.size < 2 or not np.all(np.isfinite(values)):
@@ -47,7 +45,7 @@ def fit_lambda(values: F64Array) -> float:
     return float(result.x)
 
 
-def transform(values: F64Array, lam: float) -> F64Array:
+def transform(values: npt.NDArray[np.float64], lam: float) -> npt.NDArray[np.float64]:
     """The Yeo-Johnson transform of ``values`` with ``lam``."""
     _check_lambda(lam)
     return np.asarray(yeojohnson(np.asarray(values, dtype=np.float64), lmbda=lam), np.float64)
