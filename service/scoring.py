@@ -579,7 +579,7 @@ def threshold_for_rate(combined_sorted: F64Array, rate: float) -> DecisionRule:
     mean = float(shaped.mean())
     std = float(max(shaped.std(ddof=1), 1e-6))
     bound = mean + std * math.sqrt(1.0 + 1.0 / n) * student_t_upper_quantile(rate, n - 1)
-    threshold = tail.inverse(bound, lam) if math.isfinite(bound) else bound
+    threshold = tail.inverse(bound, lam)
     if not math.isfinite(threshold):
         raise ValueError(
             f"target false-alarm rate {rate} is too small for a threshold from {n} held-out "
