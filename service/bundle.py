@@ -48,7 +48,9 @@ from service.scoring import (
 #    was their plain Gaussian quantile, which a per-request rate no longer reproduced).
 # 9: a normal_tail threshold is that bound set after a Yeo-Johnson transform fitted to the
 #    held-out scores (service/tail.py), which format 8's per-request rates no longer reproduce.
-FORMAT_VERSION = 9
+# 10: that transform's lambda is at most 1 (it never takes the tail for shorter than a
+#    Gaussian's), so format 9's bounds from held-out scores fitted with lambda > 1 differ.
+FORMAT_VERSION = 10
 MANIFEST = "manifest.json"
 ENCODER = "encoder.onnx"
 DECODER = "decoder.onnx"

@@ -563,7 +563,8 @@ def threshold_for_rate(combined_sorted: F64Array, rate: float) -> DecisionRule:
     held out). From ``TAIL_MIN_VALUES`` values kept, the bound is set on the values after a
     Yeo-Johnson transform fitted to them (:mod:`service.tail`) and mapped back: combined scores
     have a longer upper tail than a Gaussian, and a bound on them as they are flags more good
-    parts than ``rate``.
+    parts than ``rate``. The transform only ever lengthens the tail assumed: where the values
+    kept look shorter-tailed than a Gaussian, the bound is the one on them as they are.
     """
     _check_rate(rate)
     kept = without_outliers(combined_sorted)

@@ -7,9 +7,11 @@ the scores after a Yeo-Johnson transform whose ``lambda`` is fitted to them by m
 likelihood, and maps it back: ``lambda = 1`` is the identity, ``lambda < 1`` draws a long upper
 tail in.
 
-``lambda`` is kept within ``LAMBDA_RANGE``, where the inverse maps every real number back to a
-score: below 0 the transform of positive scores is bounded above (a bound beyond it would stand
-for no score at all), above 2 that of negative scores is bounded below.
+``lambda`` is kept within ``LAMBDA_RANGE``. Below 0 the transform of positive scores is bounded
+above (a bound beyond it would stand for no score at all). Above 1 the transform would take the
+tail for shorter than a Gaussian's and set the bound below the one on the scores as they are:
+the outlier rule trims the top of the held-out scores before the fit, which can make the tail
+kept look short, so the transform may only lengthen the tail the bound assumes.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import numpy.typing as npt
 from scipy.optimize import minimize_scalar
 from scipy.stats import yeojohnson, yeojohnson_llf
 
-LAMBDA_RANGE = (0.0, 2.0)
+LAMBDA_RANGE = (0.0, 1.0)
 # The lambda that leaves every value as it is.
 IDENTITY = 1.0
 _LAMBDA_TOLERANCE = 1e-6
@@ -58,8 +60,6 @@ def inverse(y: float, lam: float) -> float:
     try:
         if y >= 0.0:
             return math.expm1(y) if lam == 0.0 else math.pow(lam * y + 1.0, 1.0 / lam) - 1.0
-        if lam == 2.0:
-            return -math.expm1(-y)
         return 1.0 - math.pow(1.0 - (2.0 - lam) * y, 1.0 / (2.0 - lam))
     except OverflowError:
         return math.inf if y > 0.0 else -math.inf

@@ -224,7 +224,7 @@ def test_a_bad_latent_reference_is_refused(bundle_copy: Path, change: str, match
         load_bundle(bundle_copy)
 
 
-@pytest.mark.parametrize("old", [1, 2, 3, 4, 5, 6, 7, 8])
+@pytest.mark.parametrize("old", [1, 2, 3, 4, 5, 6, 7, 8, 9])
 def test_an_older_bundle_is_refused_saying_to_retrain(bundle_copy: Path, old: int) -> None:
     _edit_manifest(bundle_copy, format_version=old)
     with pytest.raises(BundleError) as info:
@@ -258,7 +258,7 @@ def test_a_format_1_bundle_without_the_new_files_gets_the_retrain_message(
 @pytest.mark.parametrize(
     ("changes", "match"),
     [
-        ({"format_version": 99}, "format_version is 99; this software reads 9$"),
+        ({"format_version": 99}, "format_version is 99; this software reads 10$"),
         ({"latent_grid": {"channels": 2, "rows": 3, "columns": 4}}, "does not give latent_dim"),
         ({"latent_grid": {"channels": 2}}, "manifest is malformed"),
         ({"latent_dim": "many"}, "manifest is malformed"),

@@ -49,7 +49,7 @@ def test_a_cached_bundle_this_release_refuses_is_fitted_again(
     shutil.copytree(demo_data, tmp_path / "data")
     shutil.copytree(trained_bundle, tmp_path / "bundle")
     manifest = tmp_path / "bundle" / MANIFEST
-    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "format_version": 8}))
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "format_version": 9}))
     fits: list[int] = []
 
     def fit(data_dir: Path, bundle_dir: Path, config: Any, *, overwrite: bool) -> Path:
@@ -60,7 +60,7 @@ def test_a_cached_bundle_this_release_refuses_is_fitted_again(
     monkeypatch.setattr(training.demo, "fit_bundle", fit)
     bundle_dir, fitted = _prepare_bundle(tmp_path, seed=0, retrain=False, steps=20)
     out = capsys.readouterr().out
-    assert "cannot be used: manifest format_version is 8; this software reads 9" in out
+    assert "cannot be used: manifest format_version is 9; this software reads 10" in out
     assert "training a bundle" in out and fits == [20]
     assert fitted == load_bundle(bundle_dir).manifest
     loads: list[Path] = []

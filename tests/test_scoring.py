@@ -595,6 +595,18 @@ def test_the_transformed_bound_leaves_the_rate_asked_above_it(rate: float) -> No
     assert float(stats.t.sf(t, 39)) == pytest.approx(rate, rel=1e-6)
 
 
+def test_a_short_upper_tail_keeps_the_bound_on_the_scores_as_they_are() -> None:
+    # Held-out scores whose upper tail is shorter than a Gaussian's (here bounded above) would
+    # fit a lambda above 1, whose bound sits below the plain one: the transform is not allowed to
+    # lower the threshold so.
+    short = np.sort(-np.random.default_rng(9).gamma(2.0, 1.0, 60))
+    rule = threshold_for_rate(short, 0.01)
+    assert rule.method == "normal_tail" and rule.outliers == 0
+    assert rule.threshold == pytest.approx(prediction_bound(short, 0.01), rel=1e-4)
+    longer = np.sort(np.random.default_rng(9).gamma(2.0, 1.0, 60))
+    assert threshold_for_rate(longer, 0.01).threshold > prediction_bound(longer, 0.01)
+
+
 def test_a_bound_past_the_largest_double_is_refused_with_the_reason() -> None:
     long_tail = np.sort(np.random.default_rng(6).lognormal(0.0, 1.5, 40))
     assert tail.fit_lambda(long_tail) < 0.01
