@@ -51,6 +51,9 @@ from service.scoring import (
 # 10: that transform's lambda is at most 1 (it never takes the tail for shorter than a
 #    Gaussian's), so format 9's bounds from held-out scores fitted with lambda > 1 differ.
 FORMAT_VERSION = 10
+# Formats that differ from this one only in how their threshold follows from the held-out scores
+# the manifest keeps: service/upgrade.py brings them up to date without training again.
+UPGRADABLE_FORMATS = (8, 9)
 MANIFEST = "manifest.json"
 ENCODER = "encoder.onnx"
 DECODER = "decoder.onnx"
@@ -160,11 +163,17 @@ class Manifest:
         """Parse a manifest; raises :class:`BundleError` naming what is wrong."""
         version = data.get("format_version")
         if version != FORMAT_VERSION:
-            hint = (
-                "; it was written by an older release: train it again with `python -m training fit`"
-                if isinstance(version, int) and version < FORMAT_VERSION
-                else ""
-            )
+            hint = ""
+            if type(version) is int and version in UPGRADABLE_FORMATS:
+                hint = (
+                    "; it was written by an older release: upgrade it without training again "
+                    "with `python -m service.upgrade BUNDLE --out NEW_BUNDLE`"
+                )
+            elif isinstance(version, int) and version < FORMAT_VERSION:
+                hint = (
+                    "; it was written by an older release: train it again with "
+                    "`python -m training fit`"
+                )
             raise BundleError(
                 f"manifest format_version is {version!r}; this software reads {FORMAT_VERSION}"
                 + hint

@@ -23,6 +23,7 @@ from service.bundle import (
     LATENT_REFERENCE,
     MANIFEST,
     MODEL_FILES,
+    UPGRADABLE_FORMATS,
     BundleError,
     Golden,
     compute_model_id,
@@ -225,13 +226,18 @@ def test_a_bad_latent_reference_is_refused(bundle_copy: Path, change: str, match
 
 
 @pytest.mark.parametrize("old", [1, 2, 3, 4, 5, 6, 7, 8, 9])
-def test_an_older_bundle_is_refused_saying_to_retrain(bundle_copy: Path, old: int) -> None:
+def test_an_older_bundle_is_refused_saying_to_retrain_or_upgrade(
+    bundle_copy: Path, old: int
+) -> None:
     _edit_manifest(bundle_copy, format_version=old)
     with pytest.raises(BundleError) as info:
         load_bundle(bundle_copy)
     message = str(info.value)
     assert f"format_version is {old}; this software reads {FORMAT_VERSION}" in message
-    assert "train it again with `python -m training fit`" in message
+    if old in UPGRADABLE_FORMATS:
+        assert "upgrade it without training again with `python -m service.upgrade" in message
+    else:
+        assert "train it again with `python -m training fit`" in message
 
 
 def test_a_format_2_bundle_without_the_coarse_vae_gets_the_retrain_message(

@@ -16,7 +16,8 @@ def test_every_serving_module_imports_without_torch() -> None:
         for info in pkgutil.walk_packages(service.__path__, "service.")
         if not info.name.endswith("__main__")
     )
-    assert {"service.server", "service.cli", "service.client", "service.client.cli"} <= set(modules)
+    entry_points = {"service.server", "service.cli", "service.client", "service.client.cli"}
+    assert entry_points | {"service.upgrade"} <= set(modules)
     # A finder that refuses torch, as a machine without it does: a None in sys.modules would also
     # refuse the import, but libraries that look for torch in sys.modules (scipy) then break
     # where a machine without torch does not.
