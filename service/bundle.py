@@ -409,7 +409,9 @@ def load_bundle(path: Path) -> Bundle:
         raise
 
 
-def _load_directory(path: Path) -> Bundle:
+def read_manifest_json(path: Path) -> dict[str, Any]:
+    """The manifest of the bundle directory ``path`` as JSON, of whatever format; raises
+    :class:`BundleError` where it is missing or not a JSON object."""
     if not (path / MANIFEST).is_file():
         raise BundleError(f"bundle {path} lacks {MANIFEST}")
     try:
@@ -418,7 +420,11 @@ def _load_directory(path: Path) -> Bundle:
         raise BundleError(f"cannot read {path / MANIFEST}: {exc}") from exc
     if not isinstance(raw, dict):
         raise BundleError(f"{path / MANIFEST} is not a JSON object")
-    manifest = Manifest.from_dict(raw)  # first: an old bundle is told to retrain
+    return raw
+
+
+def _load_directory(path: Path) -> Bundle:
+    manifest = Manifest.from_dict(read_manifest_json(path))  # first: an old bundle is told what to do
     for name in BUNDLE_FILES:
         if not (path / name).is_file():
             raise BundleError(f"bundle {path} lacks {name}")

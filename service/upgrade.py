@@ -17,7 +17,6 @@ new threshold. Where the threshold is the same, it stays where it is.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 from collections.abc import Mapping, Sequence
@@ -30,10 +29,10 @@ import numpy as np
 
 from service.bundle import (
     FORMAT_VERSION,
-    MANIFEST,
     UPGRADABLE_FORMATS,
     BundleError,
     Manifest,
+    read_manifest_json,
     write_manifest,
 )
 from service.runtime import DeviceError, open_scorer
@@ -107,12 +106,7 @@ def upgrade_bundle(source: Path, out: Path) -> Upgrade:
         )
     if out.exists():
         raise BundleError(f"{out} already exists: give a new directory for the upgraded bundle")
-    try:
-        raw = json.loads((source / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise BundleError(f"cannot read {source / MANIFEST}: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise BundleError(f"{source / MANIFEST} is not a JSON object")
+    raw = read_manifest_json(source)
     manifest, upgrade = upgraded_manifest(raw, now=datetime.now(UTC).isoformat())
     partial = out.with_name(out.name + PARTIAL_SUFFIX)
     if partial.exists():
