@@ -106,6 +106,8 @@ def upgrade_bundle(source: Path, out: Path) -> Upgrade:
         )
     if out.exists():
         raise BundleError(f"{out} already exists: give a new directory for the upgraded bundle")
+    if out.resolve().is_relative_to(source.resolve()):
+        raise BundleError(f"{out} is inside {source}: give a directory outside the old bundle")
     raw = read_manifest_json(source)
     manifest, upgrade = upgraded_manifest(raw, now=datetime.now(UTC).isoformat())
     partial = out.with_name(out.name + PARTIAL_SUFFIX)

@@ -159,6 +159,10 @@ def test_what_is_not_a_bundle_directory_or_a_taken_destination_is_refused(
     with pytest.raises(BundleError, match="already exists"):
         upgrade_bundle(old, taken)
     assert [p.name for p in taken.iterdir()] == ["keep.txt"]
+    before = _digests(old)
+    with pytest.raises(BundleError, match="is inside"):
+        upgrade_bundle(old, old / "new")
+    assert _digests(old) == before
     (old / MANIFEST).write_text("{not json")
     with pytest.raises(BundleError, match="cannot read"):
         upgrade_bundle(old, tmp_path / "new")
