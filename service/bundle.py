@@ -424,9 +424,8 @@ def read_manifest_json(path: Path) -> dict[str, Any]:
 
 
 def _load_directory(path: Path) -> Bundle:
-    manifest = Manifest.from_dict(
-        read_manifest_json(path)
-    )  # first: an old bundle is told what to do
+    # The format first: an old bundle is told what to do before anything else is checked.
+    manifest = Manifest.from_dict(read_manifest_json(path))
     for name in BUNDLE_FILES:
         if not (path / name).is_file():
             raise BundleError(f"bundle {path} lacks {name}")
