@@ -35,6 +35,7 @@ EXPECTED_KEYS = {
     "n_normal",
     "n_anomalous",
     "pixel_auroc",
+    "n_masked",
     "auroc_combined_by_type",
 }
 # The defect head of the known model: probability = sigmoid(GAIN * squared error + BIAS).
@@ -150,7 +151,7 @@ def test_metrics_of_the_known_case(known_case: tuple[Path, Path]) -> None:
     assert metrics["best_tpr_at_fpr"] == {"0.01": 1.0, "0.03": 1.0, "0.05": 1.0}
     # The anomaly map is the standardised log local error at each pixel (window 1: the squared
     # error itself), high exactly on the black square.
-    assert metrics["pixel_auroc"] == 1.0
+    assert metrics["pixel_auroc"] == 1.0 and metrics["n_masked"] == 3
     assert metrics["auroc_combined_by_type"] == {"hole": 1.0}
 
 
@@ -210,7 +211,51 @@ def test_pixel_auroc_is_absent_without_masks(known_case: tuple[Path, Path], tmp_
         target = copy / path.relative_to(data)
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(path.read_bytes())
-    assert evaluate_bundle(bundle, copy, device="cpu")["pixel_auroc"] is None
+    metrics = evaluate_bundle(bundle, copy, device="cpu")
+    assert metrics["pixel_auroc"] is None and metrics["n_masked"] == 0
+
+
+def _copy_of(data: Path, target: Path) -> Path:
+    for path in data.rglob("*.png"):
+        (target / path.relative_to(data)).parent.mkdir(parents=True, exist_ok=True)
+        (target / path.relative_to(data)).write_bytes(path.read_bytes())
+    return target
+
+
+def test_masks_named_as_their_image_are_found_in_any_format(
+    known_case: tuple[Path, Path], tmp_path: Path
+) -> None:
+    bundle, data = known_case
+    copy = _copy_of(data, tmp_path / "data")
+    masks = copy / "ground_truth" / "hole"
+    for mask in sorted(masks.iterdir()):
+        with Image.open(mask) as image:
+            image.save(masks / (mask.name.removesuffix("_mask.png") + ".bmp"))
+        mask.unlink()
+    metrics = evaluate_bundle(bundle, copy, device="cpu")
+    assert metrics["pixel_auroc"] == 1.0 and metrics["n_masked"] == 3
+
+
+def test_defective_images_without_a_mask_are_counted_and_said(
+    known_case: tuple[Path, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    bundle, data = known_case
+    copy = _copy_of(data, tmp_path / "data")
+    (copy / "ground_truth" / "hole" / "1_mask.png").unlink()
+    with caplog.at_level("WARNING", logger="training.evaluate"):
+        metrics = evaluate_bundle(bundle, copy, device="cpu")
+    assert metrics["n_masked"] == 2 and metrics["pixel_auroc"] == 1.0
+    assert "1 of 3 defective test images have no mask" in caplog.text
+    assert "hole: 1" in caplog.text and "reads the others only" in caplog.text
+
+
+def test_two_masks_of_one_image_are_refused(known_case: tuple[Path, Path], tmp_path: Path) -> None:
+    bundle, data = known_case
+    copy = _copy_of(data, tmp_path / "data")
+    masks = copy / "ground_truth" / "hole"
+    (masks / "0_mask.bmp").write_bytes((masks / "0_mask.png").read_bytes())
+    with pytest.raises(DataError, match="two masks named 0_mask"):
+        evaluate_bundle(bundle, copy, device="cpu")
 
 
 def test_report_figures(trained_bundle: Path, demo_data: Path, tmp_path: Path) -> None:

@@ -1,7 +1,8 @@
 """``evaluate``: score ``DATA_DIR/test/*`` through ONNX Runtime exactly as the service does.
 
 Labels come from folder names (``good`` is normal, any other folder anomalous); pixel masks from
-``DATA_DIR/ground_truth/<folder>/<name>_mask.png`` where they exist.
+``DATA_DIR/ground_truth/<folder>/`` where they exist, named as MVTec AD names them
+(``<name>_mask.png``) or as the image itself (``<name>.png``; any image format).
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ AUROC_KEYS: dict[str, str] = {
     "defect_probability": "auroc_defect",
     "coarse_error": "auroc_coarse",
 }
+# The names a defective image's mask may have in ground_truth/<folder>/, in the order they are
+# looked for (without the suffix: any of the image formats the service reads).
+MASK_STEMS = ("{stem}_mask", "{stem}")
 # False-alarm budgets at which evaluate reports the best TPR any threshold on the test set reaches.
 FPR_BUDGETS = (0.01, 0.03, 0.05)
 
@@ -79,6 +83,45 @@ def _load_mask(path: Path, spec: InputSpec) -> npt.NDArray[np.bool_]:
         raise DataError(f"cannot read mask {path}: {exc}") from exc
 
 
+def _mask_index(folder: Path) -> dict[str, Path]:
+    """The image files of a ground-truth folder by name without suffix; raises where two files
+    differ only in their suffix (which of them is the mask?)."""
+    index: dict[str, Path] = {}
+    for path in list_image_files(folder) if folder.is_dir() else []:
+        if path.stem in index:
+            raise DataError(
+                f"{folder} holds two masks named {path.stem}: {index[path.stem].name}, "
+                f"{path.name}; keep one"
+            )
+        index[path.stem] = path
+    return index
+
+
+def _find_mask(index: dict[str, Path], stem: str) -> Path | None:
+    return next(
+        (index[name] for name in (p.format(stem=stem) for p in MASK_STEMS) if name in index), None
+    )
+
+
+def _log_missing_masks(
+    data_dir: Path, labels: list[str], masks: list[npt.NDArray[np.bool_] | None]
+) -> None:
+    """Say where some defective images have a mask and others none: the pixel AUROC is then
+    computed on the masked ones only."""
+    missing = [
+        label for label, mask in zip(labels, masks, strict=True) if label != NORMAL and mask is None
+    ]
+    defective = sum(label != NORMAL for label in labels)
+    if missing and (Path(data_dir) / "ground_truth").is_dir():
+        log.warning(
+            "%d of %d defective test images have no mask in %s/<folder>/ (looked for "
+            "<name>_mask.<ext> and <name>.<ext>; %s): the pixel AUROC %s",
+            len(missing), defective, Path(data_dir) / "ground_truth",
+            ", ".join(f"{k}: {missing.count(k)}" for k in sorted(set(missing))),
+            "reads the others only" if len(missing) < defective else "is not computed",
+        )  # fmt: skip
+
+
 def load_test_set(data_dir: Path, spec: InputSpec, *, need_both: bool = True) -> TestSet:
     """Every image under ``DATA_DIR/test/<kind>/``, preprocessed with the bundle's spec.
 
@@ -107,6 +150,9 @@ def load_test_set(data_dir: Path, spec: InputSpec, *, need_both: bool = True) ->
         )
     images: list[F32Array] = []
     masks: list[npt.NDArray[np.bool_] | None] = []
+    mask_files = {
+        kind: _mask_index(Path(data_dir) / "ground_truth" / kind) for kind in set(labels) - {NORMAL}
+    }
     for path, kind in zip(paths, labels, strict=True):
         try:
             images.append(load_image_file(path, spec))
@@ -115,8 +161,9 @@ def load_test_set(data_dir: Path, spec: InputSpec, *, need_both: bool = True) ->
         if kind == NORMAL:
             masks.append(np.zeros((spec.height, spec.width), dtype=bool))
             continue
-        mask_path = Path(data_dir) / "ground_truth" / kind / f"{path.stem}_mask.png"
-        masks.append(_load_mask(mask_path, spec) if mask_path.is_file() else None)
+        mask_path = _find_mask(mask_files[kind], path.stem)
+        masks.append(_load_mask(mask_path, spec) if mask_path is not None else None)
+    _log_missing_masks(Path(data_dir), labels, masks)
     return TestSet(tuple(paths), tuple(labels), stack(images), tuple(masks))
 
 
@@ -172,6 +219,7 @@ def run_evaluation(
         "n_normal": int((~labels).sum()),
         "n_anomalous": int(labels.sum()),
         "pixel_auroc": pixel,
+        "n_masked": sum(m is not None for m, a in zip(test.masks, labels, strict=True) if a),
         "auroc_combined_by_type": _auroc_by_type(test, scores["combined"]),
         "model_id": scorer.model_id,
         "provider": scorer.provider,
