@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 import training.demo
-from service.bundle import MANIFEST, load_bundle
+from service.bundle import FORMAT_VERSION, MANIFEST, load_bundle
 from training.demo import _prepare_bundle, run
 from training.evaluate import evaluate_bundle
 
@@ -49,7 +49,7 @@ def test_a_cached_bundle_this_release_refuses_is_fitted_again(
     shutil.copytree(demo_data, tmp_path / "data")
     shutil.copytree(trained_bundle, tmp_path / "bundle")
     manifest = tmp_path / "bundle" / MANIFEST
-    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "format_version": 9}))
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "format_version": 7}))
     fits: list[int] = []
 
     def fit(data_dir: Path, bundle_dir: Path, config: Any, *, overwrite: bool) -> Path:
@@ -60,7 +60,7 @@ def test_a_cached_bundle_this_release_refuses_is_fitted_again(
     monkeypatch.setattr(training.demo, "fit_bundle", fit)
     bundle_dir, fitted = _prepare_bundle(tmp_path, seed=0, retrain=False, steps=20)
     out = capsys.readouterr().out
-    assert "cannot be used: manifest format_version is 9; this software reads 10" in out
+    assert "cannot be used: manifest format_version is 7; this software reads 10" in out
     assert "training a bundle" in out and fits == [20]
     assert fitted == load_bundle(bundle_dir).manifest
     loads: list[Path] = []
@@ -74,3 +74,60 @@ def test_a_cached_bundle_this_release_refuses_is_fitted_again(
     _, reused = _prepare_bundle(tmp_path, seed=0, retrain=False, steps=20)
     assert "reusing the bundle" in capsys.readouterr().out and fits == [20]
     assert loads == [bundle_dir] and reused == fitted
+
+
+def test_a_cached_bundle_of_an_upgradable_format_is_upgraded_not_fitted(
+    demo_data: Path,
+    trained_bundle: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    shutil.copytree(demo_data, tmp_path / "data")
+    shutil.copytree(trained_bundle, tmp_path / "bundle")
+    manifest = tmp_path / "bundle" / MANIFEST
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "format_version": 9}))
+
+    def no_fit(*args: Any, **kwargs: Any) -> Path:
+        raise AssertionError("an upgradable cached bundle must not be fitted again")
+
+    monkeypatch.setattr(training.demo, "fit_bundle", no_fit)
+    _, upgraded = _prepare_bundle(tmp_path, seed=0, retrain=False, steps=20)
+    out = capsys.readouterr().out
+    assert "cannot be used: manifest format_version is 9" in out
+    assert "(format 9) to format 10" in out and "training a bundle" not in out
+    assert upgraded.format_version == FORMAT_VERSION
+    # The rule follows from the held-out scores the manifest keeps: the session bundle's own.
+    assert upgraded.calibration.rule == load_bundle(trained_bundle).manifest.calibration.rule
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "data"]
+    # Served from now on: reused as it is.
+    _, reused = _prepare_bundle(tmp_path, seed=0, retrain=False, steps=20)
+    assert "reusing the bundle" in capsys.readouterr().out and reused == upgraded
+
+
+def test_a_cached_bundle_that_cannot_be_upgraded_is_fitted_again(
+    demo_data: Path,
+    trained_bundle: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    shutil.copytree(demo_data, tmp_path / "data")
+    shutil.copytree(trained_bundle, tmp_path / "bundle")
+    manifest = tmp_path / "bundle" / MANIFEST
+    data = json.loads(manifest.read_text())
+    data["format_version"] = 9
+    data["calibration"]["rule"]["method"] = "empirical"  # does not follow from its scores
+    manifest.write_text(json.dumps(data))
+    fits: list[int] = []
+
+    def fit(data_dir: Path, bundle_dir: Path, config: Any, *, overwrite: bool) -> Path:
+        fits.append(config.max_steps)
+        shutil.rmtree(bundle_dir)
+        return Path(shutil.copytree(trained_bundle, bundle_dir))
+
+    monkeypatch.setattr(training.demo, "fit_bundle", fit)
+    _prepare_bundle(tmp_path, seed=0, retrain=False, steps=20)
+    out = capsys.readouterr().out
+    assert "cannot be upgraded:" in out and "training a bundle" in out and fits == [20]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "data"]

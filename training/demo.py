@@ -9,6 +9,7 @@ stops the service with SIGTERM.
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import urllib.request
 from dataclasses import dataclass
@@ -16,10 +17,19 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.bundle import MANIFEST, BundleError, Manifest, load_bundle
+from service.bundle import (
+    MANIFEST,
+    UPGRADABLE_FORMATS,
+    BundleError,
+    Manifest,
+    load_bundle,
+    read_manifest_json,
+)
 from service.client import Client, Result
 from service.preprocessing import list_image_files
+from service.runtime import DeviceError
 from service.server_process import ServerProcess, ServerStartError
+from service.upgrade import describe, upgrade_bundle
 from training.demo_data import generate_demo_dataset
 from training.fit import FitConfig, fit_bundle
 from training.metrics import auroc
@@ -62,9 +72,35 @@ def _cached_manifest(bundle_dir: Path) -> Manifest | str | None:
         return str(exc)
 
 
+def _upgraded_in_place(bundle_dir: Path) -> Manifest | None:
+    """Bring the cached bundle up to date with ``service.upgrade`` where its format allows
+    (seconds, not a fit): its manifest, or None where it cannot be upgraded (the reason said)."""
+    try:
+        version = read_manifest_json(bundle_dir).get("format_version")
+    except BundleError:
+        return None
+    if type(version) is not int or version not in UPGRADABLE_FORMATS:
+        return None
+    upgraded = bundle_dir.with_name(bundle_dir.name + ".upgraded")
+    previous = bundle_dir.with_name(bundle_dir.name + ".previous")
+    for leftover in (upgraded, previous):
+        shutil.rmtree(leftover, ignore_errors=True)
+    try:
+        upgrade = upgrade_bundle(bundle_dir, upgraded)
+    except (BundleError, DeviceError, OSError) as exc:
+        print(f"[demo] the bundle in {bundle_dir} cannot be upgraded: {exc}", flush=True)
+        return None
+    bundle_dir.rename(previous)
+    upgraded.rename(bundle_dir)
+    shutil.rmtree(previous)
+    print(f"[demo] {describe(upgrade, bundle_dir, bundle_dir)}", flush=True)
+    return load_bundle(bundle_dir).manifest
+
+
 def _prepare_bundle(workdir: Path, seed: int, retrain: bool, steps: int) -> tuple[Path, Manifest]:
-    """The demo's bundle and its manifest: the cached one when it can be served, else a new
-    fit; the bundle is loaded once either way."""
+    """The demo's bundle and its manifest: the cached one when it can be served (upgraded first
+    where an older release wrote it in a format ``service.upgrade`` reads), else a new fit; a
+    cached or fitted bundle is loaded once."""
     data_dir, bundle_dir = workdir / "data", workdir / "bundle"
     if not (data_dir / "train" / "good").is_dir():
         print(f"[demo] generating the demo dataset in {data_dir}", flush=True)
@@ -75,6 +111,9 @@ def _prepare_bundle(workdir: Path, seed: int, retrain: bool, steps: int) -> tupl
         return bundle_dir, cached
     if cached is not None:
         print(f"[demo] the bundle in {bundle_dir} cannot be used: {cached}", flush=True)
+        upgraded = _upgraded_in_place(bundle_dir)
+        if upgraded is not None:
+            return bundle_dir, upgraded
     print(f"[demo] training a bundle in {bundle_dir} ({steps} steps)", flush=True)
     config = FitConfig(seed=seed, max_steps=steps, model_version="demo")
     fit_bundle(data_dir, bundle_dir, config, overwrite=True)
