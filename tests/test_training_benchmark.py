@@ -58,6 +58,10 @@ CHECK_KEYS = [
     "heldout_flagged_darker",
     "heldout_flagged_brighter",
 ]
+# The verdicts at each false-alarm rate a request may ask, after the checks.
+RATE_KEYS = [
+    f"{figure}_at_rate_{rate}" for rate in ("0.01", "0.03", "0.05") for figure in ("tpr", "fpr")
+]
 HEADINGS = "| dataset | image AUROC | recon AUROC | KL AUROC | latent AUROC | pixel AUROC |"
 
 
@@ -83,9 +87,14 @@ def test_the_json_has_a_row_per_dataset_and_the_mean(
     table = json.loads((out / "benchmark.json").read_text(encoding="utf-8"))
     assert table == json.loads(json.dumps(rows))
     assert [row["dataset"] for row in table] == ["line_a/flange", "line_b/flange", MEAN]
-    assert list(table[-1]) == ROW_KEYS + SCORE_KEYS + CHECK_KEYS
+    assert list(table[-1]) == ROW_KEYS + SCORE_KEYS + CHECK_KEYS + RATE_KEYS
     for row in table[:-1]:
-        assert list(row)[-len(CHECK_KEYS) :] == CHECK_KEYS
+        assert list(row)[-len(CHECK_KEYS + RATE_KEYS) :] == CHECK_KEYS + RATE_KEYS
+        # Asking the bundle's own rate (1%) gives the calibrated threshold's verdicts.
+        assert row["tpr_at_rate_0.01"] == row["tpr_at_threshold"]
+        assert row["fpr_at_rate_0.01"] == row["fpr_at_threshold"]
+        for key in RATE_KEYS:
+            assert 0.0 <= row[key] <= 1.0, key
         training = load_bundle(out / row["dataset"] / "bundle").manifest.training
         assert row["synthetic_auroc"] == round(training["decision"]["synthetic_auroc"], 4)
         lighting = training["lighting"]
@@ -107,7 +116,7 @@ def test_the_json_has_a_row_per_dataset_and_the_mean(
         n_train = DEMO_SIZE["n_train"] - 5
         assert row["epochs"] == round(20 * 8 / n_train, 1) == 8.4
         assert set(row["auroc_by_type"]) == set(DEFECT_TYPES)
-    for key in ROW_KEYS[1:] + SCORE_KEYS + CHECK_KEYS:
+    for key in ROW_KEYS[1:] + SCORE_KEYS + CHECK_KEYS + RATE_KEYS:
         expected = (table[0][key] + table[1][key]) / 2
         assert table[-1][key] == pytest.approx(expected, abs=1e-4), key
 
@@ -140,7 +149,7 @@ def test_the_markdown_has_a_row_per_dataset_and_the_mean(
         "| dataset | recon_error | kl | local_error | latent_distance | defect_probability"
         " | coarse_error | combined |"
     )
-    assert len(lines) == 3 * (2 + 3)
+    assert len(lines) == 4 * (2 + 3)
     order = ["auroc_recon", "auroc_kl", "auroc_local", "auroc_latent", "auroc_defect"]
     figures = [rows[0][key] for key in [*order, "auroc_coarse", "auroc_combined"]]
     assert lines[7] == "| line_a/flange | " + " | ".join(f"{v:.3f}" for v in figures) + " |"
@@ -155,6 +164,17 @@ def test_the_markdown_has_a_row_per_dataset_and_the_mean(
         lines[12]
         == "| line_a/flange | " + " | ".join(f"{rows[0][key]:.3f}" for key in CHECK_KEYS) + " |"
     )
+    # The fourth: the verdicts at the false-alarm rates a request may ask.
+    assert "## Verdicts at a false-alarm rate asked per request" in text
+    assert lines[15] == (
+        "| dataset | TPR asking 1% | FPR asking 1% | TPR asking 3% | FPR asking 3%"
+        " | TPR asking 5% | FPR asking 5% |"
+    )
+    assert (
+        lines[17]
+        == "| line_a/flange | " + " | ".join(f"{rows[0][key]:.3f}" for key in RATE_KEYS) + " |"
+    )
+    assert lines[19].startswith(f"| **{MEAN}** | ")
 
 
 def _row(name: str, auroc: float, pixel: float | None) -> dict[str, Any]:
@@ -179,13 +199,14 @@ def _row(name: str, auroc: float, pixel: float | None) -> dict[str, Any]:
         "heldout_flagged": 0.0,
         "heldout_flagged_darker": 0.0,
         "heldout_flagged_brighter": 0.25,
+        **{key: 0.5 for key in RATE_KEYS},
     }
 
 
 def test_mean_row_skips_missing_pixel_aurocs() -> None:
     rows = [_row("a", 0.9, None), _row("b", 0.7, 0.8), _row("c", 0.8, None)]
     mean = mean_row(rows)
-    assert list(mean) == ROW_KEYS + SCORE_KEYS + CHECK_KEYS
+    assert list(mean) == ROW_KEYS + SCORE_KEYS + CHECK_KEYS + RATE_KEYS
     assert mean["dataset"] == MEAN
     assert mean["auroc_defect"] == pytest.approx(0.8)
     assert mean["auroc_combined"] == pytest.approx(0.8)

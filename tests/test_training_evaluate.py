@@ -32,6 +32,7 @@ EXPECTED_KEYS = {
     "fpr_at_threshold",
     "tpr_at_threshold",
     "best_tpr_at_fpr",
+    "at_requested_rate",
     "n_normal",
     "n_anomalous",
     "pixel_auroc",
@@ -149,6 +150,16 @@ def test_metrics_of_the_known_case(known_case: tuple[Path, Path]) -> None:
     assert metrics["tpr_at_threshold"] == 1.0
     # Separated perfectly: some threshold flags every hole and no good part.
     assert metrics["best_tpr_at_fpr"] == {"0.01": 1.0, "0.03": 1.0, "0.05": 1.0}
+    # Asking a higher false-alarm rate lowers the threshold (set from the held-out images, as the
+    # service sets it per request); the bundle's own rate (1%) gives its own threshold. Here every
+    # hole stays above and every good part below (the largest z-score of 5 is < 2).
+    at_rate = metrics["at_requested_rate"]
+    assert list(at_rate) == ["0.01", "0.03", "0.05"]
+    assert at_rate["0.01"]["threshold"] == metrics["threshold"]
+    assert (
+        at_rate["0.01"]["threshold"] > at_rate["0.03"]["threshold"] > at_rate["0.05"]["threshold"]
+    )
+    assert all(v["tpr"] == 1.0 and v["fpr"] == 0.0 for v in at_rate.values())
     # The anomaly map is the standardised log local error at each pixel (window 1: the squared
     # error itself), high exactly on the black square.
     assert metrics["pixel_auroc"] == 1.0 and metrics["n_masked"] == 3

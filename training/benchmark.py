@@ -4,7 +4,8 @@ For every MVTec-layout folder: ``fit`` into ``OUT/<dataset>/bundle`` (the defaul
 options are given), ``evaluate`` on its ``test/`` split, and one row of figures. After each
 dataset ``OUT/benchmark.json`` (a list with one object per dataset, then the mean row) and
 ``OUT/benchmark.md`` (the same as a Markdown table, a table of every score's image AUROC alone,
-and one of the fit's checks on held-out normal images) are rewritten, so an interrupted run
+one of the fit's checks on held-out normal images, and one of the verdicts at the false-alarm
+rates a request may ask) are rewritten, so an interrupted run
 keeps what it finished.
 """
 
@@ -21,7 +22,7 @@ from typing import Any
 from service.bundle import load_bundle
 from training.config import FitConfig
 from training.errors import DataError
-from training.evaluate import AUROC_KEYS, budget_key, evaluate_bundle
+from training.evaluate import AUROC_KEYS, FPR_BUDGETS, budget_key, evaluate_bundle
 from training.fit import fit_bundle
 
 log = logging.getLogger(__name__)
@@ -62,10 +63,25 @@ CHECK_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("heldout_flagged_darker", "flagged darker", "{:.3f}"),
     ("heldout_flagged_brighter", "flagged brighter", "{:.3f}"),
 )
+# The verdicts a client gets by asking a false-alarm rate of its own per request (the service
+# sets its threshold from the held-out good images alone): the trade-off an operator chooses on.
+RATE_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("dataset", "dataset", "{}"),
+    *(
+        column
+        for rate in FPR_BUDGETS
+        for column in (
+            (f"tpr_at_rate_{budget_key(rate)}", f"TPR asking {100 * rate:g}%", "{:.3f}"),
+            (f"fpr_at_rate_{budget_key(rate)}", f"FPR asking {100 * rate:g}%", "{:.3f}"),
+        )
+    ),
+)
 _TABLE_KEYS = frozenset(key for key, _, _ in COLUMNS)
 AVERAGED = tuple(
     dict.fromkeys(
-        key for key, _, _ in (*COLUMNS, *SCORE_COLUMNS, *CHECK_COLUMNS) if key != "dataset"
+        key
+        for key, _, _ in (*COLUMNS, *SCORE_COLUMNS, *CHECK_COLUMNS, *RATE_COLUMNS)
+        if key != "dataset"
     )
 )
 
@@ -124,6 +140,11 @@ def _row(
         "heldout_flagged": _rounded(lighting.get("flagged")),
         "heldout_flagged_darker": _rounded(lighting.get("flagged_darker")),
         "heldout_flagged_brighter": _rounded(lighting.get("flagged_brighter")),
+        **{
+            f"{figure}_at_rate_{rate}": verdicts[figure]
+            for rate, verdicts in metrics["at_requested_rate"].items()
+            for figure in ("tpr", "fpr")
+        },
     }
 
 
@@ -171,7 +192,9 @@ def _write(out_dir: Path, rows: list[dict[str, Any]], config: FitConfig) -> None
     text = (
         f"# Quality suite ({settings})\n\n{markdown_table(table)}\n"
         f"## Image AUROC of each score alone\n\n{markdown_table(table, SCORE_COLUMNS)}\n"
-        f"## Checks without test images\n\n{markdown_table(table, CHECK_COLUMNS)}"
+        f"## Checks without test images\n\n{markdown_table(table, CHECK_COLUMNS)}\n"
+        "## Verdicts at a false-alarm rate asked per request (thresholds from held-out good "
+        f"images)\n\n{markdown_table(table, RATE_COLUMNS)}"
     )
     (out_dir / "benchmark.md").write_text(text, encoding="utf-8")
 

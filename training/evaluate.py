@@ -187,6 +187,16 @@ def _auroc_by_type(test: TestSet, combined: F64Array) -> dict[str, float]:
     return result
 
 
+def _verdicts_at_rate(
+    scorer: Scorer, combined: F64Array, labels: npt.NDArray[np.bool_], rate: float
+) -> dict[str, float]:
+    """The threshold the service sets for a request asking false-alarm rate ``rate`` (from the
+    held-out good images alone), and the TPR and FPR of its verdicts on the test set."""
+    threshold = scorer.calibration.rule_for(target_false_alarm_rate=rate).threshold
+    stats = threshold_stats(combined >= threshold, labels)
+    return {"threshold": threshold, "tpr": stats.tpr, "fpr": stats.fpr}
+
+
 def run_evaluation(
     bundle_dir: Path, data_dir: Path, *, device: DevicePolicy = "auto", batch_size: int = 32
 ) -> tuple[Scorer, Evaluation]:
@@ -215,6 +225,10 @@ def run_evaluation(
             budget_key(rate): best_tpr_at_fpr(scores["combined"], labels, rate)
             for rate in FPR_BUDGETS
         },
+        "at_requested_rate": {
+            budget_key(rate): _verdicts_at_rate(scorer, scores["combined"], labels, rate)
+            for rate in FPR_BUDGETS
+        },
         "threshold": parts[0].threshold,
         "n_normal": int((~labels).sum()),
         "n_anomalous": int(labels.sum()),
@@ -229,6 +243,10 @@ def run_evaluation(
     rounded = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
     for key in ("auroc_combined_by_type", "best_tpr_at_fpr"):
         rounded[key] = {k: round(v, 4) for k, v in metrics[key].items()}
+    rounded["at_requested_rate"] = {
+        rate: {k: round(v, 4) for k, v in figures.items()}
+        for rate, figures in metrics["at_requested_rate"].items()
+    }
     evaluation = Evaluation(test, scores, flagged, parts[0].threshold, maps, rounded)
     return scorer, evaluation
 
