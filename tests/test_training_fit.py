@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import training.calibrate
@@ -64,6 +65,9 @@ def test_manifest_records_the_fit(trained_bundle: Path) -> None:
     assert coarse["stop_reason"] == "completed 20 steps"
     assert training["model"]["coarse_factor"] == 4
     assert set(training["versions"]) >= {"torch", "onnx", "onnxruntime", "numpy"}
+    # The kernels behind the weights: another instruction set trains other weights.
+    assert training["device_trained_on"] == "cpu"
+    assert training["device_kernels"] == torch.backends.cpu.get_cpu_capability() != ""
     parity = training["export"]["parity"]
     assert max(parity["max_abs_diff"].values()) <= parity["tolerance"]["atol"] + 1e-3
     assert set(parity["max_abs_diff"]) == {

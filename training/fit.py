@@ -79,7 +79,7 @@ from training.data import (
 from training.errors import ExportError, TrainingError
 from training.export import GOLDEN_TOLERANCE, OPSET, PARITY_EXAMPLES, export_model
 from training.model import VAE
-from training.train import select_device, train_both
+from training.train import device_kernels, select_device, train_both
 
 __all__ = ["FitConfig", "fit_bundle"]
 
@@ -204,6 +204,7 @@ def _fit(data_dir: Path, out_dir: Path, config: FitConfig, overwrite: bool) -> N
         "training": result.summary(),
         "coarse_training": coarse.summary(),
         "device_trained_on": str(device),
+        "device_kernels": device_kernels(device),
     }
     build_bundle(
         result.model,

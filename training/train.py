@@ -104,6 +104,15 @@ def select_device(choice: Device) -> torch.device:
     return torch.device("cpu")
 
 
+def device_kernels(device: torch.device) -> str:
+    """Which kernels trained on ``device``: on a CPU, the instruction set of torch's CPU kernels
+    (``AVX512``, ``AVX2``, ...), on CUDA the GPU's name. Two CPUs of different instruction sets
+    round differently, so the same command and seed train other weights on them."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return torch.backends.cpu.get_cpu_capability()
+
+
 # The arithmetic each --precision value names (auto resolves to one of them).
 PRECISION_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
