@@ -514,8 +514,8 @@ def _conformal_rank(n: int, rate: float) -> int:
 
 def fewest_for_conformal(rate: float) -> int:
     """The fewest held-out values for which :func:`threshold_for_rate` can set a conformal
-    (``empirical``) threshold at ``rate``; below it, the threshold is a Gaussian prediction
-    bound."""
+    (``empirical``) threshold at ``rate`` (it does where that sits below the Gaussian bound at
+    :func:`lowest_conformal_rate`); below it, the threshold is a Gaussian prediction bound."""
     _check_rate(rate)
     n = max(1, math.floor(1.0 / rate) - 2)
     while _conformal_rank(n, rate) > n:
@@ -565,6 +565,13 @@ def threshold_for_rate(combined_sorted: F64Array, rate: float) -> DecisionRule:
     have a longer upper tail than a Gaussian, and a bound on them as they are flags more good
     parts than ``rate``. The transform only ever lengthens the tail assumed: where the values
     kept look shorter-tailed than a Gaussian, the bound is the one on them as they are.
+
+    A higher rate never gets a higher threshold than a lower one. Every rate below
+    ``1 / (n + 1)`` gets the Gaussian bound, so a conformal threshold above the bound at
+    ``1 / (n + 1)`` (the lowest of them) is set to that bound (method ``normal_tail``): with few
+    values more than needed, the conformal order statistic is one of the largest held out, and
+    a client asking 3% would otherwise be given a higher threshold, and fewer alarms, than the
+    default 1%.
     """
     _check_rate(rate)
     kept = without_outliers(combined_sorted)
@@ -572,9 +579,28 @@ def threshold_for_rate(combined_sorted: F64Array, rate: float) -> DecisionRule:
     n = kept.shape[0]
     k = _conformal_rank(n, rate)
     if k <= n:
-        return DecisionRule(float(kept[k - 1]), rate, "empirical", outliers)
+        conformal = float(kept[k - 1])
+        if n >= 2:
+            # Below 1 / (n + 1) every rate gets the Gaussian bound, the lowest of them this one.
+            ceiling = _normal_tail_bound(kept, lowest_conformal_rate(n))
+            if conformal > ceiling:
+                return DecisionRule(ceiling, rate, "normal_tail", outliers)
+        return DecisionRule(conformal, rate, "empirical", outliers)
     if n < 2:
         raise ValueError(f"a threshold needs at least 2 held-out scores, got {n}")
+    return DecisionRule(_normal_tail_bound(kept, rate), rate, "normal_tail", outliers)
+
+
+def lowest_conformal_rate(n: int) -> float:
+    """The smallest false-alarm rate whose conformal threshold ``n`` held-out values give,
+    ``1 / (n + 1)``: its order statistic is the largest of them."""
+    return 1.0 / (n + 1)
+
+
+def _normal_tail_bound(kept: F64Array, rate: float) -> float:
+    """The Gaussian prediction bound at ``rate`` of the ``n >= 2`` values ``kept``, set after
+    their tail's transform from ``TAIL_MIN_VALUES`` of them and mapped back."""
+    n = kept.shape[0]
     lam = _tail_lambda(tuple(kept.tolist())) if n >= TAIL_MIN_VALUES else tail.IDENTITY
     shaped = tail.transform(kept, lam)
     mean = float(shaped.mean())
@@ -586,7 +612,7 @@ def threshold_for_rate(combined_sorted: F64Array, rate: float) -> DecisionRule:
             f"target false-alarm rate {rate} is too small for a threshold from {n} held-out "
             "scores: the bound is beyond the largest double"
         )
-    return DecisionRule(threshold, rate, "normal_tail", outliers)
+    return threshold
 
 
 @dataclass(frozen=True)

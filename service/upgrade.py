@@ -1,11 +1,12 @@
 """Bring a bundle of an older format up to date without training it again.
 
-``python -m service.upgrade OLD_BUNDLE --out NEW_BUNDLE`` (or ``anomaly-upgrade``). Formats 8 and 9
-differ from the current one only in how a ``normal_tail`` threshold follows from the held-out
-combined scores that the manifest keeps (format 8: the Gaussian prediction bound on them as they
-are; format 9: after a tail transform that could also shorten the tail), so the threshold is set
-again from those scores by :func:`service.scoring.threshold_for_rate`, at the bundle's own target
-rate. The model files, references and golden vectors are copied unchanged.
+``python -m service.upgrade OLD_BUNDLE --out NEW_BUNDLE`` (or ``anomaly-upgrade``). Formats 8 to 10
+differ from the current one only in how the threshold follows from the held-out combined scores
+that the manifest keeps (format 8: the Gaussian prediction bound on them as they are; format 9:
+after a tail transform that could also shorten the tail; format 10: a conformal bound could sit
+above the Gaussian bound of a lower rate), so the threshold is set again from those scores by
+:func:`service.scoring.threshold_for_rate`, at the bundle's own target rate. The model files,
+references and golden vectors are copied unchanged.
 
 Where the threshold changes, the fit's lighting check (``training.lighting``: the share of
 held-out images the threshold flags as they are and lit 10% darker and brighter), measured with
@@ -36,7 +37,7 @@ from service.bundle import (
     write_manifest,
 )
 from service.runtime import DeviceError, open_scorer
-from service.scoring import DecisionRule, threshold_for_rate
+from service.scoring import DecisionRule, fewest_for_conformal, threshold_for_rate
 
 PROG = "anomaly-upgrade"
 PARTIAL_SUFFIX = ".partial"
@@ -71,10 +72,17 @@ def upgraded_manifest(raw: Mapping[str, Any], *, now: str) -> tuple[Manifest, Up
         rule = threshold_for_rate(values, stored.target_false_alarm_rate)
     except ValueError as exc:
         raise BundleError(f"cannot set the threshold again: {exc}") from exc
-    if (rule.method, rule.outliers) != (stored.method, stored.outliers):
+    # Every older format set a conformal threshold wherever the values kept reach one.
+    kept = values.size - rule.outliers
+    method = (
+        "empirical"
+        if kept >= fewest_for_conformal(stored.target_false_alarm_rate)
+        else "normal_tail"
+    )
+    if (method, rule.outliers) != (stored.method, stored.outliers):
         raise BundleError(
             f"the manifest's rule ({stored.method}, {stored.outliers} held-out scores left out) "
-            f"does not follow from its {values.size} held-out combined scores ({rule.method}, "
+            f"does not follow from its {values.size} held-out combined scores ({method}, "
             f"{rule.outliers} left out): the manifest was edited; train the bundle again"
         )
     training = dict(manifest.training)
@@ -149,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog=PROG,
         description=(
-            f"Bring a bundle of format {' or '.join(map(str, UPGRADABLE_FORMATS))} up to format "
+            f"Bring a bundle of format {', '.join(map(str, UPGRADABLE_FORMATS))} up to format "
             f"{FORMAT_VERSION} without training it again: its threshold is set again from the "
             "held-out scores its manifest keeps; the models are copied unchanged."
         ),

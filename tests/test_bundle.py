@@ -225,7 +225,7 @@ def test_a_bad_latent_reference_is_refused(bundle_copy: Path, change: str, match
         load_bundle(bundle_copy)
 
 
-@pytest.mark.parametrize("old", [1, 2, 3, 4, 5, 6, 7, 8, 9])
+@pytest.mark.parametrize("old", [1, 2, 3, 4, 5, 6, 7, 8, 9, 10])
 def test_an_older_bundle_is_refused_saying_to_retrain_or_upgrade(
     bundle_copy: Path, old: int
 ) -> None:
@@ -264,7 +264,7 @@ def test_a_format_1_bundle_without_the_new_files_gets_the_retrain_message(
 @pytest.mark.parametrize(
     ("changes", "match"),
     [
-        ({"format_version": 99}, "format_version is 99; this software reads 10$"),
+        ({"format_version": 99}, "format_version is 99; this software reads 11$"),
         ({"latent_grid": {"channels": 2, "rows": 3, "columns": 4}}, "does not give latent_dim"),
         ({"latent_grid": {"channels": 2}}, "manifest is malformed"),
         ({"latent_dim": "many"}, "manifest is malformed"),

@@ -60,7 +60,7 @@ def test_a_cached_bundle_this_release_refuses_is_fitted_again(
     monkeypatch.setattr(training.demo, "fit_bundle", fit)
     bundle_dir, fitted = _prepare_bundle(tmp_path, seed=0, retrain=False, steps=20)
     out = capsys.readouterr().out
-    assert "cannot be used: manifest format_version is 7; this software reads 10" in out
+    assert "cannot be used: manifest format_version is 7; this software reads 11" in out
     assert "training a bundle" in out and fits == [20]
     assert fitted == load_bundle(bundle_dir).manifest
     loads: list[Path] = []
@@ -95,7 +95,7 @@ def test_a_cached_bundle_of_an_upgradable_format_is_upgraded_not_fitted(
     _, upgraded = _prepare_bundle(tmp_path, seed=0, retrain=False, steps=20)
     out = capsys.readouterr().out
     assert "cannot be used: manifest format_version is 9" in out
-    assert "(format 9) to format 10" in out and "training a bundle" not in out
+    assert "(format 9) to format 11" in out and "training a bundle" not in out
     assert upgraded.format_version == FORMAT_VERSION
     # The rule follows from the held-out scores the manifest keeps: the session bundle's own.
     assert upgraded.calibration.rule == load_bundle(trained_bundle).manifest.calibration.rule

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 from statistics import NormalDist
@@ -23,6 +24,7 @@ from service.scoring import (
     SCORE_NAMES,
     TAIL_MIN_VALUES,
     Calibration,
+    DecisionRule,
     ErrorReference,
     F64Array,
     LatentGrid,
@@ -35,6 +37,7 @@ from service.scoring import (
     coarse_window,
     empirical_p_values,
     kl_divergence,
+    lowest_conformal_rate,
     position_maps,
     raw_scores,
     student_t_upper_quantile,
@@ -619,6 +622,51 @@ def test_smaller_rates_give_higher_thresholds_down_to_the_smallest_double() -> N
     rates = [0.5, 0.1, 1e-3, 1e-9, 1e-16, 1e-17, 1e-100, 1e-300, 5e-324]
     thresholds = [threshold_for_rate(few, rate).threshold for rate in rates]
     assert thresholds == sorted(thresholds) and len(set(thresholds)) == len(rates)
+
+
+def _one_high_value(n: int) -> F64Array:
+    """``n - 1`` Gaussian values and one high, though not far enough above them to be left out
+    as an outlier: the conformal bound at rates that just reach it is that one value."""
+    rest = np.random.default_rng(n).standard_normal(n - 1)
+    centre = np.median(rest)
+    scale = MAD_TO_STD * np.median(np.abs(rest - centre))
+    return np.sort(np.append(rest, centre + 0.95 * OUTLIER_DEVIATIONS * scale))
+
+
+RATE_GRID = np.geomspace(1e-4, 0.5, 80)
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        _one_high_value(64),
+        _one_high_value(150),
+        np.sort(np.random.default_rng(1).gamma(2.0, 1.0, 40)),
+        np.sort(np.random.default_rng(2).lognormal(0.0, 0.5, 99)),
+        np.sort(np.random.default_rng(3).standard_normal(500)),
+        np.sort(np.random.default_rng(4).standard_normal(TAIL_MIN_VALUES - 1)),
+    ],
+    ids=["one-high-64", "one-high-150", "gamma-40", "lognormal-99", "normal-500", "normal-19"],
+)
+def test_a_higher_rate_never_gets_a_higher_threshold(values: F64Array) -> None:
+    thresholds = [threshold_for_rate(values, float(rate)).threshold for rate in RATE_GRID]
+    assert all(a >= b for a, b in itertools.pairwise(thresholds))
+
+
+def test_a_conformal_bound_above_the_lowest_gaussian_one_is_set_to_it() -> None:
+    values = _one_high_value(64)
+    lowest = lowest_conformal_rate(64)
+    assert lowest == 1 / 65 and threshold_for_rate(values, lowest).threshold < values[-1]
+    just_below = threshold_for_rate(values, lowest * (1 - 1e-9))
+    assert just_below.method == "normal_tail"
+    # 3% reaches the conformal bound, the largest value (65 * 0.97 rounds up to 64), which sits
+    # above the 1% threshold: it is set to the Gaussian bound at 1/65 instead.
+    assert math.ceil(65 * 0.97) == 64 and values[-1] > threshold_for_rate(values, 0.01).threshold
+    capped = threshold_for_rate(values, 0.03)
+    assert capped.method == "normal_tail" and capped.target_false_alarm_rate == 0.03
+    assert capped.threshold == pytest.approx(just_below.threshold, rel=1e-6)
+    # Where the conformal bound sits below that ceiling it stands: 10% is the 59th value.
+    assert threshold_for_rate(values, 0.1) == DecisionRule(values[58], 0.1, "empirical", 0)
 
 
 def test_false_alarm_rate_of_the_calibrated_threshold_is_near_the_target() -> None:

@@ -414,7 +414,7 @@ def test_model_info_describes_model_device_and_limits(client: Client, model: Loa
     )
     assert info.latent_dim == grid.channels * grid.rows * grid.columns
     assert dict(info.combined_weights) == dict(manifest.calibration.weights)
-    assert info.bundle_format_version == manifest.format_version == 10
+    assert info.bundle_format_version == manifest.format_version == 11
     assert info.default_rule.threshold == manifest.calibration.rule.threshold
     assert info.default_rule.outliers_left_out == manifest.calibration.rule.outliers
     assert info.calibration_size == len(manifest.calibration.combined.values)

@@ -95,6 +95,11 @@ def test_the_json_has_a_row_per_dataset_and_the_mean(
         assert row["fpr_at_rate_0.01"] == row["fpr_at_threshold"]
         for key in RATE_KEYS:
             assert 0.0 <= row[key] <= 1.0, key
+        # Asking more false alarms never lowers the catch: no rate's threshold is above a
+        # lower rate's.
+        for figure in ("tpr", "fpr"):
+            at = [row[f"{figure}_at_rate_{rate}"] for rate in ("0.01", "0.03", "0.05")]
+            assert at == sorted(at), figure
         training = load_bundle(out / row["dataset"] / "bundle").manifest.training
         assert row["synthetic_auroc"] == round(training["decision"]["synthetic_auroc"], 4)
         lighting = training["lighting"]

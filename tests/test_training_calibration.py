@@ -116,16 +116,23 @@ def test_small_calibration_sets_use_the_normal_tail() -> None:
 def test_fewest_values_for_a_conformal_threshold(rate: float, fewest: int) -> None:
     assert fewest_for_conformal(rate) == fewest
     normal = _normal_scores(fewest, np.random.default_rng(11))
-    for n, method in ((fewest, "empirical"), (fewest - 1, "normal_tail")):
+    for n in (fewest, fewest - 1):
         if n < 2:
             continue
-        rule = Calibration.fit(
+        calibration = Calibration.fit(
             {name: values[:n] for name, values in normal.items()},
             {"local_error": 1.0},
             target_false_alarm_rate=rate,
             local_window=4,
-        ).rule
-        assert rule.method == method, n
+        )
+        rule, largest = calibration.rule, max(calibration.combined.values)
+        if n < fewest:
+            assert rule.method == "normal_tail", n
+        else:
+            # The conformal bound is the largest held-out value; where the Gaussian bound at
+            # 1 / (n + 1) sits lower, no higher rate may get more than it (threshold_for_rate).
+            expected = "empirical" if rule.threshold == largest else "normal_tail"
+            assert rule.method == expected and rule.threshold <= largest, n
 
 
 def test_fewest_values_refuses_rates_outside_zero_one() -> None:
@@ -147,6 +154,14 @@ def test_the_fit_log_says_how_the_threshold_was_set() -> None:
     conformal = describe_rule(DecisionRule(2.5, 0.05, "empirical"), held_out=300)
     assert conformal == (
         "threshold 2.500 for a 5% false-alarm rate: the conformal bound on 300 held-out good images"
+    )
+    # 64 held-out images bound 3% conformally, but that bound sat above the lowest Gaussian one.
+    capped = describe_rule(DecisionRule(3.98, 0.03, "normal_tail"), held_out=64)
+    assert capped == (
+        "threshold 3.980 for a 3% false-alarm rate: the Gaussian prediction bound from 64 held-out "
+        "good images after a transform fitted to their tail at 1.54%, the lowest rate their "
+        "conformal bound reaches, which sits below the conformal bound at this rate: no rate gets "
+        "a higher threshold than a lower one"
     )
 
 

@@ -35,7 +35,7 @@ def test_bundle_loads_and_self_tests(trained_bundle: Path) -> None:
     scorer.self_test()
     spec = scorer.manifest.input
     assert (spec.height, spec.width, spec.color_mode, spec.scale) == (32, 32, "RGB", 1 / 255)
-    assert scorer.manifest.format_version == FORMAT_VERSION == 10
+    assert scorer.manifest.format_version == FORMAT_VERSION == 11
     assert scorer.manifest.latent == LatentGrid(channels=2, rows=4, columns=4)
     assert scorer.manifest.latent_dim == 32
     golden = scorer.bundle.golden

@@ -49,7 +49,7 @@ def _old_bundle(trained_bundle: Path, tmp_path: Path, version: int) -> Path:
     return old
 
 
-@pytest.mark.parametrize("version", [8, 9])
+@pytest.mark.parametrize("version", [8, 9, 10])
 def test_an_older_bundle_is_upgraded_with_its_threshold_set_again(
     trained_bundle: Path, tmp_path: Path, version: int
 ) -> None:
@@ -81,6 +81,34 @@ def test_an_older_bundle_is_upgraded_with_its_threshold_set_again(
     assert training["upgraded"]["previous_rule"]["threshold"] == PREVIOUS_THRESHOLD
     assert training["upgraded"]["lighting_with_previous_threshold"] == lighting
     assert not (tmp_path / ("new" + PARTIAL_SUFFIX)).exists()
+
+
+def test_a_format_10_conformal_threshold_above_a_lower_rates_is_lowered(
+    trained_bundle: Path, tmp_path: Path
+) -> None:
+    # 64 held-out scores, the largest high: format 10 set a 3% threshold on that one value (the
+    # conformal bound), above its own 1% threshold; format 11 never lets a higher rate get a
+    # higher threshold than a lower one.
+    rng = np.random.default_rng(5)
+    values = np.sort(np.append(rng.standard_normal(63), 3.5))
+    assert threshold_for_rate(values, 0.01).threshold < values[-1]
+    old = Path(shutil.copytree(trained_bundle, tmp_path / "old"))
+    data = _manifest(old)
+    data["format_version"] = 10
+    data["calibration"]["combined_values"] = values.tolist()
+    data["calibration"]["rule"] = {
+        "threshold": float(values[-1]),
+        "target_false_alarm_rate": 0.03,
+        "method": "empirical",
+        "outliers": 0,
+    }
+    _write(old, data)
+    upgrade = upgrade_bundle(old, tmp_path / "new")
+    assert upgrade.current == threshold_for_rate(values, 0.03)
+    assert upgrade.current.method == "normal_tail"
+    assert upgrade.current.threshold < threshold_for_rate(values, 0.01).threshold < values[-1]
+    rule = load_bundle(tmp_path / "new").manifest.calibration.rule
+    assert rule == upgrade.current and rule.target_false_alarm_rate == 0.03
 
 
 def test_a_threshold_that_does_not_change_keeps_the_lighting_check_in_place(

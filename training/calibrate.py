@@ -36,6 +36,7 @@ from service.scoring import (
     ModelOutputs,
     batch_slices,
     fewest_for_conformal,
+    lowest_conformal_rate,
     raw_scores,
 )
 from training.metrics import auroc
@@ -357,14 +358,22 @@ def describe_rule(rule: DecisionRule, held_out: int) -> str:
     few)."""
     kept = held_out - rule.outliers
     shaped = " after a transform fitted to their tail" if kept >= TAIL_MIN_VALUES else ""
-    how = (
-        f"the conformal bound on {kept} held-out good images"
-        if rule.method == "empirical"
-        else f"a Gaussian prediction bound from {kept} held-out good images{shaped} (the conformal "
-        f"bound at this rate needs {fewest_for_conformal(rule.target_false_alarm_rate)}; the "
-        "fewer held out, the higher the bound sits above them: --holdout-fraction holds out "
-        "more)"
-    )
+    needed = fewest_for_conformal(rule.target_false_alarm_rate)
+    if rule.method == "empirical":
+        how = f"the conformal bound on {kept} held-out good images"
+    elif kept >= needed:
+        how = (
+            f"the Gaussian prediction bound from {kept} held-out good images{shaped} at "
+            f"{100 * lowest_conformal_rate(kept):.3g}%, the lowest rate their conformal bound "
+            "reaches, which sits below the conformal bound at this rate: no rate gets a higher "
+            "threshold than a lower one"
+        )
+    else:
+        how = (
+            f"a Gaussian prediction bound from {kept} held-out good images{shaped} (the "
+            f"conformal bound at this rate needs {needed}; the fewer held out, the higher the "
+            "bound sits above them: --holdout-fraction holds out more)"
+        )
     left_out = (
         f"; {rule.outliers} far above the rest left out as parts that do not look good"
         if rule.outliers
