@@ -94,8 +94,9 @@ def test_a_cached_bundle_of_an_upgradable_format_is_upgraded_not_fitted(
     monkeypatch.setattr(training.demo, "fit_bundle", no_fit)
     _, upgraded = _prepare_bundle(tmp_path, seed=0, retrain=False, steps=20)
     out = capsys.readouterr().out
-    assert "cannot be used: manifest format_version is 9" in out
+    assert "is of format 9, an older release's: upgrading it" in out
     assert "(format 9) to format 11" in out and "training a bundle" not in out
+    assert "cannot be used" not in out
     assert upgraded.format_version == FORMAT_VERSION
     # The rule follows from the held-out scores the manifest keeps: the session bundle's own.
     assert upgraded.calibration.rule == load_bundle(trained_bundle).manifest.calibration.rule

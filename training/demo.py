@@ -72,15 +72,23 @@ def _cached_manifest(bundle_dir: Path) -> Manifest | str | None:
         return str(exc)
 
 
-def _upgraded_in_place(bundle_dir: Path) -> Manifest | None:
-    """Bring the cached bundle up to date with ``service.upgrade`` where its format allows
-    (seconds, not a fit): its manifest, or None where it cannot be upgraded (the reason said)."""
+def _upgradable_format(bundle_dir: Path) -> int | None:
+    """The cached bundle's format where ``service.upgrade`` reads it, else None."""
     try:
         version = read_manifest_json(bundle_dir).get("format_version")
     except BundleError:
         return None
-    if type(version) is not int or version not in UPGRADABLE_FORMATS:
-        return None
+    return version if type(version) is int and version in UPGRADABLE_FORMATS else None
+
+
+def _upgraded_in_place(bundle_dir: Path, version: int) -> Manifest | None:
+    """Bring the cached bundle of format ``version`` up to date with ``service.upgrade``
+    (seconds, not a fit): its manifest, or None where the upgrade refuses (the reason said)."""
+    print(
+        f"[demo] the bundle in {bundle_dir} is of format {version}, an older release's: "
+        "upgrading it (python -m service.upgrade)",
+        flush=True,
+    )
     upgraded = bundle_dir.with_name(bundle_dir.name + ".upgraded")
     previous = bundle_dir.with_name(bundle_dir.name + ".previous")
     for leftover in (upgraded, previous):
@@ -109,11 +117,13 @@ def _prepare_bundle(workdir: Path, seed: int, retrain: bool, steps: int) -> tupl
     if isinstance(cached, Manifest):
         print(f"[demo] reusing the bundle in {bundle_dir} (--retrain to fit again)", flush=True)
         return bundle_dir, cached
-    if cached is not None:
-        print(f"[demo] the bundle in {bundle_dir} cannot be used: {cached}", flush=True)
-        upgraded = _upgraded_in_place(bundle_dir)
+    version = None if cached is None else _upgradable_format(bundle_dir)
+    if version is not None:
+        upgraded = _upgraded_in_place(bundle_dir, version)
         if upgraded is not None:
             return bundle_dir, upgraded
+    elif cached is not None:
+        print(f"[demo] the bundle in {bundle_dir} cannot be used: {cached}", flush=True)
     print(f"[demo] training a bundle in {bundle_dir} ({steps} steps)", flush=True)
     config = FitConfig(seed=seed, max_steps=steps, model_version="demo")
     fit_bundle(data_dir, bundle_dir, config, overwrite=True)
