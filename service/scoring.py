@@ -581,8 +581,7 @@ def threshold_for_rate(combined_sorted: F64Array, rate: float) -> DecisionRule:
     if k <= n:
         conformal = float(kept[k - 1])
         if n >= 2:
-            # Below 1 / (n + 1) every rate gets the Gaussian bound, the lowest of them this one.
-            ceiling = _normal_tail_bound(kept, lowest_conformal_rate(n))
+            ceiling = _conformal_ceiling(tuple(kept.tolist()))
             if conformal > ceiling:
                 return DecisionRule(ceiling, rate, "normal_tail", outliers)
         return DecisionRule(conformal, rate, "empirical", outliers)
@@ -595,6 +594,14 @@ def lowest_conformal_rate(n: int) -> float:
     """The smallest false-alarm rate whose conformal threshold ``n`` held-out values give,
     ``1 / (n + 1)``: its order statistic is the largest of them."""
     return 1.0 / (n + 1)
+
+
+@lru_cache(maxsize=8)
+def _conformal_ceiling(kept: tuple[float, ...]) -> float:
+    """The Gaussian bound at :func:`lowest_conformal_rate` of a bundle's kept held-out scores:
+    every lower rate gets the Gaussian bound, and this is the lowest of them. Computed once per
+    held-out set, as every request that asks its own rate needs it."""
+    return _normal_tail_bound(np.asarray(kept, dtype=np.float64), lowest_conformal_rate(len(kept)))
 
 
 def _normal_tail_bound(kept: F64Array, rate: float) -> float:
