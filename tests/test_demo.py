@@ -6,6 +6,7 @@ import argparse
 import json
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,37 @@ def test_demo_scores_every_test_image_through_the_service_and_stops_cleanly(
     assert float(match.group(1)) == pytest.approx(expected, abs=6e-4)
 
 
+def _cached_bundle_of_format(
+    demo_data: Path,
+    trained_bundle: Path,
+    workdir: Path,
+    version: int,
+    edit: Callable[[dict[str, Any]], None] = lambda data: None,
+) -> None:
+    """A demo workdir whose cached bundle is the session's, its manifest marked ``version``
+    (and changed by ``edit``)."""
+    shutil.copytree(demo_data, workdir / "data")
+    shutil.copytree(trained_bundle, workdir / "bundle")
+    manifest = workdir / "bundle" / MANIFEST
+    data = {**json.loads(manifest.read_text()), "format_version": version}
+    edit(data)
+    manifest.write_text(json.dumps(data))
+
+
+def _recorded_fits(monkeypatch: pytest.MonkeyPatch, trained_bundle: Path) -> list[int]:
+    """The demo's fits, recorded by their step budget; the session bundle stands in for each
+    (the real fit takes minutes)."""
+    fits: list[int] = []
+
+    def fit(data_dir: Path, bundle_dir: Path, config: Any, *, overwrite: bool) -> Path:
+        fits.append(config.max_steps)
+        shutil.rmtree(bundle_dir)
+        return Path(shutil.copytree(trained_bundle, bundle_dir))
+
+    monkeypatch.setattr(training.demo, "fit_bundle", fit)
+    return fits
+
+
 def test_a_cached_bundle_this_release_refuses_is_fitted_again(
     demo_data: Path,
     trained_bundle: Path,
@@ -46,18 +78,8 @@ def test_a_cached_bundle_this_release_refuses_is_fitted_again(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    shutil.copytree(demo_data, tmp_path / "data")
-    shutil.copytree(trained_bundle, tmp_path / "bundle")
-    manifest = tmp_path / "bundle" / MANIFEST
-    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "format_version": 7}))
-    fits: list[int] = []
-
-    def fit(data_dir: Path, bundle_dir: Path, config: Any, *, overwrite: bool) -> Path:
-        fits.append(config.max_steps)  # the real fit takes minutes; the session bundle stands in
-        shutil.rmtree(bundle_dir)
-        return Path(shutil.copytree(trained_bundle, bundle_dir))
-
-    monkeypatch.setattr(training.demo, "fit_bundle", fit)
+    _cached_bundle_of_format(demo_data, trained_bundle, tmp_path, 7)
+    fits = _recorded_fits(monkeypatch, trained_bundle)
     bundle_dir, fitted = _prepare_bundle(tmp_path, seed=0, retrain=False, steps=20)
     out = capsys.readouterr().out
     assert "cannot be used: manifest format_version is 7; this software reads 11" in out
@@ -83,10 +105,7 @@ def test_a_cached_bundle_of_an_upgradable_format_is_upgraded_not_fitted(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    shutil.copytree(demo_data, tmp_path / "data")
-    shutil.copytree(trained_bundle, tmp_path / "bundle")
-    manifest = tmp_path / "bundle" / MANIFEST
-    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "format_version": 9}))
+    _cached_bundle_of_format(demo_data, trained_bundle, tmp_path, 9)
 
     def no_fit(*args: Any, **kwargs: Any) -> Path:
         raise AssertionError("an upgradable cached bundle must not be fitted again")
@@ -113,21 +132,12 @@ def test_a_cached_bundle_that_cannot_be_upgraded_is_fitted_again(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    shutil.copytree(demo_data, tmp_path / "data")
-    shutil.copytree(trained_bundle, tmp_path / "bundle")
-    manifest = tmp_path / "bundle" / MANIFEST
-    data = json.loads(manifest.read_text())
-    data["format_version"] = 9
-    data["calibration"]["rule"]["method"] = "empirical"  # does not follow from its scores
-    manifest.write_text(json.dumps(data))
-    fits: list[int] = []
 
-    def fit(data_dir: Path, bundle_dir: Path, config: Any, *, overwrite: bool) -> Path:
-        fits.append(config.max_steps)
-        shutil.rmtree(bundle_dir)
-        return Path(shutil.copytree(trained_bundle, bundle_dir))
+    def edited(data: dict[str, Any]) -> None:
+        data["calibration"]["rule"]["method"] = "empirical"  # does not follow from its scores
 
-    monkeypatch.setattr(training.demo, "fit_bundle", fit)
+    _cached_bundle_of_format(demo_data, trained_bundle, tmp_path, 9, edited)
+    fits = _recorded_fits(monkeypatch, trained_bundle)
     _prepare_bundle(tmp_path, seed=0, retrain=False, steps=20)
     out = capsys.readouterr().out
     assert "cannot be upgraded:" in out and "training a bundle" in out and fits == [20]

@@ -157,7 +157,7 @@ def test_the_markdown_has_a_row_per_dataset_and_the_mean(
     assert len(lines) == 4 * (2 + 3)
     order = ["auroc_recon", "auroc_kl", "auroc_local", "auroc_latent", "auroc_defect"]
     figures = [rows[0][key] for key in [*order, "auroc_coarse", "auroc_combined"]]
-    assert lines[7] == "| line_a/flange | " + " | ".join(f"{v:.3f}" for v in figures) + " |"
+    assert lines[7] == _table_line("line_a/flange", figures)
     assert lines[9].startswith(f"| **{MEAN}** | ")
     # The third: the fit's checks on held-out normal images, no test image involved.
     assert "## Checks without test images" in text
@@ -165,21 +165,20 @@ def test_the_markdown_has_a_row_per_dataset_and_the_mean(
         "| dataset | synthetic-defect AUROC | held-out flagged | flagged darker"
         " | flagged brighter |"
     )
-    assert (
-        lines[12]
-        == "| line_a/flange | " + " | ".join(f"{rows[0][key]:.3f}" for key in CHECK_KEYS) + " |"
-    )
+    assert lines[12] == _table_line("line_a/flange", [rows[0][key] for key in CHECK_KEYS])
     # The fourth: the verdicts at the false-alarm rates a request may ask.
     assert "## Verdicts at a false-alarm rate asked per request" in text
     assert lines[15] == (
         "| dataset | TPR asking 1% | FPR asking 1% | TPR asking 3% | FPR asking 3%"
         " | TPR asking 5% | FPR asking 5% |"
     )
-    assert (
-        lines[17]
-        == "| line_a/flange | " + " | ".join(f"{rows[0][key]:.3f}" for key in RATE_KEYS) + " |"
-    )
+    assert lines[17] == _table_line("line_a/flange", [rows[0][key] for key in RATE_KEYS])
     assert lines[19].startswith(f"| **{MEAN}** | ")
+
+
+def _table_line(name: str, figures: list[float]) -> str:
+    """A row of benchmark.md as written: the name, then each figure to three decimals."""
+    return f"| {name} | " + " | ".join(f"{v:.3f}" for v in figures) + " |"
 
 
 def _row(name: str, auroc: float, pixel: float | None) -> dict[str, Any]:
