@@ -8,7 +8,12 @@ from typing import Any
 
 import pytest
 
-from service.runtime import cuda_device_count
+from training.kernels import DEFAULT_CPU_KERNELS, hold_cpu_kernels
+
+# Before numpy and torch load: the tests' fits run the kernels of the command line's default.
+hold_cpu_kernels(DEFAULT_CPU_KERNELS)
+
+from service.runtime import cuda_device_count  # noqa: E402
 
 # A small demo dataset; training imports (torch) stay inside the fixtures so that serving tests
 # can run where torch is not installed.

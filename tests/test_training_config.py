@@ -52,6 +52,7 @@ NON_DEFAULT: dict[str, tuple[list[str], Any]] = {
     "device": (["--device", "cpu"], "cpu"),
     "precision": (["--precision", "bf16"], "bf16"),
     "threads": (["--threads", "2"], 2),
+    "cpu_kernels": (["--cpu-kernels", "native"], "native"),
     "target_false_alarm_rate": (["--target-false-alarm-rate", "0.05"], 0.05),
     "local_window": (["--local-window", "6"], 6),
     "weights": (

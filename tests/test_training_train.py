@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -393,6 +394,7 @@ def test_device_policy() -> None:
 
 def test_auto_precision_is_bf16_on_a_cpu_with_amx_only(monkeypatch: pytest.MonkeyPatch) -> None:
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(training.train, "amx_held_off", lambda: False)
     monkeypatch.setattr(training.train, "cpu_has_amx", lambda: True)
     assert select_precision("auto", cpu) == torch.bfloat16
     assert select_precision("auto", cuda) == torch.float32
@@ -400,6 +402,19 @@ def test_auto_precision_is_bf16_on_a_cpu_with_amx_only(monkeypatch: pytest.Monke
     assert select_precision("auto", cpu) == torch.float32
     assert select_precision("bf16", cpu) == torch.bfloat16
     assert select_precision("fp32", cpu) == torch.float32
+
+
+def test_kernels_held_to_avx2_keep_auto_from_bf16_and_warn_when_it_is_asked(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(training.train, "cpu_has_amx", lambda: True)
+    monkeypatch.setattr(training.train, "amx_held_off", lambda: True)
+    with caplog.at_level(logging.WARNING, logger="training.train"):
+        assert select_precision("auto", cpu) == torch.float32
+        assert not caplog.records
+        assert select_precision("bf16", cpu) == torch.bfloat16
+    assert "held to AVX2: oneDNN may not use this CPU's AMX tiles" in caplog.text
 
 
 def test_bf16_on_a_gpu_without_it_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -18,6 +18,7 @@ from typing import Any, Literal
 from service.preprocessing import ResizeMethod
 from service.scoring import SCORE_NAMES
 from training.errors import ConfigError
+from training.kernels import DEFAULT_CPU_KERNELS, CpuKernels
 from training.model import VAEConfig
 
 ColorChoice = Literal["auto", "L", "RGB"]
@@ -205,6 +206,18 @@ class FitConfig:
         ),
     )
     threads: int | None = field(default=None, metadata=_option("CPU threads of torch", "training"))
+    cpu_kernels: CpuKernels = field(
+        default=DEFAULT_CPU_KERNELS,
+        metadata=_option(
+            "instruction set of the CPU kernels (torch, oneDNN, MKL, numpy, OpenBLAS): avx2 holds "
+            "them to AVX2 on a CPU with AVX-512, so that every x86 CPU trains the same model from "
+            "the same command and seed (on this project's AMD CPU it is also the faster); native "
+            "lets them use the CPU's widest set, which trains other weights there (and may be "
+            "faster on Intel CPUs with AVX-512). Set before numpy and torch load: the command "
+            "line does it; a Python caller calls training.kernels.hold_cpu_kernels first",
+            "training",
+        ),
+    )
     # Decision: None takes the default window and score weights (training.calibrate).
     target_false_alarm_rate: float = field(
         default=0.01, metadata=_option("false-alarm rate of the default threshold", "decision")

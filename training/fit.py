@@ -76,8 +76,9 @@ from training.data import (
     split_rows_in_place,
     training_folder,
 )
-from training.errors import ExportError, TrainingError
+from training.errors import ConfigError, ExportError, TrainingError
 from training.export import GOLDEN_TOLERANCE, OPSET, PARITY_EXAMPLES, export_model
+from training.kernels import kernels_wider_than_held
 from training.model import VAE
 from training.train import device_kernels, select_device, train_both
 
@@ -107,6 +108,19 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
         )
 
 
+def _check_cpu_kernels(config: FitConfig) -> None:
+    if config.cpu_kernels == "native":
+        return
+    wider = kernels_wider_than_held()
+    if wider:
+        raise ConfigError(
+            f"option cpu_kernels has value {config.cpu_kernels!r} but wider kernels run: "
+            f"{'; '.join(wider)}. numpy or torch loaded before the hold: run the command line "
+            "(python -m training), or call training.kernels.hold_cpu_kernels('avx2') before "
+            "importing them, or ask for cpu_kernels='native' (another model than other CPUs')"
+        )
+
+
 def _versions() -> dict[str, str]:
     return {
         "python": platform.python_version(),
@@ -124,6 +138,7 @@ def fit_bundle(
     """Train, export, calibrate and self-test; returns the bundle directory ``out_dir``."""
     config = config or FitConfig()
     data_dir, out_dir = Path(data_dir), Path(out_dir)
+    _check_cpu_kernels(config)
     _check_out_dir(out_dir, overwrite)
     with _torch_threads(config.threads):
         _fit(data_dir, out_dir, config, overwrite)

@@ -38,6 +38,7 @@ from service.preprocessing import PIXEL_SCALE, Images, model_input
 from service.scoring import batch_slices
 from training.config import Device, FitConfig, Precision
 from training.errors import ConfigError
+from training.kernels import amx_held_off
 from training.loss import ELBOLoss, focal_loss
 from training.model import VAE, downsample, reparameterise
 from training.synth import SHADED_TRAINING_DEFECTS, TRAINING_DEFECTS, corrupt
@@ -126,9 +127,17 @@ def cpu_has_amx() -> bool:
 
 def select_precision(choice: Precision, device: torch.device) -> torch.dtype:
     """The dtype of the training's convolutions: bfloat16 when asked for or (``auto``) on a CPU
-    with AMX, else float32. bf16 on CUDA needs a GPU that computes it (fails loudly)."""
+    whose kernels may use AMX (not held to AVX2, :mod:`training.kernels`), else float32. bf16 on
+    CUDA needs a GPU that computes it (fails loudly)."""
+    amx = device.type == "cpu" and cpu_has_amx()
     if choice == "auto":
-        choice = "bf16" if device.type == "cpu" and cpu_has_amx() else "fp32"
+        choice = "bf16" if amx and not amx_held_off() else "fp32"
+    elif choice == "bf16" and amx and amx_held_off():
+        log.warning(
+            "precision bf16 with the CPU kernels held to AVX2: oneDNN may not use this CPU's "
+            "AMX tiles, so bfloat16 steps are no faster than float32 ones (--cpu-kernels native "
+            "lets it, and trains another model than other CPUs)"
+        )
     if choice == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ConfigError("option precision has value 'bf16' but this GPU lacks bfloat16")
     return PRECISION_DTYPES[choice]
