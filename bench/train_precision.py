@@ -8,7 +8,9 @@ Each round trains the default local model and coarse VAE (the fit's own loop,
 Printed per round: each precision's seconds per step for the local model and the coarse VAE,
 and bf16's time as a share of fp32's; the shares are comparable where the seconds are not (a
 shared machine's speed drifts within minutes). Whether this CPU has Intel AMX is printed too:
-without it bf16 is emulated and slower.
+without it bf16 is emulated and slower. The script holds no kernels (training.kernels): the
+libraries run the CPU's widest, as a fit does with ``--cpu-kernels native``, which bf16's speed
+on AMX needs.
 """
 
 from __future__ import annotations
@@ -78,8 +80,10 @@ def main(argv: list[str] | None = None) -> None:
 
 def _compare(base: FitConfig, samples: npt.NDArray[np.uint8], rounds: int) -> None:
     print(
-        f"CPU with Intel AMX: {'yes' if cpu_has_amx() else 'no'}; {torch.get_num_threads()} torch "
-        f"threads; {base.max_steps} steps per model, crops of {base.crop_size}, batches of "
+        f"CPU with Intel AMX: {'yes' if cpu_has_amx() else 'no'}; torch's kernels "
+        f"{torch.backends.cpu.get_cpu_capability()}; "
+        f"{torch.get_num_threads()} torch threads; {base.max_steps} steps per model, crops of "
+        f"{base.crop_size}, batches of "
         f"{base.batch_size}"
     )
     shares: list[tuple[float, float]] = []

@@ -199,9 +199,9 @@ class FitConfig:
             "arithmetic of the training's networks: bf16 is bfloat16 mixed precision (weights, "
             "updates and losses in float32), whose training steps take about 0.6 of the time "
             "on a CPU with Intel AMX; over six development fits its models' image AUROC was "
-            "0.005 lower on average, two of them 0.03-0.04 lower (see the README); auto is bf16 "
-            "on such a CPU and fp32 elsewhere (CUDA included). The bundle's graphs are float32 "
-            "either way",
+            "0.005 lower on average, two of them 0.03-0.04 lower (see the README); AMX needs "
+            "--cpu-kernels native; auto is bf16 on such a CPU with native kernels and fp32 "
+            "elsewhere (CUDA included). The bundle's graphs are float32 either way",
             "training",
         ),
     )
