@@ -22,7 +22,11 @@ def test_each_round_prints_both_precisions_and_their_share(
 ) -> None:
     main(["--steps", "2", "--rounds", "2", "--image-size", "32", "--images", "6", "--threads", "1"])
     out = capsys.readouterr().out
-    assert re.search(r"CPU with Intel AMX: (yes|no); 1 torch threads; 2 steps per model", out)
+    assert re.search(
+        r"CPU with Intel AMX: (yes|no); torch's kernels [A-Z0-9]+; 1 torch threads; "
+        r"2 steps per model",
+        out,
+    )
     rounds = re.findall(
         r"round (\d): local model \d+ ms/step fp32, \d+ bf16 \((\d+\.\d\d)\); coarse VAE \d+ fp32, "
         r"\d+ bf16 \((\d+\.\d\d)\)",
