@@ -20,6 +20,7 @@ from training.kernels import (
     cpu_kernels_from_argv,
     hold_cpu_kernels,
     kernels_wider_than_held,
+    why_wider,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,6 +93,12 @@ def test_holding_after_numpy_loaded_is_refused_not_ignored(
     ):
         hold_cpu_kernels("avx2", cpuinfo=cpuinfo)
     assert not set(AVX2_ENVIRONMENT) & set(os.environ)
+
+
+def test_the_advice_names_the_cause(cpuinfo: Path) -> None:
+    assert "set ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2" in why_wider(cpuinfo)
+    cpuinfo.write_text(AVX512_CPUINFO)
+    assert why_wider(cpuinfo).startswith("numpy or torch loaded before the hold")
 
 
 def test_the_tests_run_the_held_kernels() -> None:

@@ -78,7 +78,7 @@ from training.data import (
 )
 from training.errors import ConfigError, ExportError, TrainingError
 from training.export import GOLDEN_TOLERANCE, OPSET, PARITY_EXAMPLES, export_model
-from training.kernels import kernels_wider_than_held
+from training.kernels import kernels_wider_than_held, why_wider
 from training.model import VAE
 from training.train import device_kernels, select_device, train_both
 
@@ -115,9 +115,7 @@ def _check_cpu_kernels(config: FitConfig) -> None:
     if wider:
         raise ConfigError(
             f"option cpu_kernels has value {config.cpu_kernels!r} but wider kernels run: "
-            f"{'; '.join(wider)}. numpy or torch loaded before the hold: run the command line "
-            "(python -m training), or call training.kernels.hold_cpu_kernels('avx2') before "
-            "importing them, or ask for cpu_kernels='native' (another model than other CPUs')"
+            f"{'; '.join(wider)}. {why_wider()}"
         )
 
 

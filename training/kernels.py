@@ -90,6 +90,23 @@ def amx_held_off() -> bool:
     return os.environ.get("ONEDNN_MAX_CPU_ISA") == AVX2_ENVIRONMENT["ONEDNN_MAX_CPU_ISA"]
 
 
+def why_wider(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """What to do when :func:`kernels_wider_than_held` names libraries: why the hold did not
+    take, and the ways to a held fit."""
+    if not cpuinfo.is_file():
+        variables = " ".join(f"{k}={v}" for k, v in AVX2_ENVIRONMENT.items())
+        return (
+            f"without {cpuinfo} the hold cannot tell whether this CPU has AVX-512 and sets "
+            f"nothing: set {variables} before starting Python, or ask for native kernels "
+            "(--cpu-kernels native: another model than other CPUs')"
+        )
+    return (
+        "numpy or torch loaded before the hold: run the command line (python -m training), or "
+        "call training.kernels.hold_cpu_kernels('avx2') before importing them, or ask for "
+        "native kernels (--cpu-kernels native: another model than other CPUs')"
+    )
+
+
 def cpu_kernels_from_argv(argv: Sequence[str]) -> str:
     """The value of ``--cpu-kernels`` in a command line, before the full parser (which needs
     torch) is built; the default where absent or not a valid choice, which the full parser then
