@@ -83,8 +83,7 @@ def _compare(base: FitConfig, samples: npt.NDArray[np.uint8], rounds: int) -> No
         f"CPU with Intel AMX: {'yes' if cpu_has_amx() else 'no'}; torch's kernels "
         f"{torch.backends.cpu.get_cpu_capability()}; "
         f"{torch.get_num_threads()} torch threads; {base.max_steps} steps per model, crops of "
-        f"{base.crop_size}, batches of "
-        f"{base.batch_size}"
+        f"{base.crop_size}, batches of {base.batch_size}"
     )
     shares: list[tuple[float, float]] = []
     for round_ in range(1, rounds + 1):

@@ -34,6 +34,14 @@ def cpuinfo(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
+def x86_with_avx512(cpuinfo: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An x86 machine whose cpuinfo (the returned file) announces AVX-512."""
+    monkeypatch.setattr(training.kernels, "is_x86", lambda: True)
+    cpuinfo.write_text(AVX512_CPUINFO)
+    return cpuinfo
+
+
+@pytest.fixture
 def no_hold(monkeypatch: pytest.MonkeyPatch) -> None:
     """The process environment without the hold's variables (restored after the test)."""
     for variable in AVX2_ENVIRONMENT:
@@ -68,11 +76,8 @@ def test_the_choice_is_read_before_the_full_parser(argv: list[str], expected: st
 
 
 @pytest.mark.usefixtures("no_hold")
-def test_native_and_cpus_without_avx512_set_nothing(
-    cpuinfo: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(training.kernels, "is_x86", lambda: True)
-    cpuinfo.write_text(AVX512_CPUINFO)
+def test_native_and_cpus_without_avx512_set_nothing(x86_with_avx512: Path) -> None:
+    cpuinfo = x86_with_avx512
     hold_cpu_kernels("native", cpuinfo=cpuinfo)
     cpuinfo.write_text(AVX2_CPUINFO)
     hold_cpu_kernels("avx2", cpuinfo=cpuinfo)
@@ -82,16 +87,12 @@ def test_native_and_cpus_without_avx512_set_nothing(
 
 
 @pytest.mark.usefixtures("no_hold")
-def test_holding_after_numpy_loaded_is_refused_not_ignored(
-    cpuinfo: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(training.kernels, "is_x86", lambda: True)
-    cpuinfo.write_text(AVX512_CPUINFO)
+def test_holding_after_numpy_loaded_is_refused_not_ignored(x86_with_avx512: Path) -> None:
     assert "numpy" in sys.modules
     with pytest.raises(
         RuntimeError, match=r"AVX2: numpy( and torch)? already loaded; call training"
     ):
-        hold_cpu_kernels("avx2", cpuinfo=cpuinfo)
+        hold_cpu_kernels("avx2", cpuinfo=x86_with_avx512)
     assert not set(AVX2_ENVIRONMENT) & set(os.environ)
 
 
