@@ -72,11 +72,10 @@ def _raw(scorer: Scorer, images: npt.NDArray[np.float32]) -> dict[str, F64Array]
     )
 
 
-def study_scores(bundle: Path, data_dir: Path) -> StudyScores:
-    """Score the bundle's held-out images, their synthetic defects and the test split."""
-    scorer = open_scorer(bundle)
-    training = scorer.manifest.training
-    names = training.get("data", {}).get("holdout_files")
+def held_out_images(scorer: Scorer, bundle: Path, data_dir: Path) -> npt.NDArray[np.float32]:
+    """The model input of the held-out good images of ``bundle`` (opened as ``scorer``): the
+    names its manifest lists, read from ``data_dir``'s training folder."""
+    names = scorer.manifest.training.get("data", {}).get("holdout_files")
     if not names:
         raise DataError(f"bundle {bundle} lists no held-out images; it predates the list")
     folder = training_folder(data_dir)
@@ -86,8 +85,15 @@ def study_scores(bundle: Path, data_dir: Path) -> StudyScores:
             f"{len(missing)} of the bundle's {len(names)} held-out images are not in {folder} "
             f"(first: {missing[0]}); was the bundle fitted on {data_dir}?"
         )
+    return stack([load_image_file(folder / name, scorer.manifest.input) for name in names])
+
+
+def study_scores(bundle: Path, data_dir: Path) -> StudyScores:
+    """Score the bundle's held-out images, their synthetic defects and the test split."""
+    scorer = open_scorer(bundle)
+    training = scorer.manifest.training
     spec = scorer.manifest.input
-    held_out = stack([load_image_file(folder / name, spec) for name in names])
+    held_out = held_out_images(scorer, bundle, data_dir)
     rows = evenly_spaced(held_out.shape[0], CHECK_IMAGES)
     checked = held_out[rows]
     synthetic = joined_scores(

@@ -17,6 +17,7 @@ from training.synth import (
     TRAINING_DEFECTS,
     Defect,
     corrupt,
+    held_out_defects,
     perlin_mask,
     perlin_noise,
     perlin_texture,
@@ -199,3 +200,28 @@ def test_synthetic_anomalies_in_batches_are_the_same_whatever_the_batch(
     np.testing.assert_array_equal(images, demo_images[(32, 32)][:5])
     with pytest.raises(ValueError, match="batch is 0"):
         next(synthesised_batches(images, copies=copies, seed=4, batch=0))
+
+
+def test_held_out_defects_scaled_to_a_quarter_are_specks_and_at_one_are_the_fits(
+    demo_images: dict[tuple[int, int], F32Array],
+) -> None:
+    images = demo_images[(48, 64)]
+    copies = 4 * len(HELD_OUT_DEFECTS)
+    source = np.repeat(images, copies, axis=0)
+    made = {
+        size: synthesise_anomalies(images, copies=copies, seed=2, defects=held_out_defects(size))
+        for size in (1.0, 0.25)
+    }
+    # Size 1 is what the fit's rule check draws, pixel for pixel.
+    np.testing.assert_array_equal(made[1.0], synthesise_anomalies(images, copies=copies, seed=2))
+    area = {
+        size: np.mean(
+            [_changed(after, before).mean() for after, before in zip(out, source, strict=True)]
+        )
+        for size, out in made.items()
+    }
+    # A quarter of each side's bounds: about a sixteenth of the area.
+    assert 0.0 < area[0.25] < area[1.0] / 6
+    for size in (0.0, 1.5, -1.0):
+        with pytest.raises(ValueError, match="expected a scale in"):
+            held_out_defects(size)

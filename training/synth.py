@@ -18,8 +18,10 @@ Every function takes and returns float32 images ``(C, H, W)`` in [0, 1] and bool
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable, Iterator, Sequence
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -29,6 +31,15 @@ F64Array = npt.NDArray[np.float64]
 BoolArray = npt.NDArray[np.bool_]
 
 Defect = Callable[[F32Array, F32Array, np.random.Generator], BoolArray]
+
+
+class ScalableDefect(Protocol):
+    """A defect whose size bounds scale by ``size`` (the held-out kinds)."""
+
+    def __call__(
+        self, image: F32Array, others: F32Array, rng: np.random.Generator, *, size: float = 1.0
+    ) -> BoolArray: ...
+
 
 # A pixel counts as defective when some channel moved by more than this (about 3 grey levels).
 CHANGED = 3.0 / 255.0
@@ -175,10 +186,20 @@ def shade(image: F32Array, others: F32Array, rng: np.random.Generator) -> BoolAr
     return _fill(image, region, texture, 1.0)
 
 
-def paste(image: F32Array, others: F32Array, rng: np.random.Generator) -> BoolArray:
-    """A rectangle cut from another normal image and pasted at another place."""
+def _scaled(side: int, size: float) -> int:
+    return side if size == 1.0 else max(1, round(side * size))
+
+
+def paste(
+    image: F32Array, others: F32Array, rng: np.random.Generator, *, size: float = 1.0
+) -> BoolArray:
+    """A rectangle cut from another normal image and pasted at another place; ``size`` scales
+    its sides' bounds (as it does every held-out kind's)."""
     _, h, w = image.shape
-    ph, pw = (int(rng.integers(max(2, s // 16), max(3, s // 4) + 1)) for s in (h, w))
+    ph, pw = (
+        int(rng.integers(max(2, _scaled(s, size) // 16), max(3, _scaled(s, size) // 4) + 1))
+        for s in (h, w)
+    )
     source = others[rng.integers(others.shape[0])]
     sy, sx = int(rng.integers(0, h - ph + 1)), int(rng.integers(0, w - pw + 1))
     ty, tx = int(rng.integers(0, h - ph + 1)), int(rng.integers(0, w - pw + 1))
@@ -189,20 +210,27 @@ def paste(image: F32Array, others: F32Array, rng: np.random.Generator) -> BoolAr
     return _fill(image, region, texture, 1.0)
 
 
-def blotch(image: F32Array, others: F32Array, rng: np.random.Generator) -> BoolArray:
+def blotch(
+    image: F32Array, others: F32Array, rng: np.random.Generator, *, size: float = 1.0
+) -> BoolArray:
     """An ellipse of a foreign flat colour."""
     c, h, w = image.shape
-    side = min(h, w)
+    side = min(h, w) * size
     radii = (rng.uniform(side / 40, side / 8), rng.uniform(side / 40, side / 8))
     region = ellipse_mask(h, w, tuple(rng.uniform(0, [h, w])), radii, rng.uniform(0, np.pi))
     colour = rng.uniform(0, 1, (c, 1, 1)).astype(np.float32)
     return _fill(image, region, np.broadcast_to(colour, image.shape), float(rng.uniform(0.5, 1.0)))
 
 
-def noise(image: F32Array, others: F32Array, rng: np.random.Generator) -> BoolArray:
+def noise(
+    image: F32Array, others: F32Array, rng: np.random.Generator, *, size: float = 1.0
+) -> BoolArray:
     """A rectangle of added Gaussian noise."""
     _, h, w = image.shape
-    ph, pw = (int(rng.integers(max(2, s // 16), max(3, s // 6) + 1)) for s in (h, w))
+    ph, pw = (
+        int(rng.integers(max(2, _scaled(s, size) // 16), max(3, _scaled(s, size) // 6) + 1))
+        for s in (h, w)
+    )
     ty, tx = int(rng.integers(0, h - ph + 1)), int(rng.integers(0, w - pw + 1))
     region = np.zeros((h, w), dtype=bool)
     region[ty : ty + ph, tx : tx + pw] = True
@@ -210,10 +238,12 @@ def noise(image: F32Array, others: F32Array, rng: np.random.Generator) -> BoolAr
     return _fill(image, region, np.clip(texture, 0, 1), 1.0)
 
 
-def relight(image: F32Array, others: F32Array, rng: np.random.Generator) -> BoolArray:
+def relight(
+    image: F32Array, others: F32Array, rng: np.random.Generator, *, size: float = 1.0
+) -> BoolArray:
     """An ellipse whose brightness and contrast change (a stain, a dent catching the light)."""
     _, h, w = image.shape
-    side = min(h, w)
+    side = min(h, w) * size
     radii = (rng.uniform(side / 24, side / 6), rng.uniform(side / 24, side / 6))
     region = ellipse_mask(h, w, tuple(rng.uniform(0, [h, w])), radii, rng.uniform(0, np.pi))
     mean = image.mean(axis=(1, 2), keepdims=True)
@@ -223,7 +253,16 @@ def relight(image: F32Array, others: F32Array, rng: np.random.Generator) -> Bool
 
 TRAINING_DEFECTS: tuple[Defect, ...] = (perlin_texture, perlin_texture, crack)
 SHADED_TRAINING_DEFECTS: tuple[Defect, ...] = (*TRAINING_DEFECTS, shade)
-HELD_OUT_DEFECTS: tuple[Defect, ...] = (paste, blotch, noise, relight)
+HELD_OUT_KINDS: tuple[ScalableDefect, ...] = (paste, blotch, noise, relight)
+HELD_OUT_DEFECTS: tuple[Defect, ...] = HELD_OUT_KINDS
+
+
+def held_out_defects(size: float) -> tuple[Defect, ...]:
+    """The held-out kinds with their size bounds scaled by ``size`` (1 gives HELD_OUT_DEFECTS'
+    defects exactly; 0.25 makes specks from a 64th of the side)."""
+    if not 0.0 < size <= 1.0:
+        raise ValueError(f"defect size is {size}; expected a scale in (0, 1]")
+    return tuple(functools.partial(defect, size=size) for defect in HELD_OUT_KINDS)
 
 
 def corrupt(
