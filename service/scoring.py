@@ -38,18 +38,11 @@ import numpy.typing as npt
 from scipy.special import betaincinv
 
 from service import tail
+from service.score_names import SCORE_NAMES as SCORE_NAMES
 
 FloatArray = npt.NDArray[np.float32]
 F64Array = npt.NDArray[np.float64]
 
-SCORE_NAMES: tuple[str, ...] = (
-    "recon_error",
-    "kl",
-    "local_error",
-    "latent_distance",
-    "defect_probability",
-    "coarse_error",
-)
 _LOG_FLOOR = 1e-12
 ThresholdMethod = Literal["empirical", "normal_tail"]
 # Share of the pooled (all cells) covariance mixed into each cell's covariance: keeps the

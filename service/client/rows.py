@@ -10,7 +10,7 @@ from types import TracebackType
 from typing import IO, Any
 
 from service.client.client import Result
-from service.scoring import SCORE_NAMES
+from service.score_names import SCORE_NAMES
 
 SCORE_FIELDS = (
     *SCORE_NAMES,
