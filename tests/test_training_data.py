@@ -11,6 +11,7 @@ from PIL import Image
 from service.preprocessing import InputSpec, model_input
 from training.config import Aspect
 from training.data import (
+    copy_groups,
     evenly_spaced,
     find_images,
     holdout_split,
@@ -262,6 +263,51 @@ def test_a_split_that_misses_or_repeats_a_row_is_refused() -> None:
     for train_idx, holdout_idx in (([0, 1, 2], [3]), ([0, 1, 2], [3, 3]), ([0, 1, 2, 3], [5])):
         with pytest.raises(ValueError, match="not each of the 5 images once"):
             split_rows_in_place(rows, np.array(train_idx), np.array(holdout_idx))
+
+
+def test_the_split_without_copies_is_the_seeded_permutations() -> None:
+    # The split every fit before copy groups made: a bundle's held-out files stay the same.
+    for n, seed in ((50, 1), (320, 0), (9, 3)):
+        order = np.random.default_rng(seed).permutation(n)
+        held = max(4, round(n * 0.2))
+        train, held_out = holdout_split(
+            n, fraction=0.2, min_holdout=4, seed=seed, groups=np.arange(n)
+        )
+        np.testing.assert_array_equal(held_out, np.sort(order[:held]))
+        np.testing.assert_array_equal(train, np.sort(order[held:]))
+        np.testing.assert_array_equal(
+            held_out, holdout_split(n, fraction=0.2, min_holdout=4, seed=seed)[1]
+        )
+
+
+def test_copies_are_grouped_and_never_split_across_training_and_held_out() -> None:
+    rng = np.random.default_rng(0)
+    distinct = rng.integers(0, 256, (30, 1, 4, 4), dtype=np.uint8)
+    # Image 0 three times, image 5 twice, the rest once: 33 rows.
+    rows = np.concatenate([distinct, distinct[[0, 0, 5]]])[rng.permutation(33)]
+    groups = copy_groups(rows)
+    assert groups[0] == 0 and int(groups.max()) + 1 == 30
+    for i in range(33):
+        same = np.flatnonzero(groups == groups[i])
+        assert all(np.array_equal(rows[j], rows[i]) for j in same)
+        assert all(
+            not np.array_equal(rows[j], rows[i]) for j in np.flatnonzero(groups != groups[i])
+        )
+    for seed in range(20):
+        train, held = holdout_split(33, fraction=0.2, min_holdout=4, seed=seed, groups=groups)
+        assert set(groups[train]).isdisjoint(groups[held]), seed
+        np.testing.assert_array_equal(np.sort(np.r_[train, held]), np.arange(33))
+        assert round(33 * 0.2) <= len(held) <= round(33 * 0.2) + 2
+
+
+def test_a_folder_of_copies_of_too_few_images_is_refused() -> None:
+    # Ten files, two different images: whichever side the nine copies fall on, too few are left.
+    groups = np.array([0, 1, 1, 1, 1, 1, 1, 1, 1, 1], dtype=np.intp)
+    for seed in range(5):
+        with pytest.raises(DataError, match="found 10 usable images, but only 2 differ"):
+            holdout_split(10, fraction=0.2, min_holdout=4, seed=seed, groups=groups)
+    with pytest.raises(ValueError, match="3 group numbers for 10 images"):
+        holdout_split(10, fraction=0.2, min_holdout=4, seed=0, groups=np.arange(3))
 
 
 def test_too_few_images(tmp_path: Path) -> None:

@@ -197,6 +197,30 @@ def test_the_fit_log_warns_of_light_that_flags_many_good_images(
     assert load_bundle(tmp_path / "bundle").manifest.training["lighting"] == check.to_dict()
 
 
+def test_copies_in_the_good_folder_stay_with_their_originals_and_the_log_says_so(
+    demo_data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Each good image copied under another name: no held-out image may be one trained on.
+    good = tmp_path / "data" / "train" / "good"
+    good.mkdir(parents=True)
+    originals = list_image_files(demo_data / "train" / "good")
+    for path in originals:
+        (good / path.name).write_bytes(path.read_bytes())
+        (good / f"copy-{path.name}").write_bytes(path.read_bytes())
+    with caplog.at_level(logging.INFO, logger="training.fit"):
+        bundle_dir = fit_bundle(
+            tmp_path / "data", tmp_path / "bundle", FitConfig(**{**TINY_FIT, "max_steps": 2})
+        )
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(w.startswith(f"{len(originals)} images are copies of others") for w in warnings)
+    data = load_bundle(bundle_dir).manifest.training["data"]
+    assert data["copies"] == len(originals) and data["n_images"] == 2 * len(originals)
+    held = set(data["holdout_files"])
+    # Every held-out image with its copy, or its original: whole pairs.
+    bases = {name.removeprefix("copy-") for name in held}
+    assert held and held == bases | {f"copy-{name}" for name in bases}
+
+
 def test_a_fit_runs_the_graphs_a_bounded_batch_at_a_time(
     demo_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

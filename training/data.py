@@ -8,7 +8,7 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -212,10 +212,30 @@ def evenly_spaced(n: int, limit: int) -> slice:
     return slice(None, None, math.ceil(n / limit)) if n > limit else slice(None)
 
 
+def copy_groups(images: npt.NDArray[Any]) -> npt.NDArray[np.intp]:
+    """A group number per image ``(N, ...)``, numbered by first appearance: images identical
+    after preprocessing (a file copied under another name, or saved again) share one."""
+    first: dict[bytes, int] = {}
+    groups = np.empty(images.shape[0], dtype=np.intp)
+    for i, image in enumerate(images):
+        key = hashlib.blake2b(np.ascontiguousarray(image).tobytes(), digest_size=16).digest()
+        groups[i] = first.setdefault(key, len(first))
+    return groups
+
+
 def holdout_split(
-    n: int, *, fraction: float, min_holdout: int, seed: int
+    n: int,
+    *,
+    fraction: float,
+    min_holdout: int,
+    seed: int,
+    groups: npt.NDArray[np.intp] | None = None,
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
-    """Indices ``(train, held_out)`` of a seeded random split of ``n`` images."""
+    """Indices ``(train, held_out)`` of a seeded random split of ``n`` images.
+
+    With ``groups`` (:func:`copy_groups`), the images of a group lie on one side: whole groups,
+    in a seeded random order, are held out until at least the share asked is. Where every group
+    is one image, the split is the one without groups."""
     n_holdout = max(min_holdout, round(n * fraction))
     if n - n_holdout < MIN_TRAIN_IMAGES:
         raise DataError(
@@ -223,8 +243,22 @@ def holdout_split(
             f"({min_holdout} held out for validation and calibration, "
             f"{MIN_TRAIN_IMAGES} to train on)"
         )
-    order = np.random.default_rng(seed).permutation(n)
-    return np.sort(order[n_holdout:]), np.sort(order[:n_holdout])
+    if groups is None:
+        groups = np.arange(n, dtype=np.intp)
+    if groups.shape != (n,):
+        raise ValueError(f"{groups.shape[0]} group numbers for {n} images")
+    n_groups = int(groups.max()) + 1 if n else 0
+    sizes = np.bincount(groups, minlength=n_groups)
+    order = np.random.default_rng(seed).permutation(n_groups)
+    held_groups = order[: int(np.searchsorted(np.cumsum(sizes[order]), n_holdout)) + 1]
+    held = np.isin(groups, held_groups)
+    if n - int(held.sum()) < MIN_TRAIN_IMAGES:
+        raise DataError(
+            f"found {n} usable images, but only {n_groups} differ (the others are copies of "
+            f"them, kept on one side of the split); a fit needs at least "
+            f"{min_holdout + MIN_TRAIN_IMAGES} different ones"
+        )
+    return np.flatnonzero(~held).astype(np.int64), np.flatnonzero(held).astype(np.int64)
 
 
 def split_rows_in_place(

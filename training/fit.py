@@ -66,6 +66,7 @@ from training.calibrate import (
 )
 from training.config import FitConfig
 from training.data import (
+    copy_groups,
     evenly_spaced,
     find_images,
     holdout_split,
@@ -177,11 +178,23 @@ def _fit(data_dir: Path, out_dir: Path, config: FitConfig, overwrite: bool) -> N
             spec.wide_sample_bits, 2**spec.wide_sample_bits - 1,
         )  # fmt: skip
     images = load_samples(paths, spec, skip_bad=config.skip_bad_images)
+    groups = copy_groups(images.images)
+    copies = len(images.paths) - (int(groups.max()) + 1)
+    if copies:
+        first = np.flatnonzero(np.bincount(groups) > 1)[0]
+        pair = [images.paths[i].name for i in np.flatnonzero(groups == first)[:2]]
+        log.warning(
+            "%d images are copies of others (identical once preprocessed, e.g. %s and %s): "
+            "each lies on the same side of the split as its copies, so that no held-out image "
+            "is one the model trained on",
+            copies, *pair,
+        )  # fmt: skip
     train_idx, holdout_idx = holdout_split(
         len(images.paths),
         fraction=config.holdout_fraction,
         min_holdout=config.min_holdout,
         seed=config.seed,
+        groups=groups,
     )
     log.info(
         "%d images from %s (%s, %d skipped), input %dx%d: training on %d, holding out %d; "
@@ -207,6 +220,7 @@ def _fit(data_dir: Path, out_dir: Path, config: FitConfig, overwrite: bool) -> N
             "n_images": len(images.paths),
             "n_train": len(train_idx),
             "n_holdout": len(holdout_idx),
+            "copies": copies,
             "holdout_files": holdout_files,
             "skipped": [{"file": str(p), "reason": r} for p, r in images.skipped],
         },
