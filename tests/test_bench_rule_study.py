@@ -1,15 +1,18 @@
 """bench/rule_study.py: other rules fitted on a real bundle's held-out scores, the product's
-default reproducing what the fit and evaluate computed."""
+default reproducing what the fit and evaluate computed; the refusal of a missing bundle, which
+bench/window_screen.py shares."""
 
 from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from bench import window_screen
 from bench.rule_study import CANDIDATES, Combiner, StudyScores, main, study, study_scores
 from service.bundle import load_bundle
 from training.evaluate import run_evaluation
@@ -82,10 +85,14 @@ def test_a_folder_without_the_held_out_images_is_refused(
     assert "held-out images are not in" in err and "was the bundle fitted on" in err
 
 
+@pytest.mark.parametrize("script_main", [main, window_screen.main], ids=["rules", "windows"])
 def test_a_missing_bundle_is_refused(
-    demo_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    script_main: Callable[[list[str]], None],
+    demo_data: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     with pytest.raises(SystemExit) as exit_:
-        main([str(tmp_path / "no-bundle"), str(demo_data)])
+        script_main([str(tmp_path / "no-bundle"), str(demo_data)])
     assert exit_.value.code == 2
     assert "no-bundle does not exist" in capsys.readouterr().err

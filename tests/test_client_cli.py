@@ -171,18 +171,3 @@ def test_an_unreachable_server_fails_info_with_one_line() -> None:
     )
     assert done.returncode == 1
     assert done.stderr.startswith("anomaly-client: error: 127.0.0.1:1: call failed: UNAVAILABLE")
-
-
-def test_the_client_loads_none_of_the_scoring_numerics() -> None:
-    # A batch job starts the command line once per folder: scipy alone took 0.4 s of its start.
-    script = (
-        "import sys\n"
-        "import service.client, service.client.cli\n"
-        "heavy = ('scipy', 'service.scoring', 'onnxruntime')\n"
-        "loaded = sorted(m for m in heavy if m in sys.modules)\n"
-        "sys.exit(f'loaded {loaded}' if loaded else 0)\n"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60
-    )
-    assert done.returncode == 0, done.stderr

@@ -187,7 +187,7 @@ def shade(image: F32Array, others: F32Array, rng: np.random.Generator) -> BoolAr
 
 
 def _scaled(side: int, size: float) -> int:
-    return side if size == 1.0 else max(1, round(side * size))
+    return max(1, round(side * size))
 
 
 def paste(
