@@ -13,6 +13,8 @@ import pytest
 import training.kernels
 from tests.conftest import TINY_FIT
 from tests.training_helpers import fit_flags
+from training.cli import build_parser
+from training.config import FitConfig
 from training.errors import ConfigError
 from training.kernels import (
     AVX2_ENVIRONMENT,
@@ -73,6 +75,13 @@ def test_avx512_is_read_from_the_flags_of_cpuinfo(cpuinfo: Path) -> None:
 )
 def test_the_choice_is_read_before_the_full_parser(argv: list[str], expected: str) -> None:
     assert cpu_kernels_from_argv(argv) == expected
+
+
+@pytest.mark.parametrize("value", ["avx2", "native"])
+def test_the_pre_parser_reads_the_full_parsers_flag(value: str) -> None:
+    argv = ["fit", "data", "--out", "b", "--cpu-kernels", value]
+    full = build_parser().parse_args(argv)
+    assert cpu_kernels_from_argv(argv) == FitConfig.from_namespace(full).cpu_kernels == value
 
 
 @pytest.mark.usefixtures("no_hold")

@@ -18,7 +18,7 @@ from typing import Any, Literal
 from service.preprocessing import ResizeMethod
 from service.scoring import SCORE_NAMES
 from training.errors import ConfigError
-from training.kernels import DEFAULT_CPU_KERNELS, CpuKernels
+from training.kernels import CPU_KERNELS_FLAG, DEFAULT_CPU_KERNELS, CpuKernels
 from training.model import VAEConfig
 
 ColorChoice = Literal["auto", "L", "RGB"]
@@ -216,6 +216,7 @@ class FitConfig:
             "faster on Intel CPUs with AVX-512). Set before numpy and torch load: the command "
             "line does it; a Python caller calls training.kernels.hold_cpu_kernels first",
             "training",
+            flag=CPU_KERNELS_FLAG,  # the flag the command line's pre-parser reads too
         ),
     )
     # Decision: None takes the default window and score weights (training.calibrate).
