@@ -34,7 +34,7 @@ import numpy.typing as npt
 from bench.rule_study import held_out_images
 from service.bundle import BundleError
 from service.runtime import Scorer, open_scorer
-from service.scoring import Calibration, batch_slices, raw_scores
+from service.scoring import Calibration, batch_slices, raw_scores, window_max
 from training.calibrate import SCORING_BATCH, SYNTHETIC_COPIES, joined_scores
 from training.errors import DataError
 from training.metrics import auroc
@@ -60,14 +60,22 @@ class WindowRow:
 def raw_by_window(
     scorer: Scorer, batches: Iterable[F32Array], windows: tuple[int, ...]
 ) -> dict[int, dict[str, F64Array]]:
-    """The raw scores of every image of ``batches`` at each window, the graphs run once."""
+    """The raw scores of every image of ``batches`` at each window, the graphs and the scores
+    that do not read the window computed once per batch."""
     parts: dict[int, list[dict[str, F64Array]]] = {w: [] for w in windows}
     latent, errors = scorer.bundle.latent_reference, scorer.bundle.error_reference
     for batch in batches:
         images = np.ascontiguousarray(batch)
         out = scorer.graphs.run(images)
+        scores, maps = raw_scores(images, out, windows[0], latent, errors)
         for w in windows:
-            parts[w].append(raw_scores(images, out, w, latent, errors)[0])
+            parts[w].append(
+                {
+                    **scores,
+                    "local_error": window_max(maps.squared_error, w),
+                    "defect_probability": window_max(maps.defect_map, w),
+                }
+            )
     return {w: joined_scores(found) for w, found in parts.items()}
 
 

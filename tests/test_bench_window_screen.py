@@ -32,7 +32,8 @@ def test_each_windows_scores_are_the_services_at_that_window(
     out = scorer.graphs.run(images)
     bundle = scorer.bundle
     wider = raw_scores(images, out, 2 * own, bundle.latent_reference, bundle.error_reference)[0]
-    np.testing.assert_allclose(found[2 * own]["local_error"], wider["local_error"], rtol=1e-12)
+    for name, values in wider.items():
+        np.testing.assert_allclose(found[2 * own][name], values, rtol=1e-12, err_msg=name)
     assert not np.allclose(found[own]["local_error"], found[2 * own]["local_error"])
 
 
