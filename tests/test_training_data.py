@@ -11,7 +11,6 @@ from PIL import Image
 from service.preprocessing import InputSpec, model_input
 from training.config import Aspect
 from training.data import (
-    copy_groups,
     evenly_spaced,
     find_images,
     holdout_split,
@@ -278,26 +277,6 @@ def test_the_split_without_copies_is_the_seeded_permutations() -> None:
         np.testing.assert_array_equal(
             held_out, holdout_split(n, fraction=0.2, min_holdout=4, seed=seed)[1]
         )
-
-
-def test_copies_are_grouped_and_never_split_across_training_and_held_out() -> None:
-    rng = np.random.default_rng(0)
-    distinct = rng.integers(0, 256, (30, 1, 4, 4), dtype=np.uint8)
-    # Image 0 three times, image 5 twice, the rest once: 33 rows.
-    rows = np.concatenate([distinct, distinct[[0, 0, 5]]])[rng.permutation(33)]
-    groups = copy_groups(rows)
-    assert groups[0] == 0 and int(groups.max()) + 1 == 30
-    for i in range(33):
-        same = np.flatnonzero(groups == groups[i])
-        assert all(np.array_equal(rows[j], rows[i]) for j in same)
-        assert all(
-            not np.array_equal(rows[j], rows[i]) for j in np.flatnonzero(groups != groups[i])
-        )
-    for seed in range(20):
-        train, held = holdout_split(33, fraction=0.2, min_holdout=4, seed=seed, groups=groups)
-        assert set(groups[train]).isdisjoint(groups[held]), seed
-        np.testing.assert_array_equal(np.sort(np.r_[train, held]), np.arange(33))
-        assert round(33 * 0.2) <= len(held) <= round(33 * 0.2) + 2
 
 
 def test_a_folder_of_copies_of_too_few_images_is_refused() -> None:

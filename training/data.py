@@ -8,7 +8,7 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -212,17 +212,6 @@ def evenly_spaced(n: int, limit: int) -> slice:
     return slice(None, None, math.ceil(n / limit)) if n > limit else slice(None)
 
 
-def copy_groups(images: npt.NDArray[Any]) -> npt.NDArray[np.intp]:
-    """A group number per image ``(N, ...)``, numbered by first appearance: images identical
-    after preprocessing (a file copied under another name, or saved again) share one."""
-    first: dict[bytes, int] = {}
-    groups = np.empty(images.shape[0], dtype=np.intp)
-    for i, image in enumerate(images):
-        key = hashlib.blake2b(np.ascontiguousarray(image).tobytes(), digest_size=16).digest()
-        groups[i] = first.setdefault(key, len(first))
-    return groups
-
-
 def holdout_split(
     n: int,
     *,
@@ -233,9 +222,9 @@ def holdout_split(
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
     """Indices ``(train, held_out)`` of a seeded random split of ``n`` images.
 
-    With ``groups`` (:func:`copy_groups`), the images of a group lie on one side: whole groups,
-    in a seeded random order, are held out until at least the share asked is. Where every group
-    is one image, the split is the one without groups."""
+    With ``groups`` (:func:`training.copies.copy_groups`), the images of a group lie on one
+    side: whole groups, in a seeded random order, are held out until at least the share asked
+    is. Where every group is one image, the split is the one without groups."""
     n_holdout = max(min_holdout, round(n * fraction))
     if n - n_holdout < MIN_TRAIN_IMAGES:
         raise DataError(

@@ -65,8 +65,8 @@ from training.calibrate import (
     score_held_out,
 )
 from training.config import FitConfig
+from training.copies import copy_groups
 from training.data import (
-    copy_groups,
     evenly_spaced,
     find_images,
     holdout_split,
@@ -184,9 +184,9 @@ def _fit(data_dir: Path, out_dir: Path, config: FitConfig, overwrite: bool) -> N
         first = np.flatnonzero(np.bincount(groups) > 1)[0]
         pair = [images.paths[i].name for i in np.flatnonzero(groups == first)[:2]]
         log.warning(
-            "%d images are copies of others (identical once preprocessed, e.g. %s and %s): "
-            "each lies on the same side of the split as its copies, so that no held-out image "
-            "is one the model trained on",
+            "%d images are copies of others (identical or nearly so once preprocessed, e.g. "
+            "%s and %s): each lies on the same side of the split as its copies, so that no "
+            "held-out image is one the model trained on",
             copies, *pair,
         )  # fmt: skip
     train_idx, holdout_idx = holdout_split(
