@@ -243,8 +243,8 @@ def holdout_split(
     held = np.isin(groups, held_groups)
     if n - int(held.sum()) < MIN_TRAIN_IMAGES:
         raise DataError(
-            f"found {n} usable images, but only {n_groups} differ (the others are copies of "
-            f"them, kept on one side of the split); a fit needs at least "
+            f"found {n} usable images, but only {n_groups} differ (the others are copies or "
+            f"near-copies of them, kept on one side of the split); a fit needs at least "
             f"{min_holdout + MIN_TRAIN_IMAGES} different ones"
         )
     return np.flatnonzero(~held).astype(np.int64), np.flatnonzero(held).astype(np.int64)
