@@ -11,6 +11,7 @@ from training.copies import (
     MOST_NEAR_COPIES,
     NEAR_COPY_GAP,
     copy_groups,
+    near_copies_of,
     near_copy_pairs,
     thumbnails,
 )
@@ -141,3 +142,13 @@ def test_images_alike_in_their_thumbnails_only_are_grouped() -> None:
     np.testing.assert_array_equal(copy_groups(rows), np.zeros(5, dtype=np.intp))
     assert near_copy_pairs(np.zeros((2, 4))) == [(0, 1)]
     assert near_copy_pairs(np.zeros((1, 4))) == []
+
+
+def test_near_copies_of_reference_rows_are_found_with_their_nearest() -> None:
+    reference = thumbnails(parts(30, seed=9))
+    again = retaken(parts(30, seed=9)[[4, 21]], seed=10)
+    points = thumbnails(np.concatenate([parts(5, seed=11), again]))
+    assert near_copies_of(reference, points) == [(5, 4), (6, 21)]
+    assert near_copies_of(reference, points[:5]) == []
+    assert near_copies_of(reference[:1], reference[:1]) == [(0, 0)]
+    assert near_copies_of(reference[:0], points) == []

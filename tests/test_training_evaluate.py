@@ -272,10 +272,37 @@ def test_two_masks_of_one_image_are_refused(known_case: tuple[Path, Path], tmp_p
 def test_report_figures(trained_bundle: Path, demo_data: Path, tmp_path: Path) -> None:
     metrics = evaluate_bundle(trained_bundle, demo_data, report_dir=tmp_path / "report")
     assert metrics["n_normal"] == 6 and metrics["n_anomalous"] == 15
+    assert metrics["test_copies_of_training"] == 0
     assert 0.0 <= metrics["pixel_auroc"] <= 1.0
     for name in ("roc.png", "histograms.png", "cases.png"):
         with Image.open(tmp_path / "report" / name) as figure:
             assert figure.format == "PNG" and figure.width > 300
+
+
+def test_test_images_that_are_copies_of_training_images_are_counted_and_said(
+    trained_bundle: Path, demo_data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    data = _copy_of(demo_data, tmp_path / "data")
+    first, second = list_image_files(data / "train" / "good")[:2]
+    (data / "test" / "good" / "copied.png").write_bytes(first.read_bytes())
+    # The second part photographed again: a few grey levels of noise.
+    pixels = np.asarray(Image.open(second), dtype=np.float64)
+    pixels += np.random.default_rng(0).normal(0.0, 3.0, pixels.shape)
+    retaken = np.clip(pixels, 0, 255).round().astype(np.uint8)
+    Image.fromarray(retaken).save(data / "test" / "scratch" / "retaken.png")
+    with caplog.at_level("WARNING", logger="training.evaluate"):
+        metrics = evaluate_bundle(trained_bundle, data, device="cpu")
+    assert metrics["test_copies_of_training"] == 2
+    assert "2 test images are copies or near-copies of training images" in caplog.text
+    assert f"test/good/copied.png of train/good/{first.name}" in caplog.text
+
+
+def test_without_a_training_folder_test_images_are_not_compared(
+    known_case: tuple[Path, Path],
+) -> None:
+    bundle, data = known_case
+    assert not (data / "train").exists()
+    assert evaluate_bundle(bundle, data, device="cpu")["test_copies_of_training"] is None
 
 
 def test_test_folder_missing(trained_bundle: Path, tmp_path: Path) -> None:

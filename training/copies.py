@@ -93,6 +93,23 @@ def _blocks(n: int) -> Iterator[slice]:
         yield slice(start, min(start + _ROWS_PER_BLOCK, n))
 
 
+def _near_counts(distances: F64Array) -> npt.NDArray[np.intp]:
+    """Per row of ascending distances ``(N, k)`` to a row's nearest neighbours, how many of the
+    first are its near-copies: up to the first gap (the farthest nearer than ``NEAR_COPY_GAP``
+    times the next), and at least every equal one."""
+    equal = np.count_nonzero(distances == 0.0, axis=1)
+    if distances.shape[1] < 2:  # no next neighbour to compare with
+        return np.asarray(equal)
+    gaps = distances[:, :-1] < NEAR_COPY_GAP * distances[:, 1:]
+    first_gap = np.where(gaps.any(axis=1), gaps.argmax(axis=1) + 1, 0)
+    return np.asarray(np.maximum(first_gap, equal))
+
+
+def _nearest(squared: F64Array, depth: int) -> tuple[npt.NDArray[np.intp], F64Array]:
+    order = np.argsort(squared, axis=1, kind="stable")[:, :depth]
+    return order, np.sqrt(np.take_along_axis(squared, order, axis=1))
+
+
 def near_copy_pairs(points: F64Array) -> list[tuple[int, int]]:
     """Pairs ``(i, j)``, ``i < j``, of rows of ``points`` ``(N, D)`` that are near-copies: for
     some ``k`` up to ``MOST_NEAR_COPIES``, ``j`` is among the ``k`` rows nearest to ``i`` (or
@@ -105,16 +122,31 @@ def near_copy_pairs(points: F64Array) -> list[tuple[int, int]]:
     depth = min(MOST_NEAR_COPIES + 1, n - 1)
     pairs: set[tuple[int, int]] = set()
     for rows in _blocks(n):
-        squared = _squared_distances(points, rows, norms)
-        nearest = np.argsort(squared, axis=1, kind="stable")[:, :depth]
-        distances = np.sqrt(np.take_along_axis(squared, nearest, axis=1))
-        gaps = distances[:, :-1] < NEAR_COPY_GAP * distances[:, 1:]
-        for offset in range(nearest.shape[0]):
-            found = np.flatnonzero(gaps[offset])
-            count = max(
-                int(found[0]) + 1 if found.size else 0,
-                int(np.count_nonzero(distances[offset] == 0.0)),
-            )
+        nearest, distances = _nearest(_squared_distances(points, rows, norms), depth)
+        for offset, count in enumerate(_near_counts(distances)):
             i = rows.start + offset
             pairs.update((min(i, int(j)), max(i, int(j))) for j in nearest[offset, :count])
     return sorted(pairs)
+
+
+def near_copies_of(reference: F64Array, points: F64Array) -> list[tuple[int, int]]:
+    """For each row of ``points`` ``(M, D)`` that is a near-copy of rows of ``reference``
+    ``(N, D)`` (the rule of :func:`near_copy_pairs`, its neighbours looked for among
+    ``reference``), the pair ``(row, nearest reference row)``."""
+    if reference.shape[0] == 0 or points.shape[0] == 0:
+        return []
+    depth = min(MOST_NEAR_COPIES + 1, reference.shape[0])
+    reference_norms = np.einsum("ij,ij->i", reference, reference)
+    found: list[tuple[int, int]] = []
+    for rows in _blocks(points.shape[0]):
+        block = points[rows]
+        squared = (
+            np.einsum("ij,ij->i", block, block)[:, None]
+            + reference_norms[None, :]
+            - 2.0 * (block @ reference.T)
+        )
+        np.maximum(squared, 0.0, out=squared)
+        nearest, distances = _nearest(squared, depth)
+        counts = _near_counts(distances)
+        found += [(rows.start + int(i), int(nearest[i, 0])) for i in np.flatnonzero(counts)]
+    return found

@@ -19,6 +19,8 @@ from PIL import Image
 from service.preprocessing import ImageError, InputSpec, list_image_files, load_image_file, stack
 from service.runtime import DevicePolicy, Scorer, open_scorer
 from service.scoring import SCORE_NAMES, F64Array, batch_slices
+from training.copies import near_copies_of, thumbnails
+from training.data import find_images, load_samples
 from training.errors import DataError
 from training.metrics import auroc, average_precision, best_tpr_at_fpr, threshold_stats
 
@@ -167,6 +169,31 @@ def load_test_set(data_dir: Path, spec: InputSpec, *, need_both: bool = True) ->
     return TestSet(tuple(paths), tuple(labels), stack(images), tuple(masks))
 
 
+def copies_of_training(
+    data_dir: Path, spec: InputSpec, test: TestSet
+) -> list[tuple[Path, Path]] | None:
+    """Test images that are copies or near-copies of a training image of ``DATA_DIR/train/good``
+    (:func:`training.copies.near_copies_of`), each with the training image nearest to it; ``None``
+    where there is no such folder. Their scores read like a training image's, so figures with
+    them are optimistic."""
+    folder = Path(data_dir) / "train" / "good"
+    if not folder.is_dir():
+        return None
+    training = load_samples(find_images(folder), spec, skip_bad=True)
+    reference = thumbnails(training.images) * spec.scale
+    found = near_copies_of(reference, thumbnails(test.images))
+    return [(test.paths[i], training.paths[j]) for i, j in found]
+
+
+def _log_copies_of_training(data_dir: Path, copies: list[tuple[Path, Path]]) -> None:
+    if copies:
+        log.warning(
+            "%d test images are copies or near-copies of training images (e.g. %s of %s): "
+            "they score like images the model trained on, so the figures are optimistic",
+            len(copies), copies[0][0].relative_to(data_dir), copies[0][1].relative_to(data_dir),
+        )  # fmt: skip
+
+
 def _pixel_auroc(test: TestSet, maps: F32Array) -> float | None:
     known = [i for i, m in enumerate(test.masks) if m is not None]
     if not any(test.labels[i] for i in known):
@@ -203,6 +230,9 @@ def run_evaluation(
     """Load and self-test the bundle, score the test set, compute the metrics."""
     scorer = open_scorer(Path(bundle_dir), device=device)
     test = load_test_set(Path(data_dir), scorer.manifest.input)
+    copies = copies_of_training(Path(data_dir), scorer.manifest.input, test)
+    if copies is not None:
+        _log_copies_of_training(Path(data_dir), copies)
     parts = [
         scorer.score(test.images[rows], keep_maps=True)
         for rows in batch_slices(len(test.paths), batch_size)
@@ -234,6 +264,7 @@ def run_evaluation(
         "n_anomalous": int(labels.sum()),
         "pixel_auroc": pixel,
         "n_masked": sum(m is not None for m, a in zip(test.masks, labels, strict=True) if a),
+        "test_copies_of_training": None if copies is None else len(copies),
         "auroc_combined_by_type": _auroc_by_type(test, scores["combined"]),
         "model_id": scorer.model_id,
         "provider": scorer.provider,
