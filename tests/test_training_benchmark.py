@@ -102,6 +102,7 @@ def test_the_json_has_a_row_per_dataset_and_the_mean(
             assert at == sorted(at), figure
         training = load_bundle(out / row["dataset"] / "bundle").manifest.training
         assert row["synthetic_auroc"] == round(training["decision"]["synthetic_auroc"], 4)
+        assert row["test_copies_of_training"] == 0  # the demo's test images are new parts
         lighting = training["lighting"]
         assert [row[key] for key in CHECK_KEYS[1:]] == [
             round(lighting[key], 4) for key in ("flagged", "flagged_darker", "flagged_brighter")

@@ -136,6 +136,7 @@ def _row(
         **{key: metrics[key] for key in AUROC_KEYS.values() if key not in _TABLE_KEYS},
         "steps": steps,
         "auroc_by_type": metrics["auroc_combined_by_type"],
+        "test_copies_of_training": metrics["test_copies_of_training"],
         "synthetic_auroc": _rounded(training["decision"]["synthetic_auroc"]),
         "heldout_flagged": _rounded(lighting.get("flagged")),
         "heldout_flagged_darker": _rounded(lighting.get("flagged_darker")),
