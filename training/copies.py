@@ -1,5 +1,6 @@
 """Copies among the good images: files identical once preprocessed, and near-copies (the same
-part photographed twice, frames of one burst), which the held-out split keeps on one side.
+part photographed twice, frames of one burst), which the held-out split keeps on one side, and
+test images that are near-copies of training images, which ``evaluate`` counts.
 
 A held-out image whose copy was trained on scores as low as a training image, so it lowers the
 threshold it helps set. Near-copies are found on small thumbnails, image by image: the images
