@@ -82,11 +82,13 @@ def thumbnails(images: npt.NDArray[Any], rows: npt.NDArray[np.intp] | None = Non
     return out
 
 
-def _squared_distances(points: F64Array, rows: slice, norms: F64Array) -> F64Array:
-    block = norms[rows, None] + norms[None, :] - 2.0 * (points[rows] @ points.T)
-    np.maximum(block, 0.0, out=block)
-    block[np.arange(block.shape[0]), np.arange(rows.start, rows.start + block.shape[0])] = np.inf
-    return block
+def _squared_distances(block: F64Array, reference: F64Array, norms: F64Array) -> F64Array:
+    """Squared distances ``(len(block), len(reference))``; ``norms`` are the reference's."""
+    squared = (
+        np.einsum("ij,ij->i", block, block)[:, None] + norms[None, :] - 2.0 * (block @ reference.T)
+    )
+    np.maximum(squared, 0.0, out=squared)
+    return np.asarray(squared, dtype=np.float64)
 
 
 def _blocks(n: int) -> Iterator[slice]:
@@ -123,7 +125,9 @@ def near_copy_pairs(points: F64Array) -> list[tuple[int, int]]:
     depth = min(MOST_NEAR_COPIES + 1, n - 1)
     pairs: set[tuple[int, int]] = set()
     for rows in _blocks(n):
-        nearest, distances = _nearest(_squared_distances(points, rows, norms), depth)
+        squared = _squared_distances(points[rows], points, norms)
+        squared[np.arange(squared.shape[0]), np.arange(rows.start, rows.stop)] = np.inf  # self
+        nearest, distances = _nearest(squared, depth)
         for offset, count in enumerate(_near_counts(distances)):
             i = rows.start + offset
             pairs.update((min(i, int(j)), max(i, int(j))) for j in nearest[offset, :count])
@@ -140,13 +144,7 @@ def near_copies_of(reference: F64Array, points: F64Array) -> list[tuple[int, int
     reference_norms = np.einsum("ij,ij->i", reference, reference)
     found: list[tuple[int, int]] = []
     for rows in _blocks(points.shape[0]):
-        block = points[rows]
-        squared = (
-            np.einsum("ij,ij->i", block, block)[:, None]
-            + reference_norms[None, :]
-            - 2.0 * (block @ reference.T)
-        )
-        np.maximum(squared, 0.0, out=squared)
+        squared = _squared_distances(points[rows], reference, reference_norms)
         nearest, distances = _nearest(squared, depth)
         counts = _near_counts(distances)
         found += [(rows.start + int(i), int(nearest[i, 0])) for i in np.flatnonzero(counts)]
