@@ -197,8 +197,8 @@ def paste(
     its sides' bounds (as it does every held-out kind's)."""
     _, h, w = image.shape
     ph, pw = (
-        int(rng.integers(max(2, _scaled(s, size) // 16), max(3, _scaled(s, size) // 4) + 1))
-        for s in (h, w)
+        int(rng.integers(max(2, s // 16), max(3, s // 4) + 1))
+        for s in (_scaled(h, size), _scaled(w, size))
     )
     source = others[rng.integers(others.shape[0])]
     sy, sx = int(rng.integers(0, h - ph + 1)), int(rng.integers(0, w - pw + 1))
@@ -228,8 +228,8 @@ def noise(
     """A rectangle of added Gaussian noise."""
     _, h, w = image.shape
     ph, pw = (
-        int(rng.integers(max(2, _scaled(s, size) // 16), max(3, _scaled(s, size) // 6) + 1))
-        for s in (h, w)
+        int(rng.integers(max(2, s // 16), max(3, s // 6) + 1))
+        for s in (_scaled(h, size), _scaled(w, size))
     )
     ty, tx = int(rng.integers(0, h - ph + 1)), int(rng.integers(0, w - pw + 1))
     region = np.zeros((h, w), dtype=bool)
