@@ -10,7 +10,7 @@ it, and printed with its synthetic-defect AUROC (held-out good against synthetic
 fit could decide on) and, on the test split, its image AUROC and its TPR and FPR at the
 threshold for the bundle's false-alarm rate. ``default`` is the product's rule, so its row
 reproduces the fit's synthetic AUROC and ``evaluate``'s figures; the others are the candidates
-of the README's "Weighing the terms per fit" entry, none of them the product's.
+of the "Weighing the terms per fit" entry of docs/quality-history.md, none of them the product's.
 """
 
 from __future__ import annotations

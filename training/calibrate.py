@@ -6,7 +6,7 @@ the combined score and the side of the local window) was decided on two developm
 coarse VAE's term joined it, at the same weight as the others, after the two confirmation
 datasets showed large defects passing, and the terms are combined by their soft maximum rather
 than their sum since held-out normals against synthetic defects preferred it on all four suite
-datasets (see the README's quality section). It is fixed, not searched per fit.
+datasets (see docs/quality-history.md). It is fixed, not searched per fit.
 The latent and error references that the scores are read against are fitted on the training
 images over the lighting range the training calls normal (:func:`fit_references`).
 Each fit reports how the rule separates held-out normal images from synthetic defects of kinds

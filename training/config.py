@@ -86,7 +86,7 @@ class FitConfig:
         metadata=_option(
             "defect heads learning side by side from their own starting weights; the bundle's "
             "map is their mean probability (each costs a head's share of a training step and "
-            'of scoring: see "Two narrow heads" in the README)',
+            'of scoring: see "Two narrow heads" in docs/quality-history.md)',
             "model",
         ),
     )
@@ -125,7 +125,7 @@ class FitConfig:
         default=2500,
         metadata=_option(
             "most optimiser steps of the coarse VAE, never more than the local model's (1250 "
-            "halves its training time: see the README's quality suite)",
+            "halves its training time: see docs/quality-history.md)",
             "training",
         ),
     )
@@ -164,7 +164,7 @@ class FitConfig:
             "find: the head then finds areas gone dark; image AUROC +0.007 over four datasets "
             "and three seeds, but not the default: on bottle the head then reads a 10%% change "
             "of the whole part's light as a defect (check the fit's lighting line; see "
-            '"Shaded regions" in the README)',
+            '"Shaded regions" in docs/quality-history.md)',
             "training",
         ),
     )
@@ -199,9 +199,9 @@ class FitConfig:
             "arithmetic of the training's networks: bf16 is bfloat16 mixed precision (weights, "
             "updates and losses in float32), whose training steps take about 0.6 of the time "
             "on a CPU with Intel AMX; over six development fits its models' image AUROC was "
-            "0.005 lower on average, two of them 0.03-0.04 lower (see the README); AMX needs "
-            "--cpu-kernels native; auto is bf16 on such a CPU with native kernels and fp32 "
-            "elsewhere (CUDA included). The bundle's graphs are float32 either way",
+            "0.005 lower on average, two of them 0.03-0.04 lower (see docs/quality-history.md); "
+            "AMX needs --cpu-kernels native; auto is bf16 on such a CPU with native kernels "
+            "and fp32 elsewhere (CUDA included). The bundle's graphs are float32 either way",
             "training",
         ),
     )

@@ -2,7 +2,7 @@
 
 Libraries pick their kernels by the CPU's instruction set, and kernels of another instruction
 set round differently: the same command and seed train other weights on a CPU with AVX-512 than
-on one with AVX2 only (see the README's quality suite). AVX2 is the widest set nearly every x86
+on one with AVX2 only (see docs/quality-history.md). AVX2 is the widest set nearly every x86
 machine shares, so by default a fit holds torch, oneDNN, MKL, numpy and OpenBLAS to it; the
 ``native`` choice lets each library use the widest set of the CPU instead.
 

@@ -8,7 +8,7 @@ defects it was not trained on:
   image, transformed, or a procedural texture) at any opacity, as DRAEM does, and thin cracks
   (random-walk polylines a pixel or two wide, darker or brighter than their surroundings).
   SHADED_TRAINING_DEFECTS adds wide regions of the part's own surface darkened or brightened
-  (``--shaded-defects``; not the default: see the README's quality suite).
+  (``--shaded-defects``; not the default: see docs/quality-history.md, "Shaded regions").
 - HELD_OUT_DEFECTS choose and check the decision rule: pasted rectangles of another image,
   ellipses of foreign colour, patches of noise and local changes of brightness and contrast.
 
