@@ -40,21 +40,24 @@ def test_demo_scores_every_test_image_through_the_service_and_stops_cleanly(
     assert float(match.group(1)) == pytest.approx(expected, abs=6e-4)
 
 
-def _cached_bundle_of_format(
-    demo_data: Path,
-    trained_bundle: Path,
-    workdir: Path,
-    version: int,
-    edit: Callable[[dict[str, Any]], None] = lambda data: None,
-) -> None:
-    """A demo workdir whose cached bundle is the session's, its manifest marked ``version``
-    (and changed by ``edit``)."""
-    shutil.copytree(demo_data, workdir / "data")
-    shutil.copytree(trained_bundle, workdir / "bundle")
-    manifest = workdir / "bundle" / MANIFEST
-    data = {**json.loads(manifest.read_text()), "format_version": version}
-    edit(data)
-    manifest.write_text(json.dumps(data))
+CachedWorkdir = Callable[..., Path]
+
+
+@pytest.fixture
+def cached_workdir(demo_data: Path, trained_bundle: Path, tmp_path: Path) -> CachedWorkdir:
+    """Makes ``tmp_path`` a demo workdir whose cached bundle is the session's, its manifest
+    marked ``version`` (and changed by ``edit``); returns the workdir."""
+
+    def make(version: int, edit: Callable[[dict[str, Any]], None] = lambda data: None) -> Path:
+        shutil.copytree(demo_data, tmp_path / "data")
+        shutil.copytree(trained_bundle, tmp_path / "bundle")
+        manifest = tmp_path / "bundle" / MANIFEST
+        data = {**json.loads(manifest.read_text()), "format_version": version}
+        edit(data)
+        manifest.write_text(json.dumps(data))
+        return tmp_path
+
+    return make
 
 
 def _recorded_fits(monkeypatch: pytest.MonkeyPatch, trained_bundle: Path) -> list[int]:
@@ -72,17 +75,18 @@ def _recorded_fits(monkeypatch: pytest.MonkeyPatch, trained_bundle: Path) -> lis
 
 
 def test_a_cached_bundle_this_release_refuses_is_fitted_again(
-    demo_data: Path,
+    cached_workdir: CachedWorkdir,
     trained_bundle: Path,
-    tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    _cached_bundle_of_format(demo_data, trained_bundle, tmp_path, 7)
+    workdir = cached_workdir(7)
     fits = _recorded_fits(monkeypatch, trained_bundle)
-    bundle_dir, fitted = _prepare_bundle(tmp_path, seed=0, retrain=False, steps=20)
+    bundle_dir, fitted = _prepare_bundle(workdir, seed=0, retrain=False, steps=20)
     out = capsys.readouterr().out
-    assert "cannot be used: manifest format_version is 7; this software reads 11" in out
+    assert (
+        f"cannot be used: manifest format_version is 7; this software reads {FORMAT_VERSION}" in out
+    )
     assert "training a bundle" in out and fits == [20]
     assert fitted == load_bundle(bundle_dir).manifest
     loads: list[Path] = []
@@ -93,42 +97,40 @@ def test_a_cached_bundle_this_release_refuses_is_fitted_again(
 
     monkeypatch.setattr(training.demo, "load_bundle", counting_load)
     # Now usable: reused, not refitted, and loaded once.
-    _, reused = _prepare_bundle(tmp_path, seed=0, retrain=False, steps=20)
+    _, reused = _prepare_bundle(workdir, seed=0, retrain=False, steps=20)
     assert "reusing the bundle" in capsys.readouterr().out and fits == [20]
     assert loads == [bundle_dir] and reused == fitted
 
 
 def test_a_cached_bundle_of_an_upgradable_format_is_upgraded_not_fitted(
-    demo_data: Path,
+    cached_workdir: CachedWorkdir,
     trained_bundle: Path,
-    tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    _cached_bundle_of_format(demo_data, trained_bundle, tmp_path, 9)
+    workdir = cached_workdir(9)
 
     def no_fit(*args: Any, **kwargs: Any) -> Path:
         raise AssertionError("an upgradable cached bundle must not be fitted again")
 
     monkeypatch.setattr(training.demo, "fit_bundle", no_fit)
-    _, upgraded = _prepare_bundle(tmp_path, seed=0, retrain=False, steps=20)
+    _, upgraded = _prepare_bundle(workdir, seed=0, retrain=False, steps=20)
     out = capsys.readouterr().out
     assert "is of format 9, an older release's: upgrading it" in out
-    assert "(format 9) to format 11" in out and "training a bundle" not in out
+    assert f"(format 9) to format {FORMAT_VERSION}" in out and "training a bundle" not in out
     assert "cannot be used" not in out
     assert upgraded.format_version == FORMAT_VERSION
     # The rule follows from the held-out scores the manifest keeps: the session bundle's own.
     assert upgraded.calibration.rule == load_bundle(trained_bundle).manifest.calibration.rule
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "data"]
+    assert sorted(p.name for p in workdir.iterdir()) == ["bundle", "data"]
     # Served from now on: reused as it is.
-    _, reused = _prepare_bundle(tmp_path, seed=0, retrain=False, steps=20)
+    _, reused = _prepare_bundle(workdir, seed=0, retrain=False, steps=20)
     assert "reusing the bundle" in capsys.readouterr().out and reused == upgraded
 
 
 def test_a_cached_bundle_that_cannot_be_upgraded_is_fitted_again(
-    demo_data: Path,
+    cached_workdir: CachedWorkdir,
     trained_bundle: Path,
-    tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -136,9 +138,9 @@ def test_a_cached_bundle_that_cannot_be_upgraded_is_fitted_again(
     def edited(data: dict[str, Any]) -> None:
         data["calibration"]["rule"]["method"] = "empirical"  # does not follow from its scores
 
-    _cached_bundle_of_format(demo_data, trained_bundle, tmp_path, 9, edited)
+    workdir = cached_workdir(9, edited)
     fits = _recorded_fits(monkeypatch, trained_bundle)
-    _prepare_bundle(tmp_path, seed=0, retrain=False, steps=20)
+    _prepare_bundle(workdir, seed=0, retrain=False, steps=20)
     out = capsys.readouterr().out
     assert "cannot be upgraded:" in out and "training a bundle" in out and fits == [20]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "data"]
+    assert sorted(p.name for p in workdir.iterdir()) == ["bundle", "data"]
