@@ -62,6 +62,8 @@ CHECK_KEYS = [
 RATE_KEYS = [
     f"{figure}_at_rate_{rate}" for rate in ("0.01", "0.03", "0.05") for figure in ("tpr", "fpr")
 ]
+# The test split against the fit's held-out good images: last in the mean row.
+HELD_OUT_KEYS = ["n_held_out_good", "auroc_defects_vs_held_out", "auroc_test_good_vs_held_out"]
 HEADINGS = "| dataset | image AUROC | recon AUROC | KL AUROC | latent AUROC | pixel AUROC |"
 
 
@@ -87,7 +89,7 @@ def test_the_json_has_a_row_per_dataset_and_the_mean(
     table = json.loads((out / "benchmark.json").read_text(encoding="utf-8"))
     assert table == json.loads(json.dumps(rows))
     assert [row["dataset"] for row in table] == ["line_a/flange", "line_b/flange", MEAN]
-    assert list(table[-1]) == ROW_KEYS + SCORE_KEYS + CHECK_KEYS + RATE_KEYS
+    assert list(table[-1]) == ROW_KEYS + SCORE_KEYS + CHECK_KEYS + RATE_KEYS + HELD_OUT_KEYS
     for row in table[:-1]:
         assert list(row)[-len(CHECK_KEYS + RATE_KEYS) :] == CHECK_KEYS + RATE_KEYS
         # Asking the bundle's own rate (1%) gives the calibrated threshold's verdicts.
@@ -103,6 +105,9 @@ def test_the_json_has_a_row_per_dataset_and_the_mean(
         training = load_bundle(out / row["dataset"] / "bundle").manifest.training
         assert row["synthetic_auroc"] == round(training["decision"]["synthetic_auroc"], 4)
         assert row["test_copies_of_training"] == 0  # the demo's test images are new parts
+        assert row["n_held_out_good"] == training["data"]["n_holdout"] == 5
+        for key in HELD_OUT_KEYS[1:]:
+            assert 0.0 <= row[key] <= 1.0, key
         lighting = training["lighting"]
         assert [row[key] for key in CHECK_KEYS[1:]] == [
             round(lighting[key], 4) for key in ("flagged", "flagged_darker", "flagged_brighter")
@@ -122,7 +127,7 @@ def test_the_json_has_a_row_per_dataset_and_the_mean(
         n_train = DEMO_SIZE["n_train"] - 5
         assert row["epochs"] == round(20 * 8 / n_train, 1) == 8.4
         assert set(row["auroc_by_type"]) == set(DEFECT_TYPES)
-    for key in ROW_KEYS[1:] + SCORE_KEYS + CHECK_KEYS + RATE_KEYS:
+    for key in ROW_KEYS[1:] + SCORE_KEYS + CHECK_KEYS + RATE_KEYS + HELD_OUT_KEYS:
         expected = (table[0][key] + table[1][key]) / 2
         assert table[-1][key] == pytest.approx(expected, abs=1e-4), key
 
@@ -155,7 +160,7 @@ def test_the_markdown_has_a_row_per_dataset_and_the_mean(
         "| dataset | recon_error | kl | local_error | latent_distance | defect_probability"
         " | coarse_error | combined |"
     )
-    assert len(lines) == 4 * (2 + 3)
+    assert len(lines) == 5 * (2 + 3)
     order = ["auroc_recon", "auroc_kl", "auroc_local", "auroc_latent", "auroc_defect"]
     figures = [rows[0][key] for key in [*order, "auroc_coarse", "auroc_combined"]]
     assert lines[7] == _table_line("line_a/flange", figures)
@@ -175,6 +180,19 @@ def test_the_markdown_has_a_row_per_dataset_and_the_mean(
     )
     assert lines[17] == _table_line("line_a/flange", [rows[0][key] for key in RATE_KEYS])
     assert lines[19].startswith(f"| **{MEAN}** | ")
+    # The fifth: the test split against the held-out good images.
+    assert "## The test split against the held-out good images (0.5: scored alike)" in text
+    assert lines[20] == (
+        "| dataset | held-out good images | defects against them (AUROC)"
+        " | test/good against them (AUROC) |"
+    )
+    held_out = rows[0]
+    assert lines[22] == (
+        f"| line_a/flange | {held_out['n_held_out_good']} | "
+        f"{held_out['auroc_defects_vs_held_out']:.3f} | "
+        f"{held_out['auroc_test_good_vs_held_out']:.3f} |"
+    )
+    assert lines[24].startswith(f"| **{MEAN}** | **5** | ")
 
 
 def _table_line(name: str, figures: list[float]) -> str:
@@ -205,13 +223,16 @@ def _row(name: str, auroc: float, pixel: float | None) -> dict[str, Any]:
         "heldout_flagged_darker": 0.0,
         "heldout_flagged_brighter": 0.25,
         **{key: 0.5 for key in RATE_KEYS},
+        "n_held_out_good": 10,
+        "auroc_defects_vs_held_out": auroc,
+        "auroc_test_good_vs_held_out": 0.5,
     }
 
 
 def test_mean_row_skips_missing_pixel_aurocs() -> None:
     rows = [_row("a", 0.9, None), _row("b", 0.7, 0.8), _row("c", 0.8, None)]
     mean = mean_row(rows)
-    assert list(mean) == ROW_KEYS + SCORE_KEYS + CHECK_KEYS + RATE_KEYS
+    assert list(mean) == ROW_KEYS + SCORE_KEYS + CHECK_KEYS + RATE_KEYS + HELD_OUT_KEYS
     assert mean["dataset"] == MEAN
     assert mean["auroc_defect"] == pytest.approx(0.8)
     assert mean["auroc_combined"] == pytest.approx(0.8)
@@ -219,6 +240,16 @@ def test_mean_row_skips_missing_pixel_aurocs() -> None:
     assert mean["pixel_auroc"] == 0.8  # the one dataset with masks
     assert mean["fit_seconds"] == 12.0
     assert mean_row([_row("a", 0.9, None)])["pixel_auroc"] is None
+
+
+def test_mean_row_skips_datasets_whose_held_out_images_are_unknown() -> None:
+    # evaluate gives None where the training folder is not the one the bundle was fitted on.
+    unknown = {**_row("c", 0.5, None), **dict.fromkeys(HELD_OUT_KEYS)}
+    mean = mean_row([_row("a", 0.9, None), _row("b", 0.7, 0.8), unknown])
+    assert mean["n_held_out_good"] == 10
+    assert mean["auroc_defects_vs_held_out"] == pytest.approx(0.8)
+    assert mean["auroc_combined"] == pytest.approx(0.7)
+    assert mean_row([unknown])["auroc_test_good_vs_held_out"] is None
 
 
 def test_markdown_table_formats_figures_and_dashes_missing_ones() -> None:

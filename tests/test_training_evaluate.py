@@ -17,8 +17,18 @@ from service.preprocessing import InputSpec, list_image_files, load_image_file, 
 from service.scoring import POSITION_FLOOR, window_max
 from training.config import FitConfig
 from training.errors import DataError
-from training.evaluate import AUROC_KEYS, evaluate_bundle, run_evaluation
+from training.evaluate import (
+    AUROC_KEYS,
+    HELD_OUT_KEYS,
+    SHIFT_P_VALUE,
+    ScoreShift,
+    evaluate_bundle,
+    run_evaluation,
+    score_shift,
+    shift_warning,
+)
 from training.fit import build_bundle
+from training.metrics import auroc
 from training.model import VAE, DefectHead, VAEConfig
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -38,6 +48,7 @@ EXPECTED_KEYS = {
     "pixel_auroc",
     "n_masked",
     "auroc_combined_by_type",
+    *HELD_OUT_KEYS,
 }
 # The defect head of the known model: probability = sigmoid(GAIN * squared error + BIAS).
 GAIN, BIAS = 40.0, -5.0
@@ -302,7 +313,9 @@ def test_without_a_training_folder_test_images_are_not_compared(
 ) -> None:
     bundle, data = known_case
     assert not (data / "train").exists()
-    assert evaluate_bundle(bundle, data, device="cpu")["test_copies_of_training"] is None
+    metrics = evaluate_bundle(bundle, data, device="cpu")
+    assert metrics["test_copies_of_training"] is None
+    assert [metrics[key] for key in HELD_OUT_KEYS] == [None, None, None]
 
 
 def test_test_folder_missing(trained_bundle: Path, tmp_path: Path) -> None:
@@ -329,3 +342,105 @@ def test_unreadable_test_image(trained_bundle: Path, demo_data: Path, tmp_path: 
     (tmp_path / "test" / "scratch" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n")
     with pytest.raises(DataError, match=r"broken\.png"):
         evaluate_bundle(trained_bundle, tmp_path)
+
+
+def _held_out_files(bundle: Path, data: Path) -> list[Path]:
+    names = load_bundle(bundle).manifest.training["data"]["holdout_files"]
+    return [data / "train" / "good" / name for name in names]
+
+
+def _with_test_good(data: Path, target: Path, images: dict[str, np.ndarray]) -> Path:
+    """A copy of ``data`` whose test/good holds ``images`` (8-bit arrays) instead of its own."""
+    copy = _copy_of(data, target)
+    for path in list_image_files(copy / "test" / "good"):
+        path.unlink()
+    for name, pixels in images.items():
+        Image.fromarray(pixels).save(copy / "test" / "good" / name)
+    return copy
+
+
+def test_the_test_split_is_read_against_the_fits_held_out_images(
+    trained_bundle: Path, demo_data: Path
+) -> None:
+    scorer, evaluation = run_evaluation(trained_bundle, demo_data, device="cpu")
+    held_out = _held_out_files(trained_bundle, demo_data)
+    assert evaluation.metrics["n_held_out_good"] == len(held_out) == 5
+    spec = scorer.manifest.input
+    reference = scorer.score(stack([load_image_file(p, spec) for p in held_out])).combined
+    combined, labels = evaluation.scores["combined"], evaluation.test.labels
+
+    def against_held_out(scores: np.ndarray) -> float:
+        both = np.r_[scores, reference]
+        return round(auroc(both, np.r_[np.ones(scores.size), np.zeros(reference.size)]), 4)
+
+    assert evaluation.metrics["auroc_defects_vs_held_out"] == against_held_out(combined[labels])
+    assert evaluation.metrics["auroc_test_good_vs_held_out"] == against_held_out(combined[~labels])
+
+
+def test_good_test_images_like_the_held_out_ones_are_not_said_to_differ(
+    trained_bundle: Path, demo_data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    held_out = _held_out_files(trained_bundle, demo_data)
+    copy = _with_test_good(
+        demo_data,
+        tmp_path / "data",
+        {f"again_{p.name}": np.asarray(Image.open(p)) for p in held_out},
+    )
+    with caplog.at_level("WARNING", logger="training.evaluate"):
+        metrics = evaluate_bundle(trained_bundle, copy, device="cpu")
+    # The same five images on both sides: only the pairs of an image with itself can differ
+    # (in the last bits, scored in other batches), 5 of 25.
+    assert 0.4 <= metrics["auroc_test_good_vs_held_out"] <= 0.6
+    assert "the test split's good images score" not in caplog.text
+
+
+def test_good_test_images_unlike_the_held_out_ones_are_said_to_differ(
+    trained_bundle: Path, demo_data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The held-out parts photographed in six darker lights: thirty good images, none like the
+    # images the model was fitted on.
+    held_out = _held_out_files(trained_bundle, demo_data)
+    darker = {
+        f"{gain:.2f}_{p.name}": (np.asarray(Image.open(p), dtype=np.float64) * gain).astype(
+            np.uint8
+        )
+        for gain in (0.3, 0.35, 0.4, 0.45, 0.5, 0.55)
+        for p in held_out
+    }
+    copy = _with_test_good(demo_data, tmp_path / "data", darker)
+    with caplog.at_level("WARNING", logger="training.evaluate"):
+        metrics = evaluate_bundle(trained_bundle, copy, device="cpu")
+    assert metrics["n_normal"] == 30
+    assert metrics["auroc_test_good_vs_held_out"] == 1.0
+    assert "the test split's good images score higher than the held-out good images" in (
+        caplog.text
+    )
+    assert "AUROC 1.00 against them" in caplog.text
+
+
+def test_another_training_folder_is_not_read_as_the_fits(
+    trained_bundle: Path, demo_data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    copy = _copy_of(demo_data, tmp_path / "data")
+    first = list_image_files(copy / "train" / "good")[0]
+    pixels = np.asarray(Image.open(first)).copy()
+    pixels[0, 0] = 255 - pixels[0, 0]
+    Image.fromarray(pixels).save(first)
+    with caplog.at_level("INFO", logger="training.evaluate"):
+        metrics = evaluate_bundle(trained_bundle, copy, device="cpu")
+    assert [metrics[key] for key in HELD_OUT_KEYS] == [None, None, None]
+    assert "train/good is not the folder this bundle was fitted on" in caplog.text
+    assert metrics["test_copies_of_training"] == 0
+
+
+def test_a_score_shift_and_its_warning() -> None:
+    higher = score_shift(np.arange(10.0, 30.0), np.arange(0.0, 10.0))
+    assert higher.auroc == 1.0 and higher.p_value < SHIFT_P_VALUE
+    assert "score higher than" in (shift_warning(higher) or "")
+    lower = score_shift(np.arange(0.0, 10.0), np.arange(10.0, 30.0))
+    assert lower.auroc == 0.0 and "score lower than" in (shift_warning(lower) or "")
+    alike = score_shift(np.arange(0.0, 20.0, 2.0), np.arange(1.0, 21.0, 2.0))
+    assert alike.auroc == 0.45 and alike.p_value > 0.5 and shift_warning(alike) is None
+    assert score_shift(np.ones(4), np.ones(6)) == ScoreShift(0.5, 1.0)
+    # At the bound the images are still said to score alike.
+    assert shift_warning(ScoreShift(0.9, SHIFT_P_VALUE)) is None

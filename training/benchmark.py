@@ -4,9 +4,9 @@ For every MVTec-layout folder: ``fit`` into ``OUT/<dataset>/bundle`` (the defaul
 options are given), ``evaluate`` on its ``test/`` split, and one row of figures. After each
 dataset ``OUT/benchmark.json`` (a list with one object per dataset, then the mean row) and
 ``OUT/benchmark.md`` (the same as a Markdown table, a table of every score's image AUROC alone,
-one of the fit's checks on held-out normal images, and one of the verdicts at the false-alarm
-rates a request may ask) are rewritten, so an interrupted run
-keeps what it finished.
+one of the fit's checks on held-out normal images, one of the verdicts at the false-alarm rates
+a request may ask, and one of the test split against the held-out good images) are rewritten,
+so an interrupted run keeps what it finished.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 from service.bundle import load_bundle
 from training.config import FitConfig
 from training.errors import DataError
-from training.evaluate import AUROC_KEYS, FPR_BUDGETS, budget_key, evaluate_bundle
+from training.evaluate import AUROC_KEYS, FPR_BUDGETS, HELD_OUT_KEYS, budget_key, evaluate_bundle
 from training.fit import fit_bundle
 
 log = logging.getLogger(__name__)
@@ -76,11 +76,25 @@ RATE_COLUMNS: tuple[tuple[str, str, str], ...] = (
         )
     ),
 )
+# The test split against the fit's held-out good images: whether its good images score like them
+# (0.5) and how the defects stand against good images photographed like the training ones.
+HELD_OUT_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("dataset", "dataset", "{}"),
+    ("n_held_out_good", "held-out good images", "{:.0f}"),
+    ("auroc_defects_vs_held_out", "defects against them (AUROC)", "{:.3f}"),
+    ("auroc_test_good_vs_held_out", "test/good against them (AUROC)", "{:.3f}"),
+)
 _TABLE_KEYS = frozenset(key for key, _, _ in COLUMNS)
 AVERAGED = tuple(
     dict.fromkeys(
         key
-        for key, _, _ in (*COLUMNS, *SCORE_COLUMNS, *CHECK_COLUMNS, *RATE_COLUMNS)
+        for key, _, _ in (
+            *COLUMNS,
+            *SCORE_COLUMNS,
+            *CHECK_COLUMNS,
+            *RATE_COLUMNS,
+            *HELD_OUT_COLUMNS,
+        )
         if key != "dataset"
     )
 )
@@ -137,6 +151,7 @@ def _row(
         "steps": steps,
         "auroc_by_type": metrics["auroc_combined_by_type"],
         "test_copies_of_training": metrics["test_copies_of_training"],
+        **{key: metrics[key] for key in HELD_OUT_KEYS},
         "synthetic_auroc": _rounded(training["decision"]["synthetic_auroc"]),
         "heldout_flagged": _rounded(lighting.get("flagged")),
         "heldout_flagged_darker": _rounded(lighting.get("flagged_darker")),
@@ -195,7 +210,9 @@ def _write(out_dir: Path, rows: list[dict[str, Any]], config: FitConfig) -> None
         f"## Image AUROC of each score alone\n\n{markdown_table(table, SCORE_COLUMNS)}\n"
         f"## Checks without test images\n\n{markdown_table(table, CHECK_COLUMNS)}\n"
         "## Verdicts at a false-alarm rate asked per request (thresholds from held-out good "
-        f"images)\n\n{markdown_table(table, RATE_COLUMNS)}"
+        f"images)\n\n{markdown_table(table, RATE_COLUMNS)}\n"
+        "## The test split against the held-out good images (0.5: scored alike)\n\n"
+        f"{markdown_table(table, HELD_OUT_COLUMNS)}"
     )
     (out_dir / "benchmark.md").write_text(text, encoding="utf-8")
 

@@ -8,6 +8,7 @@ Labels come from folder names (``good`` is normal, any other folder anomalous); 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,12 +16,20 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 from PIL import Image
+from scipy.stats import mannwhitneyu
 
-from service.preprocessing import ImageError, InputSpec, list_image_files, load_image_file, stack
+from service.preprocessing import (
+    ImageError,
+    InputSpec,
+    list_image_files,
+    load_image_file,
+    model_input,
+    stack,
+)
 from service.runtime import DevicePolicy, Scorer, open_scorer
 from service.scoring import SCORE_NAMES, F64Array, batch_slices
 from training.copies import near_copies_of, thumbnails
-from training.data import find_images, load_samples
+from training.data import ImageSet, find_images, load_samples
 from training.errors import DataError
 from training.metrics import auroc, average_precision, best_tpr_at_fpr, threshold_stats
 
@@ -42,6 +51,13 @@ AUROC_KEYS: dict[str, str] = {
 MASK_STEMS = ("{stem}_mask", "{stem}")
 # False-alarm budgets at which evaluate reports the best TPR any threshold on the test set reaches.
 FPR_BUDGETS = (0.01, 0.03, 0.05)
+# Below this two-sided p-value (Mann-Whitney) the test split's good images are said to score
+# unlike the held-out good images the threshold was set on.
+SHIFT_P_VALUE = 1e-3
+
+
+# evaluate's figures of the test split against the fit's held-out good images.
+HELD_OUT_KEYS = ("n_held_out_good", "auroc_defects_vs_held_out", "auroc_test_good_vs_held_out")
 
 
 def budget_key(rate: float) -> str:
@@ -169,20 +185,117 @@ def load_test_set(data_dir: Path, spec: InputSpec, *, need_both: bool = True) ->
     return TestSet(tuple(paths), tuple(labels), stack(images), tuple(masks))
 
 
-def copies_of_training(
-    data_dir: Path, spec: InputSpec, test: TestSet
-) -> list[tuple[Path, Path]] | None:
-    """Test images that are copies or near-copies of a training image of ``DATA_DIR/train/good``
-    (:func:`training.copies.near_copies_of`), each with the training image nearest to it; ``None``
-    where there is no such folder. Their scores read like a training image's, so figures with
-    them are optimistic."""
+def load_training_folder(data_dir: Path, spec: InputSpec) -> ImageSet[np.uint8] | None:
+    """The 8-bit samples of ``DATA_DIR/train/good`` in the bundle's input spec (unreadable files
+    skipped); ``None`` where there is no such folder."""
     folder = Path(data_dir) / "train" / "good"
     if not folder.is_dir():
         return None
-    training = load_samples(find_images(folder), spec, skip_bad=True)
+    return load_samples(find_images(folder), spec, skip_bad=True)
+
+
+def copies_of_training(
+    training: ImageSet[np.uint8], spec: InputSpec, test: TestSet
+) -> list[tuple[Path, Path]]:
+    """Test images that are copies or near-copies of a training image
+    (:func:`training.copies.near_copies_of`), each with the training image nearest to it. Their
+    scores read like a training image's, so figures with them are optimistic."""
     reference = thumbnails(training.images) * spec.scale
     found = near_copies_of(reference, thumbnails(test.images))
     return [(test.paths[i], training.paths[j]) for i, j in found]
+
+
+def held_out_rows(
+    training: ImageSet[np.uint8], facts: Mapping[str, Any]
+) -> npt.NDArray[np.intp] | None:
+    """The rows of ``training`` that the fit held out (its manifest's training facts name them),
+    or ``None``, with the reason logged, where the bundle does not say which they were or the
+    folder is not the one it was fitted on (another fingerprint: other files or contents)."""
+    data = facts.get("data") or {}
+    names, fingerprint = data.get("holdout_files"), data.get("fingerprint")
+    if not names or not fingerprint:
+        log.info("the bundle does not record its held-out images: they are not compared")
+        return None
+    if fingerprint != training.fingerprint:
+        log.info(
+            "train/good is not the folder this bundle was fitted on (fingerprint %s, the fit's "
+            "%s): its held-out images are not compared",
+            training.fingerprint, fingerprint,
+        )  # fmt: skip
+        return None
+    row_of = {path.name: row for row, path in enumerate(training.paths)}
+    return np.array([row_of[name] for name in names], dtype=np.intp)
+
+
+@dataclass(frozen=True)
+class ScoreShift:
+    """How one set of combined scores sits against another: the AUROC of the first against the
+    second (0.5: alike) and the two-sided Mann-Whitney p-value of a difference."""
+
+    auroc: float
+    p_value: float
+
+
+def score_shift(scores: F64Array, reference: F64Array) -> ScoreShift:
+    """:class:`ScoreShift` of ``scores`` against ``reference`` (ties count a half)."""
+    labels = np.r_[np.ones(scores.size, dtype=bool), np.zeros(reference.size, dtype=bool)]
+    area = auroc(np.r_[scores, reference], labels)
+    if np.ptp(np.r_[scores, reference]) == 0.0:
+        return ScoreShift(area, 1.0)  # all equal: nothing to tell apart
+    test = mannwhitneyu(scores, reference, alternative="two-sided", method="asymptotic")
+    return ScoreShift(area, float(test.pvalue))
+
+
+def shift_warning(shift: ScoreShift) -> str | None:
+    """A warning where the test split's good images score unlike the held-out good images
+    (p below ``SHIFT_P_VALUE``); ``None`` where they score alike."""
+    if shift.p_value >= SHIFT_P_VALUE:
+        return None
+    side = "higher" if shift.auroc > 0.5 else "lower"
+    return (
+        f"the test split's good images score {side} than the held-out good images the threshold "
+        f"was set on (AUROC {shift.auroc:.2f} against them, p = {shift.p_value:.1g}): they are "
+        "not like the good images the model was fitted on (light, camera, parts), so the false "
+        "alarms and the catch at the threshold on this test split are not what a line that "
+        "looks like the training images gets; auroc_defects_vs_held_out reads the defects "
+        "against good images like the training ones"
+    )
+
+
+def _held_out_scores(
+    scorer: Scorer, training: ImageSet[np.uint8], rows: npt.NDArray[np.intp], batch_size: int
+) -> F64Array:
+    scale = scorer.manifest.input.scale
+    return np.concatenate(
+        [
+            scorer.score(model_input(training.images[rows[part]], scale)).combined
+            for part in batch_slices(rows.size, batch_size)
+        ]
+    )
+
+
+def _against_held_out(
+    scorer: Scorer,
+    training: ImageSet[np.uint8] | None,
+    combined: F64Array,
+    labels: npt.NDArray[np.bool_],
+    batch_size: int,
+) -> dict[str, Any]:
+    """The held-out good images' count, and the AUROC of the test defects and of the test split's
+    good images against them (None where the held-out images are not known)."""
+    rows = None if training is None else held_out_rows(training, scorer.manifest.training)
+    if training is None or rows is None:
+        return dict.fromkeys(HELD_OUT_KEYS)
+    held_out = _held_out_scores(scorer, training, rows, batch_size)
+    good = score_shift(combined[~labels], held_out)
+    warning = shift_warning(good)
+    if warning is not None:
+        log.warning("%s", warning)
+    return {
+        "n_held_out_good": int(rows.size),
+        "auroc_defects_vs_held_out": score_shift(combined[labels], held_out).auroc,
+        "auroc_test_good_vs_held_out": good.auroc,
+    }
 
 
 def _log_copies_of_training(data_dir: Path, copies: list[tuple[Path, Path]]) -> None:
@@ -230,8 +343,10 @@ def run_evaluation(
     """Load and self-test the bundle, score the test set, compute the metrics."""
     scorer = open_scorer(Path(bundle_dir), device=device)
     test = load_test_set(Path(data_dir), scorer.manifest.input)
-    copies = copies_of_training(Path(data_dir), scorer.manifest.input, test)
-    if copies is not None:
+    training = load_training_folder(Path(data_dir), scorer.manifest.input)
+    copies = None
+    if training is not None:
+        copies = copies_of_training(training, scorer.manifest.input, test)
         _log_copies_of_training(Path(data_dir), copies)
     parts = [
         scorer.score(test.images[rows], keep_maps=True)
@@ -265,6 +380,7 @@ def run_evaluation(
         "pixel_auroc": pixel,
         "n_masked": sum(m is not None for m, a in zip(test.masks, labels, strict=True) if a),
         "test_copies_of_training": None if copies is None else len(copies),
+        **_against_held_out(scorer, training, scores["combined"], labels, batch_size),
         "auroc_combined_by_type": _auroc_by_type(test, scores["combined"]),
         "model_id": scorer.model_id,
         "provider": scorer.provider,
