@@ -9,17 +9,21 @@ training images used, which the fit records), never guessed from the image being
 
 from __future__ import annotations
 
+import hashlib
 import io
+import logging
 import warnings
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
 from dataclasses import fields as dataclass_fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 from PIL import Image, UnidentifiedImageError
+
+log = logging.getLogger(__name__)
 
 ColorMode = Literal["L", "RGB"]
 ResizeMethod = Literal["bilinear", "bicubic", "nearest", "lanczos", "box"]
@@ -251,6 +255,58 @@ def preprocess_bytes(
 ) -> npt.NDArray[np.float32]:
     """Decode encoded bytes and preprocess them in one step."""
     return preprocess(decode_image(data, image_id=image_id, max_pixels=max_pixels), spec)
+
+
+class FolderFingerprint:
+    """A fingerprint of a folder's images as read: each file's name and content, in the order
+    added. A fit records its training folder's in the manifest, so that a folder can be told
+    to be the one a bundle was trained on."""
+
+    def __init__(self) -> None:
+        self._digest = hashlib.sha256()
+
+    def add(self, name: str, data: bytes) -> None:
+        """Add one file, ``data`` being its bytes."""
+        self._digest.update(name.encode("utf-8") + b"\0" + hashlib.sha256(data).digest())
+
+    def hexdigest(self) -> str:
+        """The fingerprint: 16 hex digits."""
+        return self._digest.hexdigest()[:16]
+
+
+Decoded = TypeVar("Decoded")
+
+
+@dataclass
+class ImageFiles:
+    """A folder's image files read in turn: the fingerprint of those read, and the unreadable
+    ones skipped (with why) where ``skip_bad``; otherwise the first unreadable one raises
+    ``error`` with a message that names it."""
+
+    skip_bad: bool
+    error: Callable[[str], Exception]
+    fingerprint: FolderFingerprint = field(default_factory=FolderFingerprint)
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+
+    def read(
+        self, paths: Iterable[Path], decode: Callable[[bytes, str], Decoded]
+    ) -> Iterator[tuple[Path, Decoded]]:
+        """Each readable file of ``paths`` with ``decode(its bytes, its path)``."""
+        for path in paths:
+            try:
+                data = path.read_bytes()
+                decoded = decode(data, str(path))
+            except (OSError, ImageError) as exc:
+                if not self.skip_bad:
+                    raise self.error(
+                        f"cannot use image {path}: {exc} (pass --skip-bad-images to skip such "
+                        "files)"
+                    ) from exc
+                log.warning("skipping unreadable image %s: %s", path, exc)
+                self.skipped.append((path, str(exc)))
+                continue
+            self.fingerprint.add(path.name, data)
+            yield path, decoded
 
 
 def load_image_file(path: Path, spec: InputSpec) -> npt.NDArray[np.float32]:

@@ -18,7 +18,6 @@ new threshold. Where the threshold is the same, it stays where it is.
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -36,11 +35,11 @@ from service.bundle import (
     read_manifest_json,
     write_manifest,
 )
-from service.runtime import DeviceError, open_scorer
+from service.bundle_copy import BundleCopy
+from service.runtime import DeviceError
 from service.scoring import DecisionRule, fewest_for_conformal, threshold_for_rate
 
 PROG = "anomaly-upgrade"
-PARTIAL_SUFFIX = ".partial"
 
 
 @dataclass(frozen=True)
@@ -106,29 +105,11 @@ def upgrade_bundle(source: Path, out: Path) -> Upgrade:
     """Write the upgraded copy of the bundle directory ``source`` to ``out``, which must not
     exist; the copy is loaded and passes its golden self-test before it takes that name, and
     ``source`` is left as it was. Raises :class:`BundleError` or :class:`DeviceError`."""
-    source, out = Path(source), Path(out)
-    if not source.is_dir():
-        what = "does not exist" if not source.exists() else "is not a directory"
-        raise BundleError(
-            f"bundle {source} {what}: give a bundle directory (unpack an archive first)"
-        )
-    if out.exists():
-        raise BundleError(f"{out} already exists: give a new directory for the upgraded bundle")
-    if out.resolve().is_relative_to(source.resolve()):
-        raise BundleError(f"{out} is inside {source}: give a directory outside the old bundle")
-    raw = read_manifest_json(source)
+    copy = BundleCopy.plan(source, out)
+    raw = read_manifest_json(copy.source)
     manifest, upgrade = upgraded_manifest(raw, now=datetime.now(UTC).isoformat())
-    partial = out.with_name(out.name + PARTIAL_SUFFIX)
-    if partial.exists():
-        raise BundleError(f"{partial} already exists (left by an earlier upgrade?): remove it")
-    try:
-        shutil.copytree(source, partial)
+    with copy.writing() as partial:
         write_manifest(partial, manifest)
-        open_scorer(partial, device="cpu", threads=1)
-        partial.rename(out)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
     return upgrade
 
 

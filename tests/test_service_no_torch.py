@@ -25,7 +25,7 @@ def test_every_serving_module_imports_without_torch() -> None:
         if not info.name.endswith("__main__")
     )
     entry_points = {"service.server", "service.cli", "service.client", "service.client.cli"}
-    assert entry_points | {"service.upgrade"} <= set(modules)
+    assert entry_points | {"service.upgrade", "service.recalibrate"} <= set(modules)
     # A finder that refuses torch, as a machine without it does: a None in sys.modules would also
     # refuse the import, but libraries that look for torch in sys.modules (scipy) then break
     # where a machine without torch does not.

@@ -339,7 +339,7 @@ def test_a_fit_warns_where_a_change_of_light_flags_many_good_images() -> None:
     warning = lighting_warning(screw)
     assert warning is not None
     assert warning.startswith("lit 10% brighter, 32.8% of the held-out good images")
-    assert "fit again after a change of light" in warning
+    assert "calibrate the bundle again on good images taken in it" in warning
     darker = LightingCheck(change=0.2, flagged=0.0, flagged_darker=0.5, flagged_brighter=0.2)
     assert str(lighting_warning(darker)).startswith("lit 20% darker, 50.0%")
     at_most = LightingCheck(change=0.1, flagged=0.3, flagged_darker=0.1, flagged_brighter=0.05)

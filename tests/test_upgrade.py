@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 
 from service.bundle import FORMAT_VERSION, MANIFEST, BundleError, load_bundle
+from service.bundle_copy import PARTIAL_SUFFIX
 from service.runtime import open_scorer
 from service.scoring import threshold_for_rate
-from service.upgrade import PARTIAL_SUFFIX, main, upgrade_bundle
+from service.upgrade import main, upgrade_bundle
 
 # Held-out combined scores with a short upper tail (a format-9 fit would have taken lambda > 1):
 # 60 of them, none far above the rest, so the rule is a normal_tail bound with no outliers.

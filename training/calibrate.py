@@ -339,7 +339,8 @@ def lighting_warning(check: LightingCheck) -> str | None:
     return (
         f"lit {check.change:.0%} {'darker' if darker else 'brighter'}, {worse:.1%} of the "
         "held-out good images would be flagged: keep the line's light as it was for these "
-        "images, watch the drift gauges, and fit again after a change of light"
+        "images, watch the drift gauges, and after a change of light calibrate the bundle "
+        "again on good images taken in it (python -m service.recalibrate) or fit again"
     )
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 from collections.abc import Iterator
@@ -19,7 +18,7 @@ from service.preprocessing import (
     WIDE_GREY_MODES,
     WIDE_SAMPLE_BITS,
     ColorMode,
-    ImageError,
+    ImageFiles,
     InputSpec,
     decode_image,
     list_image_files,
@@ -179,27 +178,15 @@ def _load(
 ) -> ImageSet[Sample]:
     out = np.empty((len(paths), *spec.shape), dtype=dtype)
     kept: list[Path] = []
-    skipped: list[tuple[Path, str]] = []
-    digest = hashlib.sha256()
-    for path in paths:
-        try:
-            data = path.read_bytes()
-            array = read(data, spec, image_id=str(path))
-        except (OSError, ImageError) as exc:
-            if not skip_bad:
-                raise DataError(
-                    f"cannot use image {path}: {exc} (pass --skip-bad-images to skip such files)"
-                ) from exc
-            log.warning("skipping unreadable image %s: %s", path, exc)
-            skipped.append((path, str(exc)))
-            continue
-        digest.update(path.name.encode("utf-8") + b"\0" + hashlib.sha256(data).digest())
+    files = ImageFiles(skip_bad, DataError)
+    for path, array in files.read(paths, lambda data, name: read(data, spec, image_id=name)):
         out[len(kept)] = array
         kept.append(path)
+    skipped = files.skipped
     if not kept:
         raise DataError(f"none of the {len(paths)} images could be read; {skipped[0][1]}")
     images = out if len(kept) == len(paths) else out[: len(kept)].copy()
-    return ImageSet(tuple(kept), images, tuple(skipped), digest.hexdigest()[:16])
+    return ImageSet(tuple(kept), images, tuple(skipped), files.fingerprint.hexdigest())
 
 
 def evenly_spaced(n: int, limit: int) -> slice:
