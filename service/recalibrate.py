@@ -231,7 +231,8 @@ def describe(result: Recalibration, source: Path, good: Path, out: Path) -> str:
         f"{100 * rule.target_false_alarm_rate:g}% false-alarm rate ({rule.method}{left_out}); "
         f"the previous threshold flagged {100 * result.flagged_by_previous:.1f}% of these "
         f"images, the new one flags {100 * result.flagged:.1f}%; the drift gauges now compare "
-        "traffic with these images. Point the service at the new bundle and send it SIGHUP"
+        "traffic with these images. To serve it, put it where the service's --bundle points "
+        "(swap the directory or a symlink) and send the service SIGHUP"
     )
 
 

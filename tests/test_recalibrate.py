@@ -123,7 +123,7 @@ def test_after_a_change_of_light_recalibrating_restores_the_false_alarm_rate(
     assert before >= 0.5
     assert after <= 0.1
     assert f"recalibrated {trained_bundle} on {NEW_GOOD} good images" in printed.out
-    assert "Point the service at the new bundle and send it SIGHUP" in printed.out
+    assert "put it where the service's --bundle points" in printed.out
     # Most of them were flagged by the old threshold: the operator is asked to check them.
     assert "check that they are all good parts" in printed.err
 
