@@ -71,9 +71,9 @@ FLAGGED_WARNING_SHARE = 0.5
 log = logging.getLogger(__name__)
 
 _TRAINING_FOLDER = (
-    "{good} holds the images this bundle was trained on: they score as the model learned them "
-    "and would set the threshold too low; give good images it never trained on (taken on the "
-    "line since)"
+    "{good} holds the images this bundle was trained on{how}: they score as the model learned "
+    "them and would set the threshold too low; give good images it never trained on (taken on "
+    "the line since)"
 )
 
 
@@ -133,7 +133,7 @@ def _score_folder(scorer: Scorer, folder: Path, *, skip_bad: bool) -> _Scored:
         if len(batch) == BATCH:
             flush()
     flush()
-    count = sum(part["kl"].size for part in raw_parts)
+    count = sum(len(mu) for mu in mu_parts)
     if count < MIN_IMAGES:
         raise RecalibrationError(
             f"{count} readable good images in {folder}; recalibrating needs at least "
@@ -172,10 +172,10 @@ def recalibrate_bundle(
     manifest = scorer.manifest
     trained_on = manifest.training.get("data") or {}
     if good.is_dir() and str(good.resolve()) == trained_on.get("folder"):
-        raise RecalibrationError(_TRAINING_FOLDER.format(good=good))
+        raise RecalibrationError(_TRAINING_FOLDER.format(good=good, how=""))
     scored = _score_folder(scorer, good, skip_bad=skip_bad)
     if scored.fingerprint == trained_on.get("fingerprint"):
-        raise RecalibrationError(_TRAINING_FOLDER.format(good=good) + " (a copy of it)")
+        raise RecalibrationError(_TRAINING_FOLDER.format(good=good, how=" (a copy of them)"))
     previous = manifest.calibration
     calibration = Calibration.fit(
         scored.raw,
