@@ -214,6 +214,42 @@ class LatentBaseline:
         return cls(values.mean(axis=0), values.std(axis=0, ddof=1), int(values.shape[0]))
 
 
+@dataclass
+class LatentMoments:
+    """The mean and spread of posterior means gathered a batch at a time (the pairwise merge of
+    Chan, Golub and LeVeque), so that a baseline of any number of images holds two vectors
+    rather than every image's posterior mean."""
+
+    count: int = 0
+    mean: F64Array | None = None
+    m2: F64Array | None = None  # sum of squared deviations from the mean
+
+    def add(self, mu: FloatArray) -> None:
+        """Add the posterior means ``mu (N, D)`` of a batch."""
+        values = np.asarray(mu, dtype=np.float64)
+        if values.ndim != 2:
+            raise ValueError(f"posterior means have shape {values.shape}; expected (N, D)")
+        n = values.shape[0]
+        if n == 0:
+            return
+        mean = values.mean(axis=0)
+        m2 = ((values - mean) ** 2).sum(axis=0)
+        if self.mean is None or self.m2 is None:
+            self.count, self.mean, self.m2 = n, mean, m2
+            return
+        total = self.count + n
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (n / total)
+        self.m2 = self.m2 + m2 + delta**2 * (self.count * n / total)
+        self.count = total
+
+    def baseline(self) -> LatentBaseline:
+        """The :class:`LatentBaseline` of every mean added (at least 2)."""
+        if self.mean is None or self.m2 is None or self.count < 2:
+            raise ValueError(f"a latent baseline needs at least 2 means, got {self.count}")
+        return LatentBaseline(self.mean, np.sqrt(self.m2 / (self.count - 1)), self.count)
+
+
 def anomaly_map(x: FloatArray, recon: FloatArray) -> FloatArray:
     """Per-pixel squared error averaged over channels: ``(N, C, H, W) -> (N, H, W)``."""
     # In place, channel by channel: the same float32 sums as ``np.mean(d * d, axis=1)`` (bit for

@@ -88,7 +88,9 @@ def test_a_recalibrated_bundle_is_calibrated_on_the_new_images_and_nothing_else_
     )
     _, _, mu = scorer.raw_scores(images)
     baseline = LatentBaseline.fit(mu)
-    np.testing.assert_allclose(new.latent_baseline.mean, baseline.mean)
+    # (gathered a batch of 32 at a time, then the last 8)
+    np.testing.assert_allclose(new.latent_baseline.mean, baseline.mean, rtol=1e-9)
+    np.testing.assert_allclose(new.latent_baseline.std, baseline.std, rtol=1e-6)
     rule, previous = new.manifest.calibration.rule, old.manifest.calibration.rule
     assert rule == result.current and previous == result.previous
     assert rule.target_false_alarm_rate == previous.target_false_alarm_rate

@@ -27,7 +27,9 @@ from service.scoring import (
     DecisionRule,
     ErrorReference,
     F64Array,
+    LatentBaseline,
     LatentGrid,
+    LatentMoments,
     LatentReference,
     ModelOutputs,
     ScoreCalibration,
@@ -759,3 +761,28 @@ def test_the_tail_is_fitted_once_per_held_out_set(monkeypatch: pytest.MonkeyPatc
     assert fits == [50] and first == again
     threshold_for_rate(np.sort(np.r_[held_out, 0.5]), 0.01)
     assert fits == [50, 51]
+
+
+def test_latent_moments_gathered_in_batches_give_the_baseline_of_all_the_means() -> None:
+    # Means far from 0 with a small spread: where a one-pass sum of squares would lose digits.
+    mu = 1e3 + np.random.default_rng(5).normal(0.0, 1e-2, (77, 6)).astype(np.float32)
+    moments = LatentMoments()
+    for rows in (slice(0, 32), slice(32, 32), slice(32, 64), slice(64, 77)):
+        moments.add(mu[rows])
+    whole = LatentBaseline.fit(mu)
+    gathered = moments.baseline()
+    assert gathered.count == whole.count == 77
+    np.testing.assert_allclose(gathered.mean, whole.mean, rtol=1e-12)
+    np.testing.assert_allclose(gathered.std, whole.std, rtol=1e-9)
+    single = LatentMoments()
+    single.add(mu)
+    np.testing.assert_allclose(single.baseline().std, whole.std, rtol=1e-12)
+
+
+def test_latent_moments_need_two_means_of_one_shape() -> None:
+    moments = LatentMoments()
+    moments.add(np.zeros((1, 3), dtype=np.float32))
+    with pytest.raises(ValueError, match="at least 2 means, got 1"):
+        moments.baseline()
+    with pytest.raises(ValueError, match=r"expected \(N, D\)"):
+        moments.add(np.zeros(3, dtype=np.float32))
