@@ -23,7 +23,6 @@ from service.preprocessing import (
     InputSpec,
     list_image_files,
     load_image_file,
-    model_input,
     stack,
 )
 from service.runtime import DevicePolicy, Scorer, open_scorer
@@ -205,26 +204,24 @@ def copies_of_training(
     return [(test.paths[i], training.paths[j]) for i, j in found]
 
 
-def held_out_rows(
-    training: ImageSet[np.uint8], facts: Mapping[str, Any]
-) -> npt.NDArray[np.intp] | None:
-    """The rows of ``training`` that the fit held out (its manifest's training facts name them),
-    or ``None``, with the reason logged, where the bundle does not say which they were or the
-    folder is not the one it was fitted on (another fingerprint: other files or contents)."""
-    data = facts.get("data") or {}
-    names, fingerprint = data.get("holdout_files"), data.get("fingerprint")
-    if not names or not fingerprint:
-        log.info("the bundle does not record its held-out images: they are not compared")
-        return None
+def fitted_on(training: ImageSet[np.uint8], facts: Mapping[str, Any]) -> bool:
+    """Whether ``training`` is the folder the bundle was fitted on (its manifest's training
+    facts hold the fingerprint of that folder's files); the reason is logged where it is not,
+    or where the bundle does not say."""
+    fingerprint = (facts.get("data") or {}).get("fingerprint")
+    if not fingerprint:
+        log.info(
+            "the bundle does not record its training folder: its held-out images are not compared"
+        )
+        return False
     if fingerprint != training.fingerprint:
         log.info(
             "train/good is not the folder this bundle was fitted on (fingerprint %s, the fit's "
             "%s): its held-out images are not compared",
             training.fingerprint, fingerprint,
         )  # fmt: skip
-        return None
-    row_of = {path.name: row for row, path in enumerate(training.paths)}
-    return np.array([row_of[name] for name in names], dtype=np.intp)
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -262,37 +259,25 @@ def shift_warning(shift: ScoreShift) -> str | None:
     )
 
 
-def _held_out_scores(
-    scorer: Scorer, training: ImageSet[np.uint8], rows: npt.NDArray[np.intp], batch_size: int
-) -> F64Array:
-    scale = scorer.manifest.input.scale
-    return np.concatenate(
-        [
-            scorer.score(model_input(training.images[rows[part]], scale)).combined
-            for part in batch_slices(rows.size, batch_size)
-        ]
-    )
-
-
 def _against_held_out(
     scorer: Scorer,
     training: ImageSet[np.uint8] | None,
     combined: F64Array,
     labels: npt.NDArray[np.bool_],
-    batch_size: int,
 ) -> dict[str, Any]:
-    """The held-out good images' count, and the AUROC of the test defects and of the test split's
-    good images against them (None where the held-out images are not known)."""
-    rows = None if training is None else held_out_rows(training, scorer.manifest.training)
-    if training is None or rows is None:
+    """The count of the good images the threshold was set on, and the AUROC of the test defects
+    and of the test split's good images against them (None unless ``training`` is the folder
+    the bundle was fitted on). Their combined scores are the ones the calibration keeps: the
+    fit's held-out images, or a recalibration's (``service.recalibrate``)."""
+    if training is None or not fitted_on(training, scorer.manifest.training):
         return dict.fromkeys(HELD_OUT_KEYS)
-    held_out = _held_out_scores(scorer, training, rows, batch_size)
+    held_out = np.asarray(scorer.calibration.combined.values, dtype=np.float64)
     good = score_shift(combined[~labels], held_out)
     warning = shift_warning(good)
     if warning is not None:
         log.warning("%s", warning)
     return {
-        "n_held_out_good": int(rows.size),
+        "n_held_out_good": int(held_out.size),
         "auroc_defects_vs_held_out": score_shift(combined[labels], held_out).auroc,
         "auroc_test_good_vs_held_out": good.auroc,
     }
@@ -380,7 +365,7 @@ def run_evaluation(
         "pixel_auroc": pixel,
         "n_masked": sum(m is not None for m, a in zip(test.masks, labels, strict=True) if a),
         "test_copies_of_training": None if copies is None else len(copies),
-        **_against_held_out(scorer, training, scores["combined"], labels, batch_size),
+        **_against_held_out(scorer, training, scores["combined"], labels),
         "auroc_combined_by_type": _auroc_by_type(test, scores["combined"]),
         "model_id": scorer.model_id,
         "provider": scorer.provider,
