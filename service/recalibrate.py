@@ -140,7 +140,8 @@ def _score_folder(scorer: Scorer, folder: Path, *, skip_bad: bool) -> _Scored:
         raise RecalibrationError(
             f"{count} readable good images in {folder}; recalibrating needs at least "
             f"{MIN_IMAGES} to set a threshold (the more, the closer it holds its rate: "
-            f"from {_conformal_count(scorer)} it is a conformal bound)"
+            f"from {fewest_for_conformal(scorer.calibration.rule.target_false_alarm_rate)} it is "
+            "a conformal bound)"
         )
     raw = {name: np.concatenate([part[name] for part in raw_parts]) for name in raw_parts[0]}
     skipped = tuple((path.name, why) for path, why in files.skipped)
@@ -149,10 +150,6 @@ def _score_folder(scorer: Scorer, folder: Path, *, skip_bad: bool) -> _Scored:
 
 def _decoded(data: bytes, image_id: str, *, spec: InputSpec) -> np.ndarray:
     return preprocess_bytes(data, spec, image_id=image_id)
-
-
-def _conformal_count(scorer: Scorer) -> int:
-    return fewest_for_conformal(scorer.calibration.rule.target_false_alarm_rate)
 
 
 def recalibrate_bundle(
