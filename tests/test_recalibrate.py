@@ -14,6 +14,7 @@ from service.bundle import LATENT_REFERENCE, MANIFEST, BundleError, load_bundle
 from service.bundle_copy import PARTIAL_SUFFIX
 from service.preprocessing import list_image_files, load_image_file, stack
 from service.recalibrate import (
+    ADVISED_IMAGES,
     MIN_IMAGES,
     RecalibrationError,
     main,
@@ -140,6 +141,29 @@ def test_the_training_folder_or_a_copy_of_it_is_refused(
         recalibrate_bundle(trained_bundle, copy, tmp_path / "b", device="cpu")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
     assert not (tmp_path / ("b" + PARTIAL_SUFFIX)).exists()
+
+
+def test_fewer_images_than_advised_are_used_with_a_warning(
+    trained_bundle: Path, line_images: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    few = tmp_path / "few"
+    few.mkdir()
+    for path in list_image_files(line_images)[:MIN_IMAGES]:
+        shutil.copy(path, few / path.name)
+    out = tmp_path / "recalibrated"
+    assert main([str(trained_bundle), str(few), "--out", str(out), "--device", "cpu"]) == 0
+    assert f"{MIN_IMAGES} good images set a loose threshold" in capsys.readouterr().err
+    assert load_bundle(out).manifest.training["recalibrations"][-1]["images"] == MIN_IMAGES
+    # From the advised count on, no such warning.
+    enough = tmp_path / "enough"
+    enough.mkdir()
+    for path in list_image_files(line_images)[:ADVISED_IMAGES]:
+        shutil.copy(path, enough / path.name)
+    assert (
+        main([str(trained_bundle), str(enough), "--out", str(tmp_path / "o2"), "--device", "cpu"])
+        == 0
+    )
+    assert "loose threshold" not in capsys.readouterr().err
 
 
 def test_too_few_images_are_refused(
