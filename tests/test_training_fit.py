@@ -175,6 +175,33 @@ def test_a_fit_on_non_square_images_keeps_their_aspect_ratio(
     assert all(np.all(np.isfinite(scored.raw[name])) for name in SCORE_NAMES)
 
 
+def test_the_default_coarse_factor_pads_its_input_and_keeps_the_input_size(
+    demo_data: Path, tmp_path: Path
+) -> None:
+    # At a coarse factor of 8 a coarse cell is 64 input pixels; the input sides stay multiples
+    # of 32 (48x64 frames give 32x64, as at a factor of 4) and the coarse VAE's 4x8 input is
+    # padded to one row of cells.
+    folder = tmp_path / "wide"
+    folder.mkdir()
+    for path in list_image_files(demo_data / "train" / "good")[:12]:
+        with Image.open(path) as image:
+            image.crop((0, 8, 64, 56)).save(folder / path.name)
+    options = {**TINY_FIT, "image_size": 64, "max_steps": 4, "coarse_factor": 8}
+    bundle_dir = fit_bundle(folder, tmp_path / "bundle", FitConfig(**options))
+    scorer = Scorer(load_bundle(bundle_dir), device="cpu")
+    scorer.self_test()
+    manifest = scorer.manifest
+    assert FitConfig().coarse_factor == 8
+    assert manifest.training["model"]["coarse_factor"] == 8
+    assert (manifest.input.height, manifest.input.width) == (32, 64)
+    assert scorer.bundle.golden.coarse_input.shape[2:] == (4, 8)
+    assert scorer.bundle.golden.coarse_recon.shape[2:] == (4, 8)
+    images = stack([load_image_file(p, manifest.input) for p in sorted(folder.iterdir())])
+    scored = scorer.score(images, keep_maps=True)
+    assert scored.anomaly_map is not None and scored.anomaly_map.shape == (12, 32, 64)
+    assert all(np.all(np.isfinite(scored.raw[name])) for name in SCORE_NAMES)
+
+
 def test_a_fit_without_jitter_has_no_lighting_check(demo_data: Path, tmp_path: Path) -> None:
     # Without jitter no lighting change is called normal, so there is nothing to check against.
     config = FitConfig(**{**TINY_FIT, "jitter": 0.0, "max_steps": 2})

@@ -17,6 +17,9 @@ from training.model import (
     FlatEncoder,
     ProbabilityHead,
     VAEConfig,
+    cell_padding,
+    downsample,
+    pad_to_cells,
 )
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -180,7 +183,7 @@ def test_the_coarse_vae_sees_the_whole_image_downsampled() -> None:
     assert cfg.coarse().latent_stride == COARSE_STRIDE and cfg.coarse().width == 4
     x = torch.rand(2, 3, 64, 96)
     with torch.no_grad():
-        small, recon = CoarseGraph(model.coarse, 4)(x)
+        small, recon = CoarseGraph(model.coarse, 4, (64, 96))(x)
     np.testing.assert_allclose(
         small.numpy(), x.view(2, 3, 16, 4, 24, 4).mean(dim=(3, 5)).numpy(), rtol=1e-5, atol=1e-6
     )
@@ -191,5 +194,35 @@ def test_the_coarse_vae_sees_the_whole_image_downsampled() -> None:
     assert len(own) + len(list(model.coarse.parameters())) == len(list(model.parameters()))
     with pytest.raises(ValueError, match="coarse_factor is 3"):
         VAEConfig(coarse_factor=3)
+
+
+def test_a_coarse_cell_past_32_pixels_pads_its_input_instead_of_coarsening_the_input_size() -> None:
+    # At factor 8 a coarse cell is 64 input pixels, but sides stay multiples of 32: a frame of
+    # another shape keeps the sizes it had at factor 4.
+    assert VAEConfig(coarse_factor=8).size_multiple == 32
+    assert VAEConfig(coarse_factor=8).grid(160, 96) == (20, 12)
+    torch.manual_seed(0)
+    cfg = _small(coarse_factor=8, coarse_width=4)
+    model = VAE(cfg).eval()
+    assert model.coarse is not None
+    x = torch.rand(2, 3, 160, 96)  # 20 x 12 at the coarse VAE's resolution: not whole cells
+    small = downsample(x, 8)
+    assert cell_padding(20, 12) == (4, 4)
+    padded = pad_to_cells(small, (4, 4))
+    assert padded.shape == (2, 3, 24, 16)
+    # The padding repeats the last row and column; the image itself is left as it is.
+    assert torch.equal(padded[..., :20, :12], small)
+    assert torch.equal(padded[..., 20:, :12], small[..., 19:20, :].expand(2, 3, 4, 12))
+    assert torch.equal(padded[..., :20, 12:], small[..., :, 11:12].expand(2, 3, 20, 4))
+    with torch.no_grad():
+        graph_small, recon = CoarseGraph(model.coarse, 8, (160, 96))(x)
+        whole = model.coarse.decoder(model.coarse.encoder(padded)[0])
+    assert torch.equal(graph_small, small)
+    assert recon.shape == (2, 3, 20, 12)
+    assert torch.equal(recon, whole[..., :20, :12])
+    # Whole cells are not padded.
+    assert cell_padding(16, 24) == (0, 0)
+    cells = torch.rand(1, 3, 16, 24)
+    assert pad_to_cells(cells, (0, 0)) is cells
     with pytest.raises(ValueError, match="no coarse VAE"):
         _small().coarse()

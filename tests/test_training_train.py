@@ -17,7 +17,7 @@ import training.train
 from service.preprocessing import model_input
 from training.config import FitConfig
 from training.errors import ConfigError
-from training.model import VAE, DefectHeads, downsample
+from training.model import VAE, DefectHeads, downsample, pad_to_cells
 from training.synth import SHADED_TRAINING_DEFECTS, TRAINING_DEFECTS, Defect, corrupt
 from training.train import (
     Budget,
@@ -188,6 +188,14 @@ def test_the_coarse_images_are_made_a_batch_at_a_time_as_all_at_once(
     monkeypatch.setattr(training.train, "DOWNSAMPLE_BATCH", 4)
     for images in (samples, model_input(samples)):
         np.testing.assert_array_equal(downsampled(images, 2), whole)
+
+
+def test_the_coarse_images_are_padded_to_whole_cells_as_the_exported_graph_pads_them() -> None:
+    samples = np.asarray(np.rint(_images(n=3, height=32, width=48) * 255), dtype=np.uint8)
+    small = downsample(torch.from_numpy(model_input(samples)), 8)  # 4 x 6: not whole cells
+    coarse = downsampled(samples, 8)
+    assert coarse.shape[-2:] == (8, 8)
+    np.testing.assert_array_equal(coarse, pad_to_cells(small, (4, 2)).numpy())
 
 
 def _kernel_settings() -> tuple[bool, bool, bool]:

@@ -93,8 +93,9 @@ class FitConfig:
     coarse_factor: int = field(
         default=VAEConfig.coarse_factor,
         metadata=_option(
-            "the coarse VAE sees whole images downsampled by this factor (2, 4 or 8); input "
-            "sides must be multiples of 8 times it",
+            "the coarse VAE sees whole images downsampled by this factor (2, 4 or 8), in "
+            "cells of 8 of its pixels; input sides must be multiples of 8 times it, at most "
+            "32 (past that its input is padded to whole cells)",
             "model",
         ),
     )

@@ -112,7 +112,7 @@ def _export_one(
 def torch_outputs(model: VAE, images: F32Array, batch_size: int = 16) -> ModelOutputs:
     """What the exported graphs must give: the model's inference path in PyTorch, on CPU."""
     assert model.head is not None and model.coarse is not None, "a bundle needs every part"
-    coarse = CoarseGraph(model.coarse, model.cfg.coarse_factor)
+    coarse = CoarseGraph(model.coarse, model.cfg.coarse_factor, images.shape[-2:])
     parts: list[ModelOutputs] = []
     with torch.no_grad():
         for rows in batch_slices(images.shape[0], batch_size):
@@ -157,7 +157,7 @@ def export_model(
             _export_one(decoder, (mu,), paths[1], [DECODER_INPUT], [DECODER_OUTPUT])
             head = ProbabilityHead(model.head).eval()
             _export_one(head, (x, recon), paths[2], HEAD_INPUTS, [HEAD_OUTPUT])
-            coarse = CoarseGraph(model.coarse, model.cfg.coarse_factor).eval()
+            coarse = CoarseGraph(model.coarse, model.cfg.coarse_factor, (height, width)).eval()
             _export_one(coarse, (x,), paths[3], [COARSE_INPUT], COARSE_OUTPUTS)
     except Exception as exc:  # the exporter raises many types
         raise ExportError(f"ONNX export failed: {type(exc).__name__}: {exc}") from exc

@@ -8,7 +8,7 @@ mirrors it with transposed convolutions and ends in a sigmoid, so reconstruction
 and applied to whole images, and each cell describes only its neighbourhood, so fine detail
 survives while the KL term still limits how much a cell can say.
 
-Coarse VAE. The same VAE at a quarter of the resolution (``coarse_factor``), with no defect
+Coarse VAE. The same VAE at an eighth of the resolution (``coarse_factor``), with no defect
 head, trained on whole images rather than crops: each of its cells describes a
 ``coarse_factor * 8``-pixel square, and it sees the whole part at once, so it cannot redraw a
 defect that covers much of the image (a broken bottle neck, a dark region of a solar cell) the
@@ -39,6 +39,10 @@ from torch import Tensor, nn
 STRIDES = (2, 4, 8, 16, 32)
 COARSE_FACTORS = (2, 4, 8)
 COARSE_STRIDE = 8  # the coarse VAE's pixels per latent cell, at its own resolution
+# Input sides are multiples of the coarse VAE's cell up to this many pixels; a coarser cell's
+# input is padded to whole cells instead (:func:`pad_to_cells`), so that the coarse factor does
+# not coarsen the input sizes a frame of another shape can have.
+COARSE_CELL_LIMIT = 32
 
 
 @dataclass(frozen=True)
@@ -53,7 +57,7 @@ class VAEConfig:
     latent_stride: int = 8
     head_width: int = 4  # 0: no defect head
     head_count: int = 2  # defect heads learning side by side; the bundle's map is their mean
-    coarse_factor: int = 4  # 0: no coarse VAE (the coarse VAE itself)
+    coarse_factor: int = 8  # 0: no coarse VAE (the coarse VAE itself)
     coarse_width: int = 32
 
     def __post_init__(self) -> None:
@@ -92,8 +96,9 @@ class VAEConfig:
 
     @property
     def size_multiple(self) -> int:
-        """Input sides must be multiples of this: the crop multiple, and the coarse VAE's cell."""
-        return max(self.crop_multiple, self.coarse_factor * COARSE_STRIDE)
+        """Input sides must be multiples of this: the crop multiple, and the coarse VAE's cell
+        up to ``COARSE_CELL_LIMIT`` pixels."""
+        return max(self.crop_multiple, min(self.coarse_factor * COARSE_STRIDE, COARSE_CELL_LIMIT))
 
     def coarse(self) -> VAEConfig:
         """The coarse VAE's configuration (it has no head and no coarse VAE of its own)."""
@@ -345,17 +350,43 @@ def downsample(images: Tensor, factor: int) -> Tensor:
     return nn.functional.avg_pool2d(images, factor)
 
 
-class CoarseGraph(nn.Module):
-    """The exported coarse VAE: ``image (N, C, H, W)`` -> its downsampled input and the coarse
-    VAE's reconstruction of it from the posterior mean, each ``(N, C, H/f, W/f)``."""
+def cell_padding(height: int, width: int) -> tuple[int, int]:
+    """Rows and columns that extend a coarse VAE input of ``height x width`` pixels to whole cells
+    of ``COARSE_STRIDE`` pixels."""
+    return -height % COARSE_STRIDE, -width % COARSE_STRIDE
 
-    def __init__(self, coarse: VAE, factor: int) -> None:
+
+def pad_to_cells(small: Tensor, padding: tuple[int, int]) -> Tensor:
+    """The coarse VAE's input ``(N, C, h, w)`` extended below by ``padding[0]`` rows and to the
+    right by ``padding[1]`` columns (:func:`cell_padding`), each a copy of the last one."""
+    rows, columns = padding
+    # Concatenated copies rather than a replicate pad: the exporter writes that pad with
+    # reversed slices, which its constant folding warns about.
+    if rows:
+        small = torch.cat([small, small[:, :, -1:, :].expand(-1, -1, rows, -1)], dim=2)
+    if columns:
+        small = torch.cat([small, small[:, :, :, -1:].expand(-1, -1, -1, columns)], dim=3)
+    return small
+
+
+class CoarseGraph(nn.Module):
+    """The exported coarse VAE for ``size = (H, W)`` inputs: ``image (N, C, H, W)`` -> its
+    downsampled input and the coarse VAE's reconstruction of it from the posterior mean, each
+    ``(N, C, H/f, W/f)``. The VAE reads the downsampled input padded to whole cells
+    (:func:`pad_to_cells`), and its reconstruction of the padding is cut off."""
+
+    def __init__(self, coarse: VAE, factor: int, size: tuple[int, int]) -> None:
         super().__init__()
         self.coarse = coarse
         self.factor = factor
+        # Python ints fixed per input size: the traced graph holds no shape arithmetic.
+        self.small = (size[0] // factor, size[1] // factor)
+        self.padding = cell_padding(*self.small)
 
     def forward(self, image: Tensor) -> tuple[Tensor, Tensor]:
         small = downsample(image, self.factor)
-        mu, _ = self.coarse.encoder(small)
+        mu, _ = self.coarse.encoder(pad_to_cells(small, self.padding))
         recon: Tensor = self.coarse.decoder(mu)
+        if any(self.padding):
+            recon = recon.narrow(2, 0, self.small[0]).narrow(3, 0, self.small[1])
         return small, recon

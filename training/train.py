@@ -40,7 +40,7 @@ from training.config import Device, FitConfig, Precision
 from training.errors import ConfigError
 from training.kernels import amx_held_off
 from training.loss import ELBOLoss, focal_loss
-from training.model import VAE, downsample, reparameterise
+from training.model import VAE, cell_padding, downsample, pad_to_cells, reparameterise
 from training.synth import SHADED_TRAINING_DEFECTS, TRAINING_DEFECTS, corrupt
 
 log = logging.getLogger(__name__)
@@ -299,10 +299,14 @@ def train_both(
 
 
 def downsampled(images: Images, factor: int, scale: float = PIXEL_SCALE) -> F32Array:
-    """The coarse VAE's images (:func:`downsample`) of model input or 8-bit samples at
+    """The coarse VAE's images (:func:`downsample`, padded to whole cells by
+    :func:`pad_to_cells` as the exported graph pads them) of model input or 8-bit samples at
     ``scale``, made a batch at a time so that the model input of all is never held at once."""
+    padding = cell_padding(images.shape[-2] // factor, images.shape[-1] // factor)
     parts = [
-        downsample(torch.from_numpy(model_input(images[rows], scale)), factor).numpy()
+        pad_to_cells(
+            downsample(torch.from_numpy(model_input(images[rows], scale)), factor), padding
+        ).numpy()
         for rows in batch_slices(images.shape[0], DOWNSAMPLE_BATCH)
     ]
     return np.concatenate(parts)
