@@ -13,7 +13,8 @@ along the way for the history; they never steer the training. When asked for
 and the exported graphs are float32.
 
 The coarse VAE is trained afterwards by the same loop, on whole images downsampled by the
-coarse factor (the crop size exceeds them), for as many steps, at most ``coarse_max_steps``
+coarse factor (the crop size exceeds them) and padded to whole cells as its exported graph pads
+them (:func:`downsampled`), for as many steps, at most ``coarse_max_steps``
 (:meth:`FitConfig.coarse_steps_for`, :func:`train_both`).
 """
 
