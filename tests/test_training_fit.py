@@ -150,55 +150,43 @@ def assert_references_fitted_on(bundle: Bundle, rows: slice) -> None:
         )
 
 
+@pytest.mark.parametrize(
+    ("image_size", "coarse_factor", "input_size", "coarse_size"),
+    [(32, 2, (16, 32), (8, 16)), (64, 8, (32, 64), (4, 8))],
+    ids=["coarse-factor-2", "coarse-factor-8-padded"],
+)
 def test_a_fit_on_non_square_images_keeps_their_aspect_ratio(
-    demo_data: Path, tmp_path: Path
+    demo_data: Path,
+    tmp_path: Path,
+    image_size: int,
+    coarse_factor: int,
+    input_size: tuple[int, int],
+    coarse_size: tuple[int, int],
 ) -> None:
-    # The demo flanges cut to 64 wide, 48 high: the input stays wider than high, about 32x32
-    # pixels in sides of multiples of 16 (a coarse factor of 2): 32x16, a 2x4 latent grid.
+    # The demo flanges cut to 64 wide, 48 high: the input stays wider than high, in sides of
+    # multiples of 16 at a coarse factor of 2 (about 32x32 pixels: 16x32). At a factor of 8 a
+    # coarse cell is 64 input pixels, but sides stay multiples of 32 (about 64x64 pixels: 32x64,
+    # as at a factor of 4): the coarse VAE's 4x8 input is padded to whole cells.
     folder = tmp_path / "wide"
     folder.mkdir()
     for path in list_image_files(demo_data / "train" / "good")[:12]:
         with Image.open(path) as image:
             image.crop((0, 8, 64, 56)).save(folder / path.name)
-    options = {**TINY_FIT, "max_steps": 4, "coarse_factor": 2}
+    options = {**TINY_FIT, "image_size": image_size, "max_steps": 4, "coarse_factor": coarse_factor}
     bundle_dir = fit_bundle(folder, tmp_path / "bundle", FitConfig(**options))
     scorer = Scorer(load_bundle(bundle_dir), device="cpu")
     scorer.self_test()
     manifest = scorer.manifest
-    assert (manifest.input.height, manifest.input.width) == (16, 32)
-    assert manifest.latent == LatentGrid(channels=2, rows=2, columns=4)
-    assert scorer.bundle.golden.coarse_input.shape[2:] == (8, 16)
+    assert manifest.training["model"]["coarse_factor"] == coarse_factor
+    assert (manifest.input.height, manifest.input.width) == input_size
+    rows, columns = input_size[0] // 8, input_size[1] // 8
+    assert manifest.latent == LatentGrid(channels=2, rows=rows, columns=columns)
+    assert scorer.bundle.golden.coarse_input.shape[2:] == coarse_size
+    assert scorer.bundle.golden.coarse_recon.shape[2:] == coarse_size
     assert manifest.training["training"]["steps"] == 4
     images = stack([load_image_file(p, manifest.input) for p in sorted(folder.iterdir())])
     scored = scorer.score(images, keep_maps=True)
-    assert scored.anomaly_map is not None and scored.anomaly_map.shape == (12, 16, 32)
-    assert all(np.all(np.isfinite(scored.raw[name])) for name in SCORE_NAMES)
-
-
-def test_the_default_coarse_factor_pads_its_input_and_keeps_the_input_size(
-    demo_data: Path, tmp_path: Path
-) -> None:
-    # At a coarse factor of 8 a coarse cell is 64 input pixels; the input sides stay multiples
-    # of 32 (48x64 frames give 32x64, as at a factor of 4) and the coarse VAE's 4x8 input is
-    # padded to one row of cells.
-    folder = tmp_path / "wide"
-    folder.mkdir()
-    for path in list_image_files(demo_data / "train" / "good")[:12]:
-        with Image.open(path) as image:
-            image.crop((0, 8, 64, 56)).save(folder / path.name)
-    options = {**TINY_FIT, "image_size": 64, "max_steps": 4, "coarse_factor": 8}
-    bundle_dir = fit_bundle(folder, tmp_path / "bundle", FitConfig(**options))
-    scorer = Scorer(load_bundle(bundle_dir), device="cpu")
-    scorer.self_test()
-    manifest = scorer.manifest
-    assert FitConfig().coarse_factor == 8
-    assert manifest.training["model"]["coarse_factor"] == 8
-    assert (manifest.input.height, manifest.input.width) == (32, 64)
-    assert scorer.bundle.golden.coarse_input.shape[2:] == (4, 8)
-    assert scorer.bundle.golden.coarse_recon.shape[2:] == (4, 8)
-    images = stack([load_image_file(p, manifest.input) for p in sorted(folder.iterdir())])
-    scored = scorer.score(images, keep_maps=True)
-    assert scored.anomaly_map is not None and scored.anomaly_map.shape == (12, 32, 64)
+    assert scored.anomaly_map is not None and scored.anomaly_map.shape == (12, *input_size)
     assert all(np.all(np.isfinite(scored.raw[name])) for name in SCORE_NAMES)
 
 
