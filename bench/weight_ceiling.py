@@ -110,22 +110,21 @@ def main(argv: list[str] | None = None) -> None:
     print(f"best common weights (every FPR <= {args.max_fpr:g}), of {len(grid)} vectors:")
     for common in allowed[: args.top]:
         print("  " + _describe(common, names))
+    alone = []  # each dataset's best TPR within the FPR allowed (0 where no vector keeps it)
     for i, name in enumerate(names):
         fitting = [r for r in grid if r.rows[i].fpr <= args.max_fpr]
         if not fitting:
+            alone.append(0.0)
             print(f"best for {name} alone: no vector keeps its FPR within {args.max_fpr:g}")
             continue
         best = max(fitting, key=lambda r: r.rows[i].tpr)
         row = best.rows[i]
+        alone.append(row.tpr)
         weights = ",".join(f"{w:g}" for w in best.weights)
         print(
             f"best for {name} alone: ({weights}) "
             f"AUROC {row.auroc:.3f} TPR {row.tpr:.3f} FPR {row.fpr:.3f}"
         )
-    alone = [
-        max((r.rows[i].tpr for r in grid if r.rows[i].fpr <= args.max_fpr), default=0.0)
-        for i in range(len(names))
-    ]
     print(f"mean of each dataset's own best TPR: {float(np.mean(alone)):.3f}")
 
 
