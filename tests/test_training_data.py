@@ -214,6 +214,17 @@ def test_input_size_is_the_median_of_mixed_sizes_rounded_to_the_multiple(tmp_pat
             assert max(height, width) <= 110
 
 
+def test_an_input_size_the_images_have_is_kept_despite_rounding(tmp_path: Path) -> None:
+    # Images smaller than the side asked are taken at their own size, a float product that can
+    # land a hair below it: 256 * sqrt(0.75) * (192 / 221.7...) must give 192, not 160.
+    paths = sized_images(tmp_path, (256, 192), (256, 192))
+    assert resolve_input_size(paths, 256, "auto", 32) == (192, 256)
+    paths = sized_images(tmp_path / "small", (192, 128), (128, 64), (64, 48))
+    assert resolve_input_size(paths[:1], 256, "auto", 32) == (128, 192)
+    assert resolve_input_size(paths[1:2], 256, "auto", 32) == (64, 128)
+    assert resolve_input_size(paths[2:], 64, "auto", 16) == (48, 64)
+
+
 def test_input_size_of_small_images_is_never_enlarged_past_one_multiple(tmp_path: Path) -> None:
     paths = sized_images(tmp_path, (20, 12), (20, 12))
     assert resolve_input_size(paths, 256, "auto", 8) == (8, 16)

@@ -141,7 +141,9 @@ def resolve_input_size(
         shrink = min(1.0, median_h / h, median_w / w)
 
     def fit(length: float) -> int:
-        return max(multiple, math.floor(length * shrink / multiple) * multiple)
+        # The tolerance keeps a side the images have from losing a whole multiple to the float
+        # product's rounding (256x192 images gave a 160x256 input).
+        return max(multiple, math.floor(length * shrink / multiple + 1e-9) * multiple)
 
     return fit(h), fit(w)
 
