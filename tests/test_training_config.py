@@ -236,3 +236,5 @@ def test_to_dict_is_json_ready() -> None:
 
 def test_model_defaults_are_the_networks_defaults() -> None:
     assert FitConfig().model_config(channels=VAEConfig.channels) == VAEConfig()
+    # The default's coarse factor, whose padding tests/test_training_fit.py fits.
+    assert FitConfig().coarse_factor == 8
