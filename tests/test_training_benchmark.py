@@ -64,6 +64,9 @@ RATE_KEYS = [
 ]
 # The test split against the fit's held-out good images: last in the mean row.
 HELD_OUT_KEYS = ["n_held_out_good", "auroc_defects_vs_held_out", "auroc_test_good_vs_held_out"]
+# The catch at the threshold by defect area (defects, caught per class): last of all.
+_AREAS = ["<0.1%", "0.1-0.4%", "0.4-1.6%", "1.6-6.4%", ">=6.4%"]
+AREA_KEYS = [f"{figure}_area_{area}" for area in _AREAS for figure in ("defects", "caught")]
 HEADINGS = "| dataset | image AUROC | recon AUROC | KL AUROC | latent AUROC | pixel AUROC |"
 
 
@@ -89,9 +92,24 @@ def test_the_json_has_a_row_per_dataset_and_the_mean(
     table = json.loads((out / "benchmark.json").read_text(encoding="utf-8"))
     assert table == json.loads(json.dumps(rows))
     assert [row["dataset"] for row in table] == ["line_a/flange", "line_b/flange", MEAN]
-    assert list(table[-1]) == ROW_KEYS + SCORE_KEYS + CHECK_KEYS + RATE_KEYS + HELD_OUT_KEYS
+    assert list(table[-1]) == (
+        ROW_KEYS + SCORE_KEYS + CHECK_KEYS + RATE_KEYS + HELD_OUT_KEYS + AREA_KEYS
+    )
     for row in table[:-1]:
-        assert list(row)[-len(CHECK_KEYS + RATE_KEYS) :] == CHECK_KEYS + RATE_KEYS
+        assert list(row)[-len(CHECK_KEYS + RATE_KEYS + AREA_KEYS) :] == (
+            CHECK_KEYS + RATE_KEYS + AREA_KEYS
+        )
+        # Every masked defect of the demo's test split is in one area class, and the classes
+        # together catch what the threshold catches.
+        counts = [row[f"defects_area_{k}"] for k in _AREAS]
+        caught = sum(
+            row[f"defects_area_{k}"] * row[f"caught_area_{k}"]
+            for k in _AREAS
+            if row[f"defects_area_{k}"]
+        )
+        n_defects = DEMO_SIZE["n_test_per_defect"] * len(DEFECT_TYPES)
+        assert sum(counts) == n_defects
+        assert caught == pytest.approx(row["tpr_at_threshold"] * n_defects, abs=1e-3)
         # Asking the bundle's own rate (1%) gives the calibrated threshold's verdicts.
         assert row["tpr_at_rate_0.01"] == row["tpr_at_threshold"]
         assert row["fpr_at_rate_0.01"] == row["fpr_at_threshold"]
@@ -127,8 +145,12 @@ def test_the_json_has_a_row_per_dataset_and_the_mean(
         n_train = DEMO_SIZE["n_train"] - 5
         assert row["epochs"] == round(20 * 8 / n_train, 1) == 8.4
         assert set(row["auroc_by_type"]) == set(DEFECT_TYPES)
-    for key in ROW_KEYS[1:] + SCORE_KEYS + CHECK_KEYS + RATE_KEYS + HELD_OUT_KEYS:
-        expected = (table[0][key] + table[1][key]) / 2
+    for key in ROW_KEYS[1:] + SCORE_KEYS + CHECK_KEYS + RATE_KEYS + HELD_OUT_KEYS + AREA_KEYS:
+        values = [table[i][key] for i in (0, 1) if table[i][key] is not None]
+        if not values:
+            assert table[-1][key] is None, key
+            continue
+        expected = sum(values) / len(values)
         assert table[-1][key] == pytest.approx(expected, abs=1e-4), key
 
 
@@ -160,7 +182,7 @@ def test_the_markdown_has_a_row_per_dataset_and_the_mean(
         "| dataset | recon_error | kl | local_error | latent_distance | defect_probability"
         " | coarse_error | combined |"
     )
-    assert len(lines) == 5 * (2 + 3)
+    assert len(lines) == 6 * (2 + 3)
     order = ["auroc_recon", "auroc_kl", "auroc_local", "auroc_latent", "auroc_defect"]
     figures = [rows[0][key] for key in [*order, "auroc_coarse", "auroc_combined"]]
     assert lines[7] == _table_line("line_a/flange", figures)
@@ -193,6 +215,13 @@ def test_the_markdown_has_a_row_per_dataset_and_the_mean(
         f"{held_out['auroc_test_good_vs_held_out']:.3f} |"
     )
     assert lines[24].startswith(f"| **{MEAN}** | **5** | ")
+    # The sixth: the defects caught at the threshold by their area.
+    assert "## Defects caught at the threshold by their area" in text
+    assert lines[25] == (
+        "| dataset | " + " | ".join(f"defects {area} | caught {area}" for area in _AREAS) + " |"
+    )
+    assert lines[27].startswith("| line_a/flange | ")
+    assert lines[29].startswith(f"| **{MEAN}** | ")
 
 
 def _table_line(name: str, figures: list[float]) -> str:
@@ -226,13 +255,19 @@ def _row(name: str, auroc: float, pixel: float | None) -> dict[str, Any]:
         "n_held_out_good": 10,
         "auroc_defects_vs_held_out": auroc,
         "auroc_test_good_vs_held_out": 0.5,
+        **{
+            key: None if pixel is None else 4 if key.startswith("defects") else 0.25
+            for key in AREA_KEYS
+        },
     }
 
 
 def test_mean_row_skips_missing_pixel_aurocs() -> None:
     rows = [_row("a", 0.9, None), _row("b", 0.7, 0.8), _row("c", 0.8, None)]
     mean = mean_row(rows)
-    assert list(mean) == ROW_KEYS + SCORE_KEYS + CHECK_KEYS + RATE_KEYS + HELD_OUT_KEYS
+    assert list(mean) == (
+        ROW_KEYS + SCORE_KEYS + CHECK_KEYS + RATE_KEYS + HELD_OUT_KEYS + AREA_KEYS
+    )
     assert mean["dataset"] == MEAN
     assert mean["auroc_defect"] == pytest.approx(0.8)
     assert mean["auroc_combined"] == pytest.approx(0.8)
@@ -240,6 +275,9 @@ def test_mean_row_skips_missing_pixel_aurocs() -> None:
     assert mean["pixel_auroc"] == 0.8  # the one dataset with masks
     assert mean["fit_seconds"] == 12.0
     assert mean_row([_row("a", 0.9, None)])["pixel_auroc"] is None
+    # The catch by defect area, like the pixel AUROC, needs masks.
+    assert mean["defects_area_<0.1%"] == 4 and mean["caught_area_<0.1%"] == 0.25
+    assert mean_row([_row("a", 0.9, None)])["caught_area_>=6.4%"] is None
 
 
 def test_mean_row_skips_datasets_whose_held_out_images_are_unknown() -> None:

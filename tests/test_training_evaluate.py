@@ -22,6 +22,7 @@ from training.evaluate import (
     HELD_OUT_KEYS,
     SHIFT_P_VALUE,
     ScoreShift,
+    caught_by_defect_area,
     evaluate_bundle,
     run_evaluation,
     score_shift,
@@ -48,6 +49,7 @@ EXPECTED_KEYS = {
     "pixel_auroc",
     "n_masked",
     "auroc_combined_by_type",
+    "caught_by_defect_area",
     *HELD_OUT_KEYS,
 }
 # The defect head of the known model: probability = sigmoid(GAIN * squared error + BIAS).
@@ -175,6 +177,14 @@ def test_metrics_of_the_known_case(known_case: tuple[Path, Path]) -> None:
     # error itself), high exactly on the black square.
     assert metrics["pixel_auroc"] == 1.0 and metrics["n_masked"] == 3
     assert metrics["auroc_combined_by_type"] == {"hole": 1.0}
+    # Each hole covers 16 of the frame's 256 pixels (6.25%): all three in the 1.6-6.4% class.
+    assert metrics["caught_by_defect_area"] == {
+        "<0.1%": {"defects": 0, "caught": None},
+        "0.1-0.4%": {"defects": 0, "caught": None},
+        "0.4-1.6%": {"defects": 0, "caught": None},
+        "1.6-6.4%": {"defects": 3, "caught": 1.0},
+        ">=6.4%": {"defects": 0, "caught": None},
+    }
 
 
 def test_scores_are_the_closed_form_ones(known_case: tuple[Path, Path]) -> None:
@@ -235,6 +245,44 @@ def test_pixel_auroc_is_absent_without_masks(known_case: tuple[Path, Path], tmp_
         target.write_bytes(path.read_bytes())
     metrics = evaluate_bundle(bundle, copy, device="cpu")
     assert metrics["pixel_auroc"] is None and metrics["n_masked"] == 0
+    assert metrics["caught_by_defect_area"] is None
+
+
+def test_defects_are_counted_and_caught_by_their_area() -> None:
+    side = 100  # 10,000 pixels: 10 make 0.1% of the frame
+
+    def mask(pixels: int) -> np.ndarray:
+        m = np.zeros((side, side), dtype=bool)
+        m.flat[:pixels] = True
+        return m
+
+    # (area in pixels, defective, flagged); a class's lower edge belongs to it.
+    cases = [
+        (0, False, True),  # a good image flagged: not a defect, whatever its verdict
+        (9, True, False),  # 0.09%
+        (10, True, True),  # 0.1%
+        (39, True, False),  # 0.39%
+        (160, True, True),  # 1.6%
+        (639, True, True),  # 6.39%
+        (640, True, False),  # 6.4%
+        (5000, True, True),  # 50%
+    ]
+    masks = tuple(mask(area) for area, _, _ in cases)
+    labels = np.array([bad for _, bad, _ in cases])
+    flagged = np.array([f for _, _, f in cases])
+    assert caught_by_defect_area(masks, labels, flagged) == {
+        "<0.1%": {"defects": 1, "caught": 0.0},
+        "0.1-0.4%": {"defects": 2, "caught": 0.5},
+        "0.4-1.6%": {"defects": 0, "caught": None},
+        "1.6-6.4%": {"defects": 2, "caught": 1.0},
+        ">=6.4%": {"defects": 2, "caught": 0.5},
+    }
+    # A defective image without a mask has no area: it is left out, and without any masked
+    # defect there is nothing to tell.
+    unmasked = caught_by_defect_area((masks[0], None, *masks[2:]), labels, flagged)
+    assert unmasked is not None and unmasked["<0.1%"] == {"defects": 0, "caught": None}
+    nothing = tuple(None for _ in cases)
+    assert caught_by_defect_area(nothing, labels, flagged) is None
 
 
 def _copy_of(data: Path, target: Path) -> Path:

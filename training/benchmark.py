@@ -5,8 +5,9 @@ options are given), ``evaluate`` on its ``test/`` split, and one row of figures.
 dataset ``OUT/benchmark.json`` (a list with one object per dataset, then the mean row) and
 ``OUT/benchmark.md`` (the same as a Markdown table, a table of every score's image AUROC alone,
 one of the fit's checks on held-out normal images, one of the verdicts at the false-alarm rates
-a request may ask, and one of the test split against the held-out good images) are rewritten,
-so an interrupted run keeps what it finished.
+a request may ask, one of the test split against the held-out good images, and one of the
+defects caught at the threshold by their area) are rewritten, so an interrupted run keeps what
+it finished.
 """
 
 from __future__ import annotations
@@ -22,7 +23,15 @@ from typing import Any
 from service.bundle import load_bundle
 from training.config import FitConfig
 from training.errors import DataError
-from training.evaluate import AUROC_KEYS, FPR_BUDGETS, HELD_OUT_KEYS, budget_key, evaluate_bundle
+from training.evaluate import (
+    AUROC_KEYS,
+    FPR_BUDGETS,
+    HELD_OUT_KEYS,
+    budget_key,
+    defect_area_classes,
+    defect_area_key,
+    evaluate_bundle,
+)
 from training.fit import fit_bundle
 
 log = logging.getLogger(__name__)
@@ -84,6 +93,19 @@ HELD_OUT_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("auroc_defects_vs_held_out", "defects against them (AUROC)", "{:.3f}"),
     ("auroc_test_good_vs_held_out", "test/good against them (AUROC)", "{:.3f}"),
 )
+# The catch at the threshold by defect area (datasets with masks): how many defects of each size
+# the test split holds and the share of them flagged.
+AREA_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("dataset", "dataset", "{}"),
+    *(
+        column
+        for area in (defect_area_key(low, high) for low, high in defect_area_classes())
+        for column in (
+            (f"defects_area_{area}", f"defects {area}", "{:.0f}"),
+            (f"caught_area_{area}", f"caught {area}", "{:.3f}"),
+        )
+    ),
+)
 _TABLE_KEYS = frozenset(key for key, _, _ in COLUMNS)
 AVERAGED = tuple(
     dict.fromkeys(
@@ -94,6 +116,7 @@ AVERAGED = tuple(
             *CHECK_COLUMNS,
             *RATE_COLUMNS,
             *HELD_OUT_COLUMNS,
+            *AREA_COLUMNS,
         )
         if key != "dataset"
     )
@@ -161,6 +184,16 @@ def _row(
             for rate, verdicts in metrics["at_requested_rate"].items()
             for figure in ("tpr", "fpr")
         },
+        **_by_area(metrics["caught_by_defect_area"]),
+    }
+
+
+def _by_area(by_area: dict[str, dict[str, Any]] | None) -> dict[str, Any]:
+    """evaluate's catch by defect area as the row's flat keys: None for a dataset without masks."""
+    return {
+        f"{figure}_area_{area}": None if by_area is None else by_area[area][figure]
+        for area in (defect_area_key(low, high) for low, high in defect_area_classes())
+        for figure in ("defects", "caught")
     }
 
 
@@ -212,7 +245,9 @@ def _write(out_dir: Path, rows: list[dict[str, Any]], config: FitConfig) -> None
         "## Verdicts at a false-alarm rate asked per request (thresholds from held-out good "
         f"images)\n\n{markdown_table(table, RATE_COLUMNS)}\n"
         "## The test split against the held-out good images (0.5: scored alike)\n\n"
-        f"{markdown_table(table, HELD_OUT_COLUMNS)}"
+        f"{markdown_table(table, HELD_OUT_COLUMNS)}\n"
+        "## Defects caught at the threshold by their area (the mask's share of the frame)\n\n"
+        f"{markdown_table(table, AREA_COLUMNS)}"
     )
     (out_dir / "benchmark.md").write_text(text, encoding="utf-8")
 

@@ -55,8 +55,58 @@ FPR_BUDGETS = (0.01, 0.03, 0.05)
 SHIFT_P_VALUE = 1e-3
 
 
+# Upper edges of the defect-area classes of ``caught_by_defect_area``: the mask's share of the
+# frame at the model input, each four times the last (at 256x256: 66, 262, 1,049 and 4,194
+# pixels); the last class is open above.
+DEFECT_AREA_EDGES = (0.001, 0.004, 0.016, 0.064)
+
+
 # evaluate's figures of the test split against the fit's held-out good images.
 HELD_OUT_KEYS = ("n_held_out_good", "auroc_defects_vs_held_out", "auroc_test_good_vs_held_out")
+
+
+def defect_area_classes() -> list[tuple[float, float | None]]:
+    """The ``(from, to)`` shares of the frame of each defect-area class; ``to`` is None for the
+    last, open class."""
+    lows = (0.0, *DEFECT_AREA_EDGES)
+    highs: tuple[float | None, ...] = (*DEFECT_AREA_EDGES, None)
+    return list(zip(lows, highs, strict=True))
+
+
+def defect_area_key(low: float, high: float | None) -> str:
+    """The key of a defect-area class, in percent of the frame: ``"0.1-0.4%"``, ``">=6.4%"``."""
+    if high is None:
+        return f">={100 * low:g}%"
+    return f"<{100 * high:g}%" if low == 0.0 else f"{100 * low:g}-{100 * high:g}%"
+
+
+def caught_by_defect_area(
+    masks: tuple[npt.NDArray[np.bool_] | None, ...],
+    labels: npt.NDArray[np.bool_],
+    flagged: npt.NDArray[np.bool_],
+) -> dict[str, dict[str, float | int | None]] | None:
+    """For the defective images with a mask, per class of defect area (the mask's share of the
+    frame, :func:`defect_area_classes`): how many there are and the share of them ``flagged``
+    (None where a class has none). None when no defective image has a mask. Small defects are
+    the first that a coarser input misses: this says at which size the catch is lost."""
+    shares = np.array(
+        [float(m.mean()) for m, bad in zip(masks, labels, strict=True) if bad and m is not None]
+    )
+    caught = np.array(
+        [f for m, bad, f in zip(masks, labels, flagged, strict=True) if bad and m is not None],
+        dtype=bool,
+    )
+    if shares.size == 0:
+        return None
+    result: dict[str, dict[str, float | int | None]] = {}
+    for low, high in defect_area_classes():
+        inside = (shares >= low) & (shares < (np.inf if high is None else high))
+        n = int(inside.sum())
+        result[defect_area_key(low, high)] = {
+            "defects": n,
+            "caught": float(caught[inside].mean()) if n else None,
+        }
+    return result
 
 
 def budget_key(rate: float) -> str:
@@ -367,6 +417,7 @@ def run_evaluation(
         "test_copies_of_training": None if copies is None else len(copies),
         **_against_held_out(scorer, training, scores["combined"], labels),
         "auroc_combined_by_type": _auroc_by_type(test, scores["combined"]),
+        "caught_by_defect_area": caught_by_defect_area(test.masks, labels, flagged),
         "model_id": scorer.model_id,
         "provider": scorer.provider,
         "weights": dict(scorer.calibration.weights),
@@ -375,6 +426,11 @@ def run_evaluation(
     rounded = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
     for key in ("auroc_combined_by_type", "best_tpr_at_fpr"):
         rounded[key] = {k: round(v, 4) for k, v in metrics[key].items()}
+    by_area = metrics["caught_by_defect_area"]
+    rounded["caught_by_defect_area"] = by_area and {
+        area: {k: round(v, 4) if isinstance(v, float) else v for k, v in figures.items()}
+        for area, figures in by_area.items()
+    }
     rounded["at_requested_rate"] = {
         rate: {k: round(v, 4) for k, v in figures.items()}
         for rate, figures in metrics["at_requested_rate"].items()
