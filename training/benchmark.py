@@ -28,8 +28,7 @@ from training.evaluate import (
     FPR_BUDGETS,
     HELD_OUT_KEYS,
     budget_key,
-    defect_area_classes,
-    defect_area_key,
+    defect_area_keys,
     evaluate_bundle,
 )
 from training.fit import fit_bundle
@@ -99,7 +98,7 @@ AREA_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("dataset", "dataset", "{}"),
     *(
         column
-        for area in (defect_area_key(low, high) for low, high in defect_area_classes())
+        for area in defect_area_keys()
         for column in (
             (f"defects_area_{area}", f"defects {area}", "{:.0f}"),
             (f"caught_area_{area}", f"caught {area}", "{:.3f}"),
@@ -192,7 +191,7 @@ def _by_area(by_area: dict[str, dict[str, Any]] | None) -> dict[str, Any]:
     """evaluate's catch by defect area as the row's flat keys: None for a dataset without masks."""
     return {
         f"{figure}_area_{area}": None if by_area is None else by_area[area][figure]
-        for area in (defect_area_key(low, high) for low, high in defect_area_classes())
+        for area in defect_area_keys()
         for figure in ("defects", "caught")
     }
 

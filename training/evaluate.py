@@ -80,6 +80,11 @@ def defect_area_key(low: float, high: float | None) -> str:
     return f"<{100 * high:g}%" if low == 0.0 else f"{100 * low:g}-{100 * high:g}%"
 
 
+def defect_area_keys() -> tuple[str, ...]:
+    """The keys of ``caught_by_defect_area``, smallest class first."""
+    return tuple(defect_area_key(low, high) for low, high in defect_area_classes())
+
+
 def caught_by_defect_area(
     masks: tuple[npt.NDArray[np.bool_] | None, ...],
     labels: npt.NDArray[np.bool_],
