@@ -94,15 +94,11 @@ def caught_by_defect_area(
     frame, :func:`defect_area_classes`): how many there are and the share of them ``flagged``
     (None where a class has none). None when no defective image has a mask. Small defects are
     the first that a coarser input misses: this says at which size the catch is lost."""
-    shares = np.array(
-        [float(m.mean()) for m, bad in zip(masks, labels, strict=True) if bad and m is not None]
-    )
-    caught = np.array(
-        [f for m, bad, f in zip(masks, labels, flagged, strict=True) if bad and m is not None],
-        dtype=bool,
-    )
-    if shares.size == 0:
+    share_of = {i: float(m.mean()) for i, m in enumerate(masks) if labels[i] and m is not None}
+    if not share_of:
         return None
+    shares = np.array(list(share_of.values()))
+    caught = np.asarray(flagged, dtype=bool)[list(share_of)]
     result: dict[str, dict[str, float | int | None]] = {}
     for low, high in defect_area_classes():
         inside = (shares >= low) & (shares < (np.inf if high is None else high))
