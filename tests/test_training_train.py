@@ -26,7 +26,6 @@ from training.train import (
     jitter_intensity,
     learning_rate,
     random_crops,
-    recompute_batch_norm,
     select_device,
     select_precision,
     train_both,
@@ -100,9 +99,8 @@ def test_the_loop_runs_exactly_the_step_budget(
     config = _config(epochs=epochs, max_steps=max_steps)
     result = _train(config)
     assert config.steps_for(8) == expected
-    # Each step corrupts one batch, and so does each batch that batch norm's statistics are
-    # averaged over: the local model's steps and batches, then the coarse VAE's.
-    assert batches == [config.batch_size] * (expected + config.batch_norm_batches) * 2
+    # Each step corrupts one batch: the local model's steps, then the coarse VAE's.
+    assert batches == [config.batch_size] * expected * 2
     assert result.steps == result.planned_steps == expected
     assert result.stop_reason == f"completed {expected} steps"
     steps = [s.step for s in result.history]
@@ -125,9 +123,9 @@ def test_shaded_defects_add_the_shade_kind_at_every_step_of_both_vaes(
         return corrupt(images, p, rng, defects)
 
     monkeypatch.setattr(training.train, "corrupt", recording_corrupt)
-    _train(_config(epochs=1, max_steps=2, batch_norm_batches=1, shaded_defects=shaded))
-    # Two steps and a batch for batch norm's statistics of the local model, then of the coarse VAE.
-    assert kinds == [expected] * 6
+    _train(_config(epochs=1, max_steps=2, shaded_defects=shaded))
+    # Two steps of the local model, then two of the coarse VAE.
+    assert kinds == [expected] * 4
 
 
 def test_training_lowers_the_held_out_error() -> None:
@@ -300,8 +298,7 @@ def test_the_defect_head_learns_from_its_share_of_each_batch(
         lambda _module, inputs, _out: seen.append((inputs[0].shape[0], inputs[1].shape[0]))
     )
     train_both(model, images[:8], images[8:], config, torch.device("cpu"))
-    # Each step, and each batch that batch norm's statistics are averaged over, as a step runs it.
-    assert seen == [(expected, expected)] * (config.steps_for(8) + config.batch_norm_batches)
+    assert seen == [(expected, expected)] * config.steps_for(8)
 
 
 def test_each_of_several_heads_learns_as_a_lone_head_and_none_steers_the_vae() -> None:
@@ -465,51 +462,3 @@ def test_bf16_and_fp32_training_give_different_models() -> None:
         for name, tensor in fp32.items()
         if tensor.is_floating_point()
     )
-
-
-def test_batch_norm_statistics_become_the_mean_over_the_batches_read() -> None:
-    config = _config()
-    model = VAE(config.model_config(channels=1))
-    first = next(m for m in model.encoder.modules() if isinstance(m, torch.nn.BatchNorm2d))
-    seen: list[torch.Tensor] = []
-    first.register_forward_hook(lambda _module, inputs, _out: seen.append(inputs[0].detach()))
-    rng = np.random.default_rng(0)
-    batches = [rng.uniform(0, 1, (4, 1, 16, 16)).astype(np.float32) for _ in range(3)]
-    head = model.head
-    assert head is not None
-    called: list[int] = []
-    head.register_forward_hook(lambda _module, inputs, _out: called.append(inputs[0].shape[0]))
-
-    assert recompute_batch_norm(model, batches, 2, torch.device("cpu")) == 3
-
-    assert len(seen) == 3 and called == [2, 2, 2]
-    expected_mean = torch.stack([x.mean(dim=(0, 2, 3)) for x in seen]).mean(dim=0)
-    expected_var = torch.stack([x.var(dim=(0, 2, 3), unbiased=True) for x in seen]).mean(dim=0)
-    assert first.running_mean is not None and first.running_var is not None
-    torch.testing.assert_close(first.running_mean, expected_mean)
-    torch.testing.assert_close(first.running_var, expected_var)
-    # The layers average as they did before, and the model is left ready to score.
-    assert first.momentum == pytest.approx(0.1)
-    assert not model.training
-
-
-def test_averaging_batch_norm_statistics_leaves_every_weight_and_the_coarse_vae_alone(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    with caplog.at_level(logging.INFO, logger="training.train"):
-        plain = _train_both(_config(batch_norm_batches=0))
-        averaged = _train_both(_config(batch_norm_batches=5))
-    for without, with_ in zip(plain, averaged, strict=True):
-        params = dict(with_.model.named_parameters())
-        for name, value in without.model.named_parameters():
-            torch.testing.assert_close(params[name], value, rtol=0, atol=0, msg=name)
-        buffers = dict(with_.model.named_buffers())
-        moved = [
-            name
-            for name, value in without.model.named_buffers()
-            if name.endswith("running_mean") and not torch.equal(buffers[name], value)
-        ]
-        assert moved, "no batch norm's statistics changed"
-        assert with_.steps == without.steps
-    logged = [r.getMessage() for r in caplog.records if "batch-norm statistics" in r.getMessage()]
-    assert len(logged) == 2 and all("over 5 training batches" in m for m in logged)

@@ -139,16 +139,6 @@ class FitConfig:
             "training",
         ),
     )
-    batch_norm_batches: int = field(
-        default=0,
-        metadata=_option(
-            "training batches over which each model's batch-norm statistics are averaged after "
-            "its last step, drawn apart so that the weights are those of 0 (0: keep the "
-            "running average of the last steps; 100 moved the suite by noise: see "
-            "docs/quality-history.md)",
-            "training",
-        ),
-    )
     learning_rate: float = field(default=2e-3, metadata=_option("peak learning rate", "training"))
     weight_decay: float = field(default=1e-5, metadata=_option("AdamW weight decay", "training"))
     corruption: float = field(
@@ -275,11 +265,6 @@ class FitConfig:
                     f"option {f.name} has value {getattr(self, f.name)!r}; expected one of "
                     f"{list(choices)}"
                 )
-        if not isinstance(self.batch_norm_batches, int) or self.batch_norm_batches < 0:
-            raise ConfigError(
-                f"option batch_norm_batches has value {self.batch_norm_batches!r}; expected an "
-                "integer >= 0"
-            )
         if self.min_holdout < 2:
             raise ConfigError(f"option min_holdout has value {self.min_holdout}; expected >= 2")
         try:

@@ -25,14 +25,14 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from tqdm import tqdm
 
 from service.preprocessing import PIXEL_SCALE, Images, model_input
@@ -42,17 +42,14 @@ from training.errors import ConfigError
 from training.kernels import amx_held_off
 from training.loss import ELBOLoss, focal_loss
 from training.model import VAE, cell_padding, downsample, pad_to_cells, reparameterise
-from training.synth import SHADED_TRAINING_DEFECTS, TRAINING_DEFECTS, Defect, corrupt
+from training.synth import SHADED_TRAINING_DEFECTS, TRAINING_DEFECTS, corrupt
 
 log = logging.getLogger(__name__)
 
 F32Array = npt.NDArray[np.float32]
-BoolArray = npt.NDArray[np.bool_]
 VALIDATIONS = 10  # full-size validation passes over a run, for the history
 # Under a time limit, the local model may use this share of it; the coarse VAE gets the rest.
 LOCAL_TIME_SHARE = 0.8
-# Tags the random stream of the batches that batch norm's statistics are averaged over.
-BATCH_NORM_STREAM = 0xB2
 DOWNSAMPLE_BATCH = 64
 
 
@@ -228,91 +225,6 @@ def random_crops(
     )
 
 
-def training_batch(
-    x_train: Tensor,
-    config: FitConfig,
-    crop: tuple[int, int],
-    scale: float,
-    rng: np.random.Generator,
-    defects: Sequence[Defect],
-) -> tuple[F32Array, F32Array, BoolArray]:
-    """One step's crops: clean (the VAE's target), corrupted (its input) and the defects' masks."""
-    crops = random_crops(x_train, config.batch_size, crop, rng).numpy()
-    clean = jitter_intensity(model_input(crops, scale), config.jitter, rng)
-    corrupted, masks = corrupt(clean, config.corruption, rng, defects)
-    return clean, corrupted, masks
-
-
-def recompute_batch_norm(
-    model: VAE,
-    batches: Iterable[F32Array],
-    head_batch: int,
-    device: torch.device,
-    precision: torch.dtype = torch.float32,
-) -> int:
-    """Set every batch norm's running statistics of ``model`` (not its coarse VAE) to their mean
-    over ``batches`` of training inputs, run as a training step runs them, instead of the
-    exponential average of the last few steps (which a single odd batch moves), in ``precision``
-    as the steps ran (:func:`mixed_precision`). Returns the number of batches read."""
-    parts = [model.encoder, model.decoder, *([model.head] if model.head is not None else [])]
-    norms = [m for part in parts for m in part.modules() if isinstance(m, nn.BatchNorm2d)]
-    momenta = [norm.momentum for norm in norms]
-    for norm in norms:
-        norm.reset_running_stats()
-        norm.momentum = None  # a cumulative mean of the batches' statistics
-    model.train()
-    count = 0
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                inputs = torch.from_numpy(batch).to(device)
-                with mixed_precision(device, precision):
-                    mu, logvar = model.encoder(inputs)
-                mu, logvar = mu.float(), logvar.float()
-                with mixed_precision(device, precision):
-                    recon = model.decoder(reparameterise(mu, logvar)).float()
-                    if model.head is not None:
-                        model.head(inputs[:head_batch], recon[:head_batch])
-                count += 1
-    finally:
-        for norm, momentum in zip(norms, momenta, strict=True):
-            norm.momentum = momentum
-        model.eval()
-    return count
-
-
-def _recompute_after_training(
-    model: VAE,
-    x_train: Tensor,
-    x_val: Tensor,
-    config: FitConfig,
-    crop: tuple[int, int],
-    scale: float,
-    defects: Sequence[Defect],
-    name: str,
-    before: float,
-    precision: torch.dtype,
-) -> None:
-    """:func:`recompute_batch_norm` over ``config.batch_norm_batches`` batches made as a training
-    step makes them, from random streams of their own: the training's streams, and so the
-    weights of every model trained after this one, are those of a fit without it. ``before``
-    is the held-out error with the running averages, logged beside the one after."""
-    rng = np.random.default_rng([config.seed, BATCH_NORM_STREAM])
-    batches = (
-        training_batch(x_train, config, crop, scale, rng, defects)[1]
-        for _ in range(config.batch_norm_batches)
-    )
-    device = x_val.device
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(config.seed)
-        count = recompute_batch_norm(model, batches, config.head_batch(), device, precision)
-    after = _validate(model, ELBOLoss(config.beta), x_val, config.batch_size)[1]
-    log.info(
-        "%s: batch-norm statistics averaged over %d training batches; held-out mse %.2e -> %.2e",
-        name, count, before, after,
-    )  # fmt: skip
-
-
 def jitter_intensity(x: F32Array, amount: float, rng: np.random.Generator) -> F32Array:
     """Random brightness and contrast changes of up to ``amount`` per image ``(N, C, H, W)``."""
     if amount <= 0:
@@ -442,7 +354,9 @@ def train_vae(
     while step < total:
         for group in optimiser.param_groups:
             group["lr"] = learning_rate(config.learning_rate, budget.progress(step))
-        clean, corrupted, masks = training_batch(x_train, config, crop, scale, rng, defects)
+        crops = random_crops(x_train, config.batch_size, crop, rng).numpy()
+        clean = jitter_intensity(model_input(crops, scale), config.jitter, rng)
+        corrupted, masks = corrupt(clean, config.corruption, rng, defects)
         target = torch.from_numpy(clean).to(device)
         inputs = torch.from_numpy(corrupted).to(device)
         with mixed_precision(device, precision):
@@ -495,11 +409,6 @@ def train_vae(
             stop_reason = f"time limit of {limit:.3g} s reached"
             break
     bar.close()
-    if config.batch_norm_batches:
-        before = history[-1].val_mse
-        _recompute_after_training(
-            model, x_train, x_val, config, crop, scale, defects, name, before, precision
-        )
     model.eval()
     return TrainResult(
         model, tuple(history), step, total, stop_reason, budget.elapsed(), _dtype_name(precision)
