@@ -424,20 +424,17 @@ def run_evaluation(
         "weights": dict(scorer.calibration.weights),
         "local_window": scorer.calibration.local_window,
     }
-    rounded = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
-    for key in ("auroc_combined_by_type", "best_tpr_at_fpr"):
-        rounded[key] = {k: round(v, 4) for k, v in metrics[key].items()}
-    by_area = metrics["caught_by_defect_area"]
-    rounded["caught_by_defect_area"] = by_area and {
-        area: {k: round(v, 4) if isinstance(v, float) else v for k, v in figures.items()}
-        for area, figures in by_area.items()
-    }
-    rounded["at_requested_rate"] = {
-        rate: {k: round(v, 4) for k, v in figures.items()}
-        for rate, figures in metrics["at_requested_rate"].items()
-    }
+    # The figures to 4 decimals; the weights are settings and stay as the bundle has them.
+    rounded = {k: v if k == "weights" else _rounded(v) for k, v in metrics.items()}
     evaluation = Evaluation(test, scores, flagged, parts[0].threshold, maps, rounded)
     return scorer, evaluation
+
+
+def _rounded(value: Any) -> Any:
+    """``value`` with every float in it, at any depth of dicts, rounded to 4 decimals."""
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    return round(value, 4) if isinstance(value, float) else value
 
 
 def evaluate_bundle(
