@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -111,6 +113,30 @@ def test_one_head_is_the_plain_head_and_a_count_below_one_is_refused() -> None:
     assert isinstance(VAE(_small(head_count=1)).head, DefectHead)
     with pytest.raises(ValueError, match="head_count is 0"):
         _small(head_count=0)
+
+
+@pytest.mark.parametrize("head_count", [1, 2])
+def test_a_head_without_batch_norm_has_biases_and_scores_as_it_trains(head_count: int) -> None:
+    torch.manual_seed(0)
+    cfg = _small(head_count=head_count)
+    model = VAE(dataclasses.replace(cfg, head_batch_norm=False))
+    plain, normed = model.head, VAE(cfg).head
+    assert plain is not None and normed is not None
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in plain.modules())
+    convs = [
+        m for m in plain.modules() if isinstance(m, torch.nn.Conv2d | torch.nn.ConvTranspose2d)
+    ]
+    assert len(convs) == 15 * head_count and all(c.bias is not None for c in convs)
+    # Only the head loses its batch norms: the VAE keeps them.
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.encoder.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.decoder.modules())
+    x, recon = torch.rand(4, 3, 16, 24), torch.rand(4, 3, 16, 24)
+    with torch.no_grad():
+        trained_on = plain.train()(x, recon)
+        scored = plain.eval()(x, recon)
+        normed_train, normed_eval = normed.train()(x, recon), normed.eval()(x, recon)
+    torch.testing.assert_close(trained_on, scored)
+    assert not torch.allclose(normed_train, normed_eval)
 
 
 def test_no_head_when_head_width_is_zero() -> None:
