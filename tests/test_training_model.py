@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import numpy as np
 import pytest
@@ -28,7 +29,7 @@ pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def _small(**changes: int) -> VAEConfig:
-    options = {
+    options: dict[str, Any] = {
         "width": 4,
         "max_width": 16,
         "latent_channels": 3,
@@ -192,7 +193,8 @@ def test_eval_mode_decodes_the_mean_train_mode_samples() -> None:
 )
 def test_bad_model_config_names_the_field(field: str, value: int) -> None:
     with pytest.raises(ValueError, match=rf"{field}( is)? {value}\b"):
-        VAEConfig(**{field: value})
+        options: dict[str, Any] = {field: value}
+        VAEConfig(**options)
 
 
 def test_config_round_trips_through_its_dict() -> None:
