@@ -30,7 +30,6 @@ NON_DEFAULT: dict[str, tuple[list[str], Any]] = {
     "latent_stride": (["--latent-stride", "16"], 16),
     "head_width": (["--head-width", "12"], 12),
     "head_count": (["--head-count", "1"], 1),
-    "head_batch_norm": (["--no-head-batch-norm"], False),
     "coarse_factor": (["--coarse-factor", "2"], 2),
     "coarse_width": (["--coarse-width", "16"], 16),
     "beta": (["--beta", "0.5"], 0.5),

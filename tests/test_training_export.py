@@ -33,15 +33,10 @@ def _real_inputs(demo_data: Path, spec: InputSpec = SPEC, count: int = 5) -> F32
     return stack([load_image_file(p, spec) for p in files])
 
 
-def _random_model(head_width: int = 4, head_count: int = 1, head_batch_norm: bool = True) -> VAE:
+def _random_model(head_width: int = 4, head_count: int = 1) -> VAE:
     torch.manual_seed(0)
     cfg = VAEConfig(
-        width=8,
-        max_width=16,
-        latent_channels=4,
-        head_width=head_width,
-        head_count=head_count,
-        head_batch_norm=head_batch_norm,
+        width=8, max_width=16, latent_channels=4, head_width=head_width, head_count=head_count
     )
     return VAE(cfg).eval()
 
@@ -63,14 +58,10 @@ def test_bundle_graphs_pass_the_checker(trained_bundle: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("spec", "head_batch_norm"),
-    [(SPEC, True), (InputSpec(height=32, width=64), True), (SPEC, False)],
-    ids=["square", "non-square", "head-without-batch-norm"],
+    "spec", [SPEC, InputSpec(height=32, width=64)], ids=["square", "non-square"]
 )
-def test_ort_matches_torch_on_real_inputs(
-    demo_data: Path, tmp_path: Path, spec: InputSpec, head_batch_norm: bool
-) -> None:
-    model = _random_model(head_batch_norm=head_batch_norm)
+def test_ort_matches_torch_on_real_inputs(demo_data: Path, tmp_path: Path, spec: InputSpec) -> None:
+    model = _random_model()
     images = _real_inputs(demo_data, spec)
     expected = torch_outputs(model, images)
     graphs, report = export_model(model, tmp_path, images, threads=1)

@@ -90,14 +90,6 @@ class FitConfig:
             "model",
         ),
     )
-    head_batch_norm: bool = field(
-        default=VAEConfig.head_batch_norm,
-        metadata=_option(
-            "batch norm in the defect head's layers (--no-head-batch-norm: a bias in each "
-            "instead, so that the head computes the same in training as in scoring)",
-            "model",
-        ),
-    )
     coarse_factor: int = field(
         default=VAEConfig.coarse_factor,
         metadata=_option(
@@ -335,7 +327,6 @@ class FitConfig:
             latent_stride=self.latent_stride,
             head_width=self.head_width,
             head_count=self.head_count,
-            head_batch_norm=self.head_batch_norm,
             coarse_factor=self.coarse_factor,
             coarse_width=self.coarse_width,
         )

@@ -57,7 +57,6 @@ class VAEConfig:
     latent_stride: int = 8
     head_width: int = 4  # 0: no defect head
     head_count: int = 2  # defect heads learning side by side; the bundle's map is their mean
-    head_batch_norm: bool = True  # False: the head's convolutions have biases and no batch norm
     coarse_factor: int = 8  # 0: no coarse VAE (the coarse VAE itself)
     coarse_width: int = 32
 
@@ -141,19 +140,22 @@ def _act() -> nn.Module:
     return nn.LeakyReLU(0.2)
 
 
-def _conv(
-    c_in: int, c_out: int, kernel: int = 3, stride: int = 1, *, norm: bool = True
-) -> nn.Sequential:
-    """Convolution, batch norm (or, with ``norm`` False, a bias), activation; kernel 3 keeps the
-    size, kernel 4 stride 2 halves it."""
-    conv = nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=1, bias=not norm)
-    return nn.Sequential(conv, *([nn.BatchNorm2d(c_out)] if norm else []), _act())
+def _conv(c_in: int, c_out: int, kernel: int = 3, stride: int = 1) -> nn.Sequential:
+    """Convolution, batch norm, activation; kernel 3 keeps the size, kernel 4 stride 2 halves it."""
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=1, bias=False),
+        nn.BatchNorm2d(c_out),
+        _act(),
+    )
 
 
-def _up(c_in: int, c_out: int, *, norm: bool = True) -> nn.Sequential:
-    """Transposed convolution doubling the size, batch norm (or a bias), activation."""
-    conv = nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1, bias=not norm)
-    return nn.Sequential(conv, *([nn.BatchNorm2d(c_out)] if norm else []), _act())
+def _up(c_in: int, c_out: int) -> nn.Sequential:
+    """Transposed convolution doubling the size, batch norm, activation."""
+    return nn.Sequential(
+        nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1, bias=False),
+        nn.BatchNorm2d(c_out),
+        _act(),
+    )
 
 
 class ResBlock(nn.Module):
@@ -224,24 +226,18 @@ class DefectHead(nn.Module):
 
     def __init__(self, cfg: VAEConfig) -> None:
         super().__init__()
-        w, norm = cfg.head_width, cfg.head_batch_norm
-
-        def conv(c_in: int, c_out: int, kernel: int = 3, stride: int = 1) -> nn.Sequential:
-            return _conv(c_in, c_out, kernel, stride, norm=norm)
-
+        w = cfg.head_width
         # Input: the image, its reconstruction and their squared difference.
         self.down = nn.ModuleList(
             [
-                nn.Sequential(conv(3 * cfg.channels, w), conv(w, w)),
-                nn.Sequential(conv(w, 2 * w, 4, 2), conv(2 * w, 2 * w)),
-                nn.Sequential(conv(2 * w, 4 * w, 4, 2), conv(4 * w, 4 * w)),
-                nn.Sequential(conv(4 * w, 8 * w, 4, 2), conv(8 * w, 8 * w)),
+                nn.Sequential(_conv(3 * cfg.channels, w), _conv(w, w)),
+                nn.Sequential(_conv(w, 2 * w, 4, 2), _conv(2 * w, 2 * w)),
+                nn.Sequential(_conv(2 * w, 4 * w, 4, 2), _conv(4 * w, 4 * w)),
+                nn.Sequential(_conv(4 * w, 8 * w, 4, 2), _conv(8 * w, 8 * w)),
             ]
         )
-        self.up = nn.ModuleList(
-            [_up(8 * w, 4 * w, norm=norm), _up(4 * w, 2 * w, norm=norm), _up(2 * w, w, norm=norm)]
-        )
-        self.merge = nn.ModuleList([conv(8 * w, 4 * w), conv(4 * w, 2 * w), conv(2 * w, w)])
+        self.up = nn.ModuleList([_up(8 * w, 4 * w), _up(4 * w, 2 * w), _up(2 * w, w)])
+        self.merge = nn.ModuleList([_conv(8 * w, 4 * w), _conv(4 * w, 2 * w), _conv(2 * w, w)])
         self.out = nn.Conv2d(w, 1, 1)
 
     def forward(self, image: Tensor, recon: Tensor) -> Tensor:
