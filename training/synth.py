@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol
 
@@ -93,11 +94,18 @@ def perlin_noise(h: int, w: int, cells: tuple[int, int], rng: np.random.Generato
     return np.asarray(top * (1 - u) + bottom * u)
 
 
+# Perlin regions from specks to blobs: thresholds from 0.5 (a median 0.4% of a 96x96 crop) down
+# to DRAEM's 0.5 on noise scaled by sqrt(2) (a median 5%).
+PERLIN_THRESHOLDS = (0.5 / math.sqrt(2.0), 0.5)
+
+
 def perlin_mask(h: int, w: int, rng: np.random.Generator) -> BoolArray:
-    """A random blob-shaped region: thresholded Perlin noise of a random scale (never empty)."""
+    """A random blob-shaped region: thresholded Perlin noise of a random scale and a random
+    threshold within ``PERLIN_THRESHOLDS`` (never empty)."""
+    threshold = float(rng.uniform(*PERLIN_THRESHOLDS))
     for _ in range(8):
         cells = (2 ** int(rng.integers(0, 6)), 2 ** int(rng.integers(0, 6)))
-        mask = perlin_noise(h, w, cells, rng) > 0.5
+        mask = perlin_noise(h, w, cells, rng) > threshold
         if mask.any():
             return mask
     side = min(h, w)
