@@ -114,6 +114,18 @@ def test_perlin_regions_are_never_empty(
         assert perlin_texture(image, images, np.random.default_rng(seed)).any(), seed
 
 
+def test_perlin_regions_range_from_specks_to_blobs() -> None:
+    """Real defects come in every size: the training's Perlin regions cover from under 1% of a
+    96x96 crop (a speck) to over 3% (a blob like DRAEM's), not one size only."""
+    coverage = np.array(
+        [perlin_mask(96, 96, np.random.default_rng(seed)).mean() for seed in range(400)]
+    )
+    tenth, median, ninetieth = np.percentile(coverage, [10, 50, 90])
+    assert tenth < 0.01, tenth
+    assert 0.005 < median < 0.04, median
+    assert ninetieth > 0.03, ninetieth
+
+
 def test_perlin_noise_range_and_lattice() -> None:
     values = []
     for seed in range(3):
